@@ -1,0 +1,193 @@
+"""Settings: one `Settings` object read from the environment (and `.env`).
+
+In `local` mode every backend whose settings are present is used for real and the rest fall back
+to the embedded defaults (SQLite, a local directory, the RunPod stand-in, a dev issuer). In
+`production` every backend must be real, and a missing or placeholder setting stops start-up.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values `.env.example` ships with; a production deploy that still has one is misconfigured.
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "your-", "<", "xxx", "example.com/placeholder")
+
+
+class Environment(StrEnum):
+    LOCAL = "local"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    # Empty values in .env mean "not set", so an untouched copy of .env.example is valid locally.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    gateway_env: Environment = Environment.LOCAL
+
+    # Clerk
+    clerk_issuer: str | None = None
+    clerk_jwks_url: str | None = None
+    clerk_jwt_key: str | None = None
+    clerk_authorized_parties: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # RunPod
+    runpod_api_key: str | None = None
+    runpod_endpoint_id: str | None = None
+    runpod_api_base: str = "https://api.runpod.ai/v2"
+    runpod_webhook_secret: str | None = None
+    public_base_url: str | None = None
+
+    # Cloudflare R2
+    r2_account_id: str | None = None
+    r2_access_key_id: str | None = None
+    r2_secret_access_key: str | None = None
+    r2_bucket: str | None = None
+    r2_endpoint_url: str | None = None
+
+    # Convex
+    convex_url: str | None = None
+    convex_deploy_key: str | None = None
+
+    # Limits
+    max_concurrent_jobs: int = Field(default=5, ge=1)
+    credits_per_second: int = Field(default=1, ge=0)
+    min_duration_sec: int = Field(default=1, ge=1)
+    max_duration_sec: int = Field(default=10, ge=1)
+    # A day: the lifetime the web app promises for a download link. R2 allows up to 7 days.
+    signed_url_ttl_seconds: int = Field(default=86_400, ge=60, le=7 * 86_400)
+    signup_credits: int | None = Field(default=None, ge=0)
+    default_plan: str = "starter"
+    image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # RunPod keeps a queued job for `ttl` from submission; past it the job can never run.
+    runpod_job_ttl_seconds: int = Field(default=86_400, ge=60)
+    runpod_execution_timeout_seconds: int = Field(default=600, ge=10)
+
+    # Local mode
+    local_data_dir: Path = Path("./.data")
+    # How long the RunPod stand-in "renders" a job before it completes.
+    local_render_seconds: float = Field(default=3.0, ge=0)
+
+    @field_validator("clerk_authorized_parties", "image_url_allowed_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("clerk_jwt_key")
+    @classmethod
+    def _unescape_pem(cls, value: str | None) -> str | None:
+        # Env files and secret managers often hold a PEM on one line with literal "\n"s.
+        return value.replace("\\n", "\n") if value else value
+
+    @field_validator("image_url_allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().rstrip(".") for host in value]
+
+    @model_validator(mode="after")
+    def _check_complete(self) -> Settings:
+        if self.min_duration_sec > self.max_duration_sec:
+            raise ValueError("MIN_DURATION_SEC must not exceed MAX_DURATION_SEC")
+        if self.gateway_env is Environment.PRODUCTION:
+            problems = production_problems(self)
+            if problems:
+                raise ValueError("production configuration is incomplete: " + "; ".join(problems))
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.gateway_env is Environment.PRODUCTION
+
+    @property
+    def effective_signup_credits(self) -> int:
+        # Free credits are a local convenience; production grants nothing unless told to.
+        if self.signup_credits is not None:
+            return self.signup_credits
+        return 0 if self.is_production else 100
+
+    @property
+    def uses_real_clerk(self) -> bool:
+        return bool(self.clerk_jwt_key or self.clerk_jwks_url or self.clerk_issuer)
+
+    @property
+    def uses_real_runpod(self) -> bool:
+        return bool(self.runpod_api_key and self.runpod_endpoint_id)
+
+    @property
+    def uses_real_r2(self) -> bool:
+        return bool(self.r2_access_key_id and self.r2_secret_access_key and self.r2_bucket)
+
+    @property
+    def uses_convex(self) -> bool:
+        return bool(self.convex_url and self.convex_deploy_key)
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.clerk_jwks_url:
+            return self.clerk_jwks_url
+        if self.clerk_issuer:
+            return self.clerk_issuer.rstrip("/") + "/.well-known/jwks.json"
+        return None
+
+    @property
+    def r2_endpoint(self) -> str | None:
+        if self.r2_endpoint_url:
+            return self.r2_endpoint_url
+        if self.r2_account_id:
+            return f"https://{self.r2_account_id}.r2.cloudflarestorage.com"
+        return None
+
+
+REQUIRED_IN_PRODUCTION = (
+    "runpod_api_key",
+    "runpod_endpoint_id",
+    "runpod_webhook_secret",
+    "public_base_url",
+    "r2_access_key_id",
+    "r2_secret_access_key",
+    "r2_bucket",
+    "convex_url",
+    "convex_deploy_key",
+)
+
+
+def _is_placeholder(value: str) -> bool:
+    lowered = value.lower()
+    return any(marker in lowered for marker in PLACEHOLDER_MARKERS)
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """Every reason `settings` cannot serve production, so one start-up names them all."""
+    problems: list[str] = []
+    for name in REQUIRED_IN_PRODUCTION:
+        value = getattr(settings, name)
+        if not value:
+            problems.append(f"{name.upper()} is missing")
+        elif _is_placeholder(str(value)):
+            problems.append(f"{name.upper()} is still the .env.example placeholder")
+    if not (settings.clerk_jwt_key or settings.jwks_url):
+        problems.append("CLERK_JWT_KEY or CLERK_ISSUER (or CLERK_JWKS_URL) is missing")
+    if not (settings.r2_account_id or settings.r2_endpoint_url):
+        problems.append("R2_ACCOUNT_ID (or R2_ENDPOINT_URL) is missing")
+    key = settings.clerk_jwt_key
+    if key and "-----BEGIN PUBLIC KEY-----" not in key:
+        problems.append("CLERK_JWT_KEY is not a PEM public key")
+    base = settings.public_base_url
+    if base and urlsplit(base).scheme != "https":
+        problems.append("PUBLIC_BASE_URL must be an https URL")
+    return problems
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

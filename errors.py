@@ -1,0 +1,135 @@
+"""The gateway's error family: every expected failure is a `GatewayError` with a code and status.
+
+One handler in `main.py` renders them all as `{"detail": ..., "code": ...}`; anything else that
+escapes a route is a bug and becomes a bare 500 `INTERNAL_ERROR`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    status_code = 500
+    code = "INTERNAL_ERROR"
+    detail = "Internal server error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.detail = detail or self.detail
+        self.code = code or self.code
+        self.status_code = status_code or self.status_code
+        self.headers = dict(headers or {})
+        super().__init__(self.detail)
+
+
+class InvalidRequest(GatewayError):
+    status_code = 400
+    code = "INVALID_REQUEST"
+    detail = "Invalid request"
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+    detail = "Missing or invalid session token"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidSignature(GatewayError):
+    status_code = 401
+    code = "INVALID_SIGNATURE"
+    detail = "Webhook proof is missing or invalid"
+
+
+class InsufficientCredits(GatewayError):
+    status_code = 402
+    code = "INSUFFICIENT_CREDITS"
+    detail = "Insufficient credits"
+
+
+class Forbidden(GatewayError):
+    status_code = 403
+    code = "FORBIDDEN"
+    detail = "Forbidden"
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    code = "NOT_FOUND"
+    detail = "Not found"
+
+
+class MethodNotAllowed(GatewayError):
+    status_code = 405
+    code = "METHOD_NOT_ALLOWED"
+    detail = "Method not allowed"
+
+
+class JobNotCancelable(GatewayError):
+    status_code = 409
+    code = "JOB_NOT_CANCELABLE"
+    detail = "The job has already finished"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    code = "PAYLOAD_TOO_LARGE"
+    detail = "Request body is too large"
+
+
+class TooManyActiveJobs(GatewayError):
+    status_code = 429
+    code = "TOO_MANY_ACTIVE_JOBS"
+    detail = "Too many active jobs"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 10) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class UpstreamError(GatewayError):
+    """An upstream refused the request for a reason retrying will not fix."""
+
+    status_code = 502
+    code = "UPSTREAM_ERROR"
+    detail = "An upstream service refused the request"
+
+
+class UpstreamUnavailable(GatewayError):
+    """An upstream timed out, failed, or rate-limited us: the client may retry later."""
+
+    status_code = 503
+    code = "UPSTREAM_UNAVAILABLE"
+    detail = "An upstream service is unavailable"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class AuthUnavailable(GatewayError):
+    status_code = 503
+    code = "AUTH_UNAVAILABLE"
+    detail = "Signing keys are unavailable"
+
+
+class StoreUnavailable(GatewayError):
+    status_code = 503
+    code = "STORE_UNAVAILABLE"
+    detail = "The job store is unavailable"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 2) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class InvalidCursor(GatewayError):
+    status_code = 400
+    code = "INVALID_CURSOR"
+    detail = "The cursor is malformed"

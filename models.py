@@ -1,0 +1,312 @@
+"""Domain records shared by the stores, and the JSON shapes of the HTTP contract (camelCase)."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGE_URL_CHARS = 2048
+MAX_SEED = 2**32 - 1
+# Suffixes that only ever name machines inside someone's network: never fetchable by a worker.
+PRIVATE_HOST_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa")
+
+
+class JobStatus(StrEnum):
+    """A job's lifecycle. `submitting` is internal: the public API shows it as `queued`."""
+
+    SUBMITTING = "submitting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    @property
+    def rank(self) -> int:
+        """Order of the lifecycle: a status may only move to a higher rank."""
+        return _RANK[self]
+
+    @property
+    def public(self) -> JobStatus:
+        return JobStatus.QUEUED if self is JobStatus.SUBMITTING else self
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED})
+ACTIVE_STATUSES = frozenset({JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING})
+REFUNDED_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELED})
+_RANK = {
+    JobStatus.SUBMITTING: 0,
+    JobStatus.QUEUED: 1,
+    JobStatus.RUNNING: 2,
+    JobStatus.DONE: 3,
+    JobStatus.FAILED: 3,
+    JobStatus.CANCELED: 3,
+}
+
+
+def now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def iso_from_ms(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id() -> str:
+    # 12 random bytes -> 16 url-safe characters: unguessable, and short enough for a URL.
+    return "job_" + secrets.token_urlsafe(12)
+
+
+def object_key_for(user_id: str, job_id: str) -> str:
+    return f"videos/{user_id}/{job_id}.mp4"
+
+
+# --- Records the stores hand back -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    credits: int
+    plan: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """Everything a job needs before it is charged and created, in one store call."""
+
+    job_id: str
+    user_id: str
+    prompt: str
+    image_url: str | None
+    duration_sec: int
+    seed: int
+    cost: int
+    object_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    user_id: str
+    status: JobStatus
+    prompt: str
+    image_url: str | None
+    duration_sec: int
+    seed: int
+    cost: int
+    object_key: str
+    created_at: int
+    updated_at: int
+    runpod_id: str | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    download_url: str | None = None
+    download_expires_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A status to move a job to. Ignored when it would move the job backwards."""
+
+    status: JobStatus
+    error_code: str | None = None
+    error_detail: str | None = None
+    runpod_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[Job] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+# --- The HTTP contract ------------------------------------------------------------------------
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _check_prompt(value: str) -> str:
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters")
+    for char in text:
+        if char not in "\n\t" and unicodedata.category(char) == "Cc":
+            raise ValueError("must not contain control characters")
+    return text
+
+
+def _is_ip_literal(host: str) -> bool:
+    """True for an IP in any notation a URL parser or libc accepts (127.1, 0x7f.1, 2130706433)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(host)
+        return True
+    except OSError:
+        pass
+    # WHATWG URL parsing treats a host whose last label is numeric as IPv4, even if inet_aton
+    # would not (e.g. "1.2.3.4.5"), so such a host is never a name.
+    last = host.rsplit(".", 1)[-1]
+    return last.isdigit() or last.lower().startswith("0x")
+
+
+def _check_image_url(value: str) -> str:
+    if len(value) > MAX_IMAGE_URL_CHARS:
+        raise ValueError(f"must be at most {MAX_IMAGE_URL_CHARS} characters")
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "https":
+        raise ValueError("must be an https URL")
+    if "@" in parts.netloc or parts.username or parts.password:
+        raise ValueError("must not contain credentials")
+    host = image_url_host(value)
+    if not host or "%" in host or "[" in parts.netloc:
+        raise ValueError("must name a host")
+    if _is_ip_literal(host):
+        raise ValueError("must name a host, not an IP address")
+    if "." not in host or host == "localhost" or host.endswith(PRIVATE_HOST_SUFFIXES):
+        raise ValueError("must name a public host")
+    return value
+
+
+def image_url_host(url: str) -> str:
+    """The URL's host, lower-cased, IDNA-encoded and without a trailing dot."""
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError("must name a valid host") from None
+
+
+class CreateJobRequest(ApiModel):
+    prompt: StrictStr = Field(description="What to render, 1-2000 characters after trimming.")
+    image_url: StrictStr | None = Field(
+        default=None, alias="imageUrl", description="Optional https URL of a start image."
+    )
+    duration_sec: StrictInt = Field(alias="durationSec", description="Video length in seconds.")
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
+        default=None, description="Random seed; the gateway picks and records one when omitted."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "A silver drone flies through neon skyline",
+                    "imageUrl": None,
+                    "durationSec": 5,
+                    "seed": 42,
+                }
+            ]
+        },
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _check_prompt(value)
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_image_url(value)
+
+
+class CreateJobResponse(ApiModel):
+    job_id: str = Field(alias="jobId", examples=["job_Xk3v9QyL0aPz7wRt"])
+
+
+class JobError(ApiModel):
+    code: str
+    detail: str
+
+
+class JobResponse(ApiModel):
+    job_id: str = Field(alias="jobId")
+    status: JobStatus
+    r2_url: str | None = Field(alias="r2Url")
+    expires_at: str | None = Field(alias="expiresAt")
+    duration_sec: int = Field(alias="durationSec")
+    prompt: str
+    image_url: str | None = Field(alias="imageUrl")
+    seed: int
+    cost: int
+    created_at: str = Field(alias="createdAt")
+    updated_at: str = Field(alias="updatedAt")
+    error: JobError | None
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobResponse:
+        done = job.status is JobStatus.DONE
+        error = None
+        if job.error_code:
+            error = JobError(code=job.error_code, detail=job.error_detail or "")
+        return cls(
+            job_id=job.job_id,
+            status=job.status.public,
+            r2_url=job.download_url if done else None,
+            expires_at=iso_from_ms(job.download_expires_at) if done else None,
+            duration_sec=job.duration_sec,
+            prompt=job.prompt,
+            image_url=job.image_url,
+            seed=job.seed,
+            cost=job.cost,
+            created_at=iso_from_ms(job.created_at) or "",
+            updated_at=iso_from_ms(job.updated_at) or "",
+            error=error,
+        )
+
+
+class JobListResponse(ApiModel):
+    jobs: list[JobResponse]
+    next_cursor: str | None = Field(alias="nextCursor")
+
+
+class CreditsResponse(ApiModel):
+    credits: int
+    plan: str
+
+
+class FieldError(ApiModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(ApiModel):
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+def json_dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)

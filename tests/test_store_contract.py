@@ -1,0 +1,259 @@
+"""One contract, every store: the rules about money and limits, run against each implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from errors import (
+    InsufficientCredits,
+    InvalidCursor,
+    JobNotCancelable,
+    NotFound,
+    TooManyActiveJobs,
+)
+from models import JobStatus, NewJob, StatusUpdate, new_job_id, object_key_for
+from store import Store
+from tests.stores import STORE_KINDS, open_store
+
+SIGNUP = 100
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+    async with open_store(request.param, tmp_path, signup_credits=SIGNUP) as opened:
+        yield opened
+
+
+def new_job(user_id: str, cost: int = 5, duration: int = 5) -> NewJob:
+    job_id = new_job_id()
+    return NewJob(
+        job_id=job_id,
+        user_id=user_id,
+        prompt="a drone over a neon city",
+        image_url=None,
+        duration_sec=duration,
+        seed=7,
+        cost=cost,
+        object_key=object_key_for(user_id, job_id),
+    )
+
+
+async def credits(store: Store, user_id: str) -> int:
+    return (await store.get_or_create_user(user_id)).credits
+
+
+class TestUsers:
+    async def test_new_user_gets_signup_credits(self, store: Store) -> None:
+        user = await store.get_or_create_user("user_new")
+        assert (user.user_id, user.credits, user.plan) == ("user_new", SIGNUP, "starter")
+
+    async def test_get_or_create_is_stable(self, store: Store) -> None:
+        await store.get_or_create_user("user_a")
+        await store.grant_credits("user_a", 10, "test")
+        assert await credits(store, "user_a") == SIGNUP + 10
+
+    async def test_grant_creates_user(self, store: Store) -> None:
+        user = await store.grant_credits("user_fresh", 25, "promo")
+        assert user.credits == SIGNUP + 25
+
+
+class TestCharge:
+    async def test_charge_creates_submitting_job_and_deducts(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=30), max_active=5)
+        assert job.status is JobStatus.SUBMITTING
+        assert job.cost == 30 and job.runpod_id is None
+        assert await credits(store, "user_a") == SIGNUP - 30
+
+    async def test_insufficient_credits_changes_nothing(self, store: Store) -> None:
+        with pytest.raises(InsufficientCredits):
+            await store.charge_and_create_job(new_job("user_a", cost=SIGNUP + 1), max_active=5)
+        assert await credits(store, "user_a") == SIGNUP
+        assert (await store.list_jobs("user_a", 10, None)).jobs == []
+
+    async def test_exact_balance_is_enough(self, store: Store) -> None:
+        await store.charge_and_create_job(new_job("user_a", cost=SIGNUP), max_active=5)
+        assert await credits(store, "user_a") == 0
+
+    async def test_active_limit(self, store: Store) -> None:
+        for _ in range(2):
+            await store.charge_and_create_job(new_job("user_a", cost=1), max_active=2)
+        with pytest.raises(TooManyActiveJobs):
+            await store.charge_and_create_job(new_job("user_a", cost=1), max_active=2)
+        assert await credits(store, "user_a") == SIGNUP - 2
+
+    async def test_finished_jobs_free_a_slot(self, store: Store) -> None:
+        first = await store.charge_and_create_job(new_job("user_a", cost=1), max_active=1)
+        await store.apply_status(first.job_id, StatusUpdate(JobStatus.DONE))
+        await store.charge_and_create_job(new_job("user_a", cost=1), max_active=1)
+
+    async def test_limit_is_per_user(self, store: Store) -> None:
+        await store.charge_and_create_job(new_job("user_a", cost=1), max_active=1)
+        await store.charge_and_create_job(new_job("user_b", cost=1), max_active=1)
+
+    async def test_balance_is_checked_before_the_limit(self, store: Store) -> None:
+        await store.charge_and_create_job(new_job("user_a", cost=SIGNUP), max_active=1)
+        with pytest.raises(InsufficientCredits):
+            await store.charge_and_create_job(new_job("user_a", cost=1), max_active=1)
+
+    async def test_fifty_parallel_charges(self, store: Store) -> None:
+        """The race: 50 at once, never more than the limit active, never below zero."""
+        results = await asyncio.gather(
+            *(store.charge_and_create_job(new_job("user_r", cost=7), 5) for _ in range(50)),
+            return_exceptions=True,
+        )
+        accepted = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert len(accepted) == 5
+        assert all(isinstance(r, TooManyActiveJobs | InsufficientCredits) for r in refused)
+        assert await credits(store, "user_r") == SIGNUP - 5 * 7
+
+
+class TestRunpodId:
+    async def test_record_moves_submitting_to_queued(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        recorded = await store.record_runpod_id(job.job_id, "rp-1")
+        assert (recorded.status, recorded.runpod_id) == (JobStatus.QUEUED, "rp-1")
+        assert (await store.find_job_by_runpod_id("rp-1")).job_id == job.job_id
+
+    async def test_record_keeps_the_first_id_and_later_status(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await store.apply_status(job.job_id, StatusUpdate(JobStatus.RUNNING, runpod_id="rp-1"))
+        recorded = await store.record_runpod_id(job.job_id, "rp-2")
+        assert (recorded.status, recorded.runpod_id) == (JobStatus.RUNNING, "rp-1")
+
+    async def test_unknown_job(self, store: Store) -> None:
+        with pytest.raises(NotFound):
+            await store.record_runpod_id("job_doesnotexist00", "rp-1")
+
+
+class TestApplyStatus:
+    async def test_forward_only(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        _, changed = await store.apply_status(job.job_id, StatusUpdate(JobStatus.RUNNING))
+        assert changed
+        done, changed = await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        assert changed and done.status is JobStatus.DONE
+        late, changed = await store.apply_status(job.job_id, StatusUpdate(JobStatus.RUNNING))
+        assert not changed and late.status is JobStatus.DONE
+
+    async def test_done_never_becomes_failed(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=5), 5)
+        await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        after, changed = await store.apply_status(
+            job.job_id, StatusUpdate(JobStatus.FAILED, "X", "y")
+        )
+        assert not changed and after.status is JobStatus.DONE
+        assert await credits(store, "user_a") == SIGNUP - 5
+
+    async def test_failure_refunds_exactly_once(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=9), 5)
+        update = StatusUpdate(JobStatus.FAILED, "WORKER_FAILED", "out of memory")
+        failed, changed = await store.apply_status(job.job_id, update)
+        assert changed and (failed.error_code, failed.error_detail) == ("WORKER_FAILED", "out of memory")
+        for _ in range(3):
+            _, again = await store.apply_status(job.job_id, update)
+            assert not again
+        _, canceled = await store.apply_status(job.job_id, StatusUpdate(JobStatus.CANCELED))
+        assert not canceled
+        assert await credits(store, "user_a") == SIGNUP
+
+    async def test_parallel_failures_refund_once(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=9), 5)
+        update = StatusUpdate(JobStatus.FAILED, "WORKER_FAILED", "boom")
+        results = await asyncio.gather(*(store.apply_status(job.job_id, update) for _ in range(10)))
+        assert sum(changed for _, changed in results) == 1
+        assert await credits(store, "user_a") == SIGNUP
+
+    async def test_unknown_job(self, store: Store) -> None:
+        with pytest.raises(NotFound):
+            await store.apply_status("job_doesnotexist00", StatusUpdate(JobStatus.DONE))
+
+
+class TestCancel:
+    async def test_cancel_refunds(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=8), 5)
+        canceled = await store.cancel_job("user_a", job.job_id)
+        assert canceled.status is JobStatus.CANCELED
+        assert await credits(store, "user_a") == SIGNUP
+
+    async def test_finished_job_is_not_cancelable(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=8), 5)
+        await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        with pytest.raises(JobNotCancelable):
+            await store.cancel_job("user_a", job.job_id)
+        assert await credits(store, "user_a") == SIGNUP - 8
+
+    async def test_cancel_twice_refunds_once(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=8), 5)
+        await store.cancel_job("user_a", job.job_id)
+        with pytest.raises(JobNotCancelable):
+            await store.cancel_job("user_a", job.job_id)
+        assert await credits(store, "user_a") == SIGNUP
+
+    async def test_another_users_job_is_invisible(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=8), 5)
+        with pytest.raises(NotFound):
+            await store.cancel_job("user_b", job.job_id)
+        assert (await store.get_job("user_a", job.job_id)).status is JobStatus.SUBMITTING
+
+
+class TestRead:
+    async def test_get_job(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        fetched = await store.get_job("user_a", job.job_id)
+        assert fetched == job
+
+    async def test_another_users_job_is_not_found(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        with pytest.raises(NotFound):
+            await store.get_job("user_b", job.job_id)
+        assert (await store.list_jobs("user_b", 10, None)).jobs == []
+
+    async def test_find_unknown(self, store: Store) -> None:
+        assert await store.find_job("job_doesnotexist00") is None
+        assert await store.find_job_by_runpod_id("nope") is None
+
+    async def test_download_url_is_saved(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await store.save_download_url(job.job_id, "https://x/y", 123_456)
+        fetched = await store.get_job("user_a", job.job_id)
+        assert (fetched.download_url, fetched.download_expires_at) == ("https://x/y", 123_456)
+
+    async def test_ping(self, store: Store) -> None:
+        await store.ping()
+
+
+class TestPagination:
+    async def _make(self, store: Store, count: int) -> list[str]:
+        ids = []
+        for _ in range(count):
+            job = await store.charge_and_create_job(new_job("user_p", cost=1), 100)
+            ids.append(job.job_id)
+            await asyncio.sleep(0.002)  # distinct creation times, like real requests
+        return ids
+
+    async def test_pages_walk_newest_first(self, store: Store) -> None:
+        ids = await self._make(store, 7)
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await store.list_jobs("user_p", 3, cursor)
+            seen += [job.job_id for job in page.jobs]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert seen == list(reversed(ids))
+
+    async def test_exact_fit_has_no_next_cursor(self, store: Store) -> None:
+        await self._make(store, 3)
+        page = await store.list_jobs("user_p", 3, None)
+        assert len(page.jobs) == 3 and page.next_cursor is None
+
+    @pytest.mark.parametrize("cursor", ["!!!", "bm90IGpzb24", "WzEsMl0", "e30"])
+    async def test_malformed_cursor(self, store: Store, cursor: str) -> None:
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_p", 3, cursor)
+
