@@ -1,0 +1,437 @@
+"""A local stand-in for RunPod Serverless: RunPod's HTTP API, and jobs that render real MP4s.
+
+`make run` mounts it in the gateway at `/_local/runpod` (with RUNPOD_API_BASE pointing at
+`<base>/_local/runpod/v2`); it also runs on its own:
+
+    python local_runpod.py --host 127.0.0.1 --port 8765 --render-seconds 3
+
+Routes, for any endpoint id, each requiring `Authorization: Bearer <anything>` (401 otherwise):
+`POST /v2/{endpoint}/run`, `GET /v2/{endpoint}/status/{id}`, `POST /v2/{endpoint}/cancel/{id}`,
+`GET /v2/{endpoint}/health`, with RunPod's JSON shapes; an unknown id answers 404.
+
+What a job reads from its `input` (the worker contract the gateway submits):
+
+    {"prompt": str, "durationSec": int (1-60), "seed": int,
+     "output": {"uploadUrl": presigned PUT URL, "contentType": "video/mp4", "objectKey": str}}
+
+A job waits IN_QUEUE for a quarter of `render_seconds`, then IN_PROGRESS it renders the video in a
+worker thread and PUTs it to `output.uploadUrl` with `output.contentType`, and ends, about
+`render_seconds` after submission, as COMPLETED with output `{"objectKey", "sizeBytes",
+"durationSec"}`, or as FAILED with `error` a JSON string holding `error_type`, `error_message` and
+`error_traceback`, as runpod-python reports a handler that raised. Then, like RunPod, it POSTs the
+unsigned webhook (the status payload plus `input` and `webhook`), trying twice more on any answer
+but 200, `webhook_retry_delay` seconds apart. `/cancel` marks a job CANCELLED; no webhook follows.
+
+Failure injection, for tests and demos:
+    a prompt containing `[[fail]]` makes the worker raise: the job ends FAILED.
+
+Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+FAIL_MARKER = "[[fail]]"
+WIDTH, HEIGHT, FPS = 320, 180, 12
+# Keeps a bogus input from tying up the stand-in for minutes.
+MAX_DURATION_SEC = 60
+# Share of `render_seconds` a job spends IN_QUEUE, so a poller sees every state.
+QUEUE_SHARE = 0.25
+# RunPod tries a webhook once, then twice more on any answer but 200.
+WEBHOOK_ATTEMPTS = 3
+TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+SCROLL_PX_PER_FRAME = 6
+PROGRESS_BAR_PX = 12
+
+
+class WorkerFailure(Exception):
+    """The job's handler failed, as a real worker's would."""
+
+
+# --- The video --------------------------------------------------------------------------------
+
+
+def render_mp4(duration_sec: int, seed: int) -> bytes:
+    """A playable H.264 MP4: a gradient in the seed's colours slides over a progress bar."""
+    if not 1 <= duration_sec <= MAX_DURATION_SEC:
+        raise ValueError(f"durationSec must be between 1 and {MAX_DURATION_SEC}")
+    import av  # here, not at the top: the production image does not ship PyAV
+
+    strip = _gradient_strip(seed)
+    frame_count = duration_sec * FPS
+    # `+faststart` puts the index first so a browser can play before the download ends; it
+    # rewrites the finished file, which needs a real path rather than a BytesIO.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "video.mp4"
+        with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+            stream = out.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+            for index in range(frame_count):
+                frame = av.VideoFrame(WIDTH, HEIGHT, "rgb24")
+                # 320 px * 3 bytes is already 32-byte aligned, so the plane has no row padding.
+                frame.planes[0].update(_frame_pixels(strip, index, frame_count))
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode())  # flush the frames the encoder still holds
+        return path.read_bytes()
+
+
+def _gradient_strip(seed: int) -> bytes:
+    """Two widths of RGB pixels blending through three colours picked by the seed."""
+    rng = random.Random(seed)
+    colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(3)]
+    pixels = bytearray()
+    for x in range(2 * WIDTH):
+        position = (x % WIDTH) / WIDTH * len(colours)
+        start, end = colours[int(position)], colours[(int(position) + 1) % len(colours)]
+        blend = position - int(position)
+        pixels += bytes(round(a + (b - a) * blend) for a, b in zip(start, end, strict=True))
+    return bytes(pixels)
+
+
+def _frame_pixels(strip: bytes, index: int, frame_count: int) -> bytes:
+    # Every row of a frame is the same slice of the strip: cheap to build without numpy.
+    offset = (index * SCROLL_PX_PER_FRAME) % WIDTH * 3
+    row = strip[offset : offset + WIDTH * 3]
+    done = WIDTH * (index + 1) // frame_count
+    bar = b"\xff" * 3 * done + b"\x20" * 3 * (WIDTH - done)
+    return row * (HEIGHT - PROGRESS_BAR_PX) + bar * PROGRESS_BAR_PX
+
+
+# --- Jobs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RenderRequest:
+    """The part of a job's input the worker needs, checked."""
+
+    prompt: str
+    duration_sec: int
+    seed: int
+    upload_url: str
+    content_type: str
+    object_key: str | None
+
+    @classmethod
+    def from_input(cls, job_input: dict[str, Any]) -> RenderRequest:
+        output = job_input.get("output")
+        if not isinstance(output, dict) or not isinstance(output.get("uploadUrl"), str):
+            raise WorkerFailure("input.output.uploadUrl is missing")
+        duration, seed = job_input.get("durationSec"), job_input.get("seed", 0)
+        if not isinstance(duration, int) or not isinstance(seed, int):
+            raise WorkerFailure("input.durationSec and input.seed must be integers")
+        return cls(
+            prompt=str(job_input.get("prompt", "")),
+            duration_sec=duration,
+            seed=seed,
+            upload_url=output["uploadUrl"],
+            content_type=str(output.get("contentType") or "video/mp4"),
+            object_key=output.get("objectKey"),
+        )
+
+
+@dataclass(slots=True)
+class LocalJob:
+    id: str
+    input: dict[str, Any]
+    webhook: str | None
+    status: str = "IN_QUEUE"
+    output: Any = None
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def start(self) -> None:
+        self.status, self.started_at = "IN_PROGRESS", time.monotonic()
+
+    def end(self, status: str, *, output: Any = None, error: str | None = None) -> None:
+        self.status, self.output, self.error = status, output, error
+        self.ended_at = time.monotonic()
+
+    def payload(self) -> dict[str, Any]:
+        """The job as RunPod's `/status` shows it; times in ms."""
+        now = time.monotonic()
+        started = self.started_at or self.ended_at or now
+        running = (self.ended_at or now) - self.started_at if self.started_at else 0.0
+        body: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "delayTime": round((started - self.submitted_at) * 1000),
+            "executionTime": round(running * 1000),
+        }
+        if self.output is not None:
+            body["output"] = self.output
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+def worker_error(exc: BaseException) -> str:
+    """A failure as runpod-python reports a handler that raised: a JSON string."""
+    return json.dumps(
+        {
+            "error_type": str(type(exc)),
+            "error_message": str(exc),
+            "error_traceback": "".join(traceback.format_exception(exc)),
+        }
+    )
+
+
+class LocalRunPod:
+    """Runs the stand-in's jobs as asyncio tasks and delivers their webhooks."""
+
+    def __init__(
+        self,
+        *,
+        render_seconds: float,
+        webhook_retry_delay: float,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.render_seconds = render_seconds
+        self.webhook_retry_delay = webhook_retry_delay
+        self.jobs: dict[str, LocalJob] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._owns_http = http is None
+        # Uploads go to presigned URLs and webhooks to the gateway: neither should take 30 s.
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0))
+
+    def submit(self, job_input: dict[str, Any], webhook: str | None) -> LocalJob:
+        job = LocalJob(id=f"{uuid.uuid4()}-local", input=job_input, webhook=webhook)
+        self.jobs[job.id] = job
+        task = asyncio.create_task(self._run(job), name=f"local-runpod-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        return job
+
+    def cancel(self, job_id: str) -> LocalJob | None:
+        job = self.jobs.get(job_id)
+        if job is not None and not job.is_terminal:
+            job.end("CANCELLED")
+            if task := self._tasks.get(job_id):
+                task.cancel()
+        return job
+
+    async def aclose(self) -> None:
+        """Stop every running job, and close the HTTP client if this runner made it."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def _run(self, job: LocalJob) -> None:
+        deadline = time.monotonic() + self.render_seconds
+        await asyncio.sleep(self.render_seconds * QUEUE_SHARE)
+        job.start()
+        try:
+            output = await self._work(job)
+        except Exception as exc:  # any worker failure is the job's FAILED, as on RunPod
+            await _sleep_until(deadline)
+            job.end("FAILED", error=worker_error(exc))
+        else:
+            await _sleep_until(deadline)
+            job.end("COMPLETED", output=output)
+        await self._deliver_webhook(job)
+
+    async def _work(self, job: LocalJob) -> dict[str, Any]:
+        request = RenderRequest.from_input(job.input)
+        if FAIL_MARKER in request.prompt:
+            raise WorkerFailure(f"Simulated worker failure: the prompt contains {FAIL_MARKER}")
+        # Encoding blocks for a while: keep it off the event loop.
+        video = await asyncio.to_thread(render_mp4, request.duration_sec, request.seed)
+        response = await self._http.put(
+            request.upload_url, content=video, headers={"Content-Type": request.content_type}
+        )
+        if not response.is_success:
+            raise WorkerFailure(f"Uploading the video failed with HTTP {response.status_code}")
+        return {
+            "objectKey": request.object_key,
+            "sizeBytes": len(video),
+            "durationSec": request.duration_sec,
+        }
+
+    async def _deliver_webhook(self, job: LocalJob) -> None:
+        if not job.webhook:
+            return
+        body = job.payload() | {"input": job.input, "webhook": job.webhook}
+        for attempt in range(WEBHOOK_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(self.webhook_retry_delay)
+            if await self._post_webhook(job.webhook, body):
+                return
+        logger.warning("Gave up on the webhook for job %s after %d tries", job.id, WEBHOOK_ATTEMPTS)
+
+    async def _post_webhook(self, url: str, body: dict[str, Any]) -> bool:
+        try:
+            response = await self._http.post(url, json=body)
+        except httpx.HTTPError as exc:
+            # Not the URL: its query string carries the gateway's per-job token.
+            logger.warning("Webhook for job %s failed: %r", body["id"], exc)
+            return False
+        return response.status_code == 200
+
+
+async def _sleep_until(deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# --- The HTTP API -----------------------------------------------------------------------------
+
+
+class RequireBearer:
+    """Answers 401 unless the request carries `Authorization: Bearer <something>`, like RunPod."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _has_bearer_token(Headers(scope=scope)):
+            response = JSONResponse({"error": "Unauthorized"}, status_code=401)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _has_bearer_token(headers: Headers) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip())
+
+
+def _runner(request: Request) -> LocalRunPod:
+    return request.app.state.runner
+
+
+def _no_such_job() -> JSONResponse:
+    return JSONResponse({"error": "request does not exist"}, status_code=404)
+
+
+async def run_job(request: Request) -> JSONResponse:
+    """Queue a job: `{"input": {...}, "webhook"?: url, "policy"?: {...}}`."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "The body is not JSON"}, status_code=400)
+    if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
+        return JSONResponse({"error": "The body needs an `input` object"}, status_code=400)
+    webhook = body.get("webhook") if isinstance(body.get("webhook"), str) else None
+    job = _runner(request).submit(body["input"], webhook)
+    return JSONResponse({"id": job.id, "status": job.status})
+
+
+async def job_status(request: Request) -> JSONResponse:
+    """A job's status, output and error."""
+    job = _runner(request).jobs.get(request.path_params["job_id"])
+    return JSONResponse(job.payload()) if job else _no_such_job()
+
+
+async def cancel_job(request: Request) -> JSONResponse:
+    """Cancel a job that has not ended yet."""
+    job = _runner(request).cancel(request.path_params["job_id"])
+    return JSONResponse({"id": job.id, "status": job.status}) if job else _no_such_job()
+
+
+async def health(request: Request) -> JSONResponse:
+    """Job counts by state, and one make-believe worker."""
+    counts = {status: 0 for status in ("COMPLETED", "FAILED", "IN_PROGRESS", "IN_QUEUE")}
+    for job in _runner(request).jobs.values():
+        counts[job.status] = counts.get(job.status, 0) + 1
+    busy = counts["IN_PROGRESS"]
+    jobs = {
+        "completed": counts["COMPLETED"],
+        "failed": counts["FAILED"],
+        "inProgress": busy,
+        "inQueue": counts["IN_QUEUE"],
+        "retried": 0,
+    }
+    return JSONResponse({"jobs": jobs, "workers": {"idle": 0 if busy else 1, "running": busy}})
+
+
+def create_local_runpod_app(
+    *,
+    render_seconds: float = 3.0,
+    webhook_retry_delay: float = 10.0,
+    http: httpx.AsyncClient | None = None,
+) -> Starlette:
+    """The stand-in as an ASGI app, its jobs run by `app.state.runner`.
+
+    Its lifespan stops the runner, but a parent app does not run the lifespan of an app it
+    mounts: a gateway that mounts it must `await app.state.runner.aclose()` on shutdown.
+    """
+    runner = LocalRunPod(
+        render_seconds=render_seconds, webhook_retry_delay=webhook_retry_delay, http=http
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await runner.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/v2/{endpoint_id}/run", run_job, methods=["POST"]),
+            Route("/v2/{endpoint_id}/status/{job_id}", job_status, methods=["GET"]),
+            Route("/v2/{endpoint_id}/cancel/{job_id}", cancel_job, methods=["POST"]),
+            Route("/v2/{endpoint_id}/health", health, methods=["GET"]),
+        ],
+        middleware=[Middleware(RequireBearer)],
+        lifespan=lifespan,
+    )
+    app.state.runner = runner
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a local stand-in for RunPod Serverless.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--render-seconds", type=float, default=3.0, help="how long each job takes (default 3)"
+    )
+    parser.add_argument(
+        "--webhook-retry-delay",
+        type=float,
+        default=10.0,
+        help="seconds between webhook tries (default 10, as on RunPod)",
+    )
+    args = parser.parse_args(argv)
+    import uvicorn  # only the command line needs a server
+
+    app = create_local_runpod_app(
+        render_seconds=args.render_seconds, webhook_retry_delay=args.webhook_retry_delay
+    )
+    print(f"RUNPOD_API_BASE=http://{args.host}:{args.port}/v2")
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The RunPod stand-in, driven over HTTP; its uploads and webhooks land in a recording app."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import av
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from local_runpod import create_local_runpod_app, main, render_mp4
+from runpod_client import RunPodClient, RunPodNotFound, RunPodStatus, build_http_client
+
+RECEIVER = "http://receiver.test"
+WEBHOOK = f"{RECEIVER}/webhook?jobId=job_1"
+OBJECT_KEY = "videos/user_1/job_1.mp4"
+AUTH = {"Authorization": "Bearer local-key"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+class Receiver:
+    """Plays the bucket and the gateway for the stand-in, and records what reaches them."""
+
+    def __init__(self) -> None:
+        self.uploads: dict[str, tuple[str, bytes]] = {}
+        self.webhooks: list[dict[str, Any]] = []
+        self.upload_status = 200
+        self.webhook_answers: list[int] = []  # answered in turn, then 200
+        self.app = Starlette(
+            routes=[
+                Route("/bucket/{key:path}", self._upload, methods=["PUT"]),
+                Route("/webhook", self._webhook, methods=["POST"]),
+            ]
+        )
+
+    async def _upload(self, request: Request) -> Response:
+        content_type = request.headers.get("content-type", "")
+        self.uploads[request.path_params["key"]] = (content_type, await request.body())
+        return Response(status_code=self.upload_status)
+
+    async def _webhook(self, request: Request) -> Response:
+        self.webhooks.append(await request.json())
+        return Response(status_code=self.webhook_answers.pop(0) if self.webhook_answers else 200)
+
+
+def job_input(duration_sec: int = 1, seed: int = 42, prompt: str = "a red fox") -> dict[str, Any]:
+    return {
+        "jobId": "job_1",
+        "prompt": prompt,
+        "imageUrl": None,
+        "durationSec": duration_sec,
+        "seed": seed,
+        "output": {
+            "uploadUrl": f"{RECEIVER}/bucket/{OBJECT_KEY}?X-Amz-Signature=abc",
+            "objectKey": OBJECT_KEY,
+            "contentType": "video/mp4",
+        },
+    }
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def receiver() -> Receiver:
+    return Receiver()
+
+
+@pytest.fixture
+async def standin(receiver: Receiver) -> AsyncIterator[Starlette]:
+    transport = httpx.ASGITransport(app=receiver.app)
+    async with httpx.AsyncClient(transport=transport) as http:
+        app = create_local_runpod_app(render_seconds=0, webhook_retry_delay=0, http=http)
+        async with app.router.lifespan_context(app):
+            yield app
+
+
+@pytest.fixture
+async def api(standin: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=standin)
+    base = "http://runpod.test/v2/ep-local"
+    async with httpx.AsyncClient(transport=transport, base_url=base, headers=AUTH) as client:
+        yield client
+
+
+async def run(api: httpx.AsyncClient, body_input: dict[str, Any]) -> str:
+    response = await api.post("/run", json={"input": body_input, "webhook": WEBHOOK})
+    assert response.status_code == 200
+    assert response.json()["status"] == "IN_QUEUE"
+    return response.json()["id"]
+
+
+async def finished(api: httpx.AsyncClient, runpod_id: str) -> dict[str, Any]:
+    """Poll `/status` like the gateway would, until the job ends."""
+    async with asyncio.timeout(15):
+        while True:
+            response = await api.get(f"/status/{runpod_id}")
+            assert response.status_code == 200
+            if response.json()["status"] in TERMINAL:
+                return response.json()
+            await asyncio.sleep(0.01)
+
+
+def probe(data: bytes) -> tuple[float, int, int]:
+    """Duration in seconds, width and height, as a player would read them."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert container.duration is not None
+        return container.duration / av.time_base, stream.width, stream.height
+
+
+class TestRenderMp4:
+    @pytest.mark.parametrize("duration_sec", [1, 2])
+    def test_playable_video_of_the_asked_length(self, duration_sec: int) -> None:
+        duration, width, height = probe(render_mp4(duration_sec, seed=3))
+
+        assert abs(duration - duration_sec) <= 0.2
+        assert (width, height) == (320, 180)
+
+    def test_seed_decides_the_picture(self) -> None:
+        assert render_mp4(1, 1) == render_mp4(1, 1)
+        assert render_mp4(1, 1) != render_mp4(1, 2)
+
+    @pytest.mark.parametrize("duration_sec", [0, -1, 61])
+    def test_refuses_unreasonable_durations(self, duration_sec: int) -> None:
+        with pytest.raises(ValueError):
+            render_mp4(duration_sec, 1)
+
+
+class TestRun:
+    @pytest.mark.asyncio
+    async def test_job_renders_uploads_and_completes(
+        self, api: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        runpod_id = await run(api, job_input(duration_sec=2))
+
+        status = await finished(api, runpod_id)
+
+        assert status["id"] == runpod_id
+        assert status["status"] == "COMPLETED"
+        assert status["output"]["objectKey"] == OBJECT_KEY
+        assert {"delayTime", "executionTime"} <= status.keys()
+        content_type, data = receiver.uploads[OBJECT_KEY]
+        assert content_type == "video/mp4"
+        duration, width, height = probe(data)
+        assert abs(duration - 2) <= 0.2
+        assert (width, height) == (320, 180)
+
+    @pytest.mark.asyncio
+    async def test_webhook_carries_status_input_and_webhook(
+        self, api: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        runpod_id = await run(api, job_input())
+
+        await eventually(lambda: len(receiver.webhooks) == 1)
+
+        body = receiver.webhooks[0]
+        assert (body["id"], body["status"]) == (runpod_id, "COMPLETED")
+        assert body["input"] == job_input()
+        assert body["webhook"] == WEBHOOK
+        assert body["output"]["objectKey"] == OBJECT_KEY
+
+    @pytest.mark.asyncio
+    async def test_webhook_is_retried_until_200(
+        self, api: httpx.AsyncClient, receiver: Receiver, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        receiver.webhook_answers = [500, 200]
+
+        await run(api, job_input())
+
+        await eventually(lambda: len(receiver.webhooks) == 2)
+        await asyncio.sleep(0.05)
+        assert len(receiver.webhooks) == 2
+        assert "Gave up" not in caplog.text
+
+    @pytest.mark.asyncio
+    async def test_webhook_gives_up_after_three_tries(
+        self, api: httpx.AsyncClient, receiver: Receiver, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        receiver.webhook_answers = [500, 502, 404, 500]
+
+        with caplog.at_level(logging.WARNING, logger="local_runpod"):
+            await run(api, job_input())
+            await eventually(lambda: "Gave up on the webhook" in caplog.text)
+
+        assert len(receiver.webhooks) == 3
+
+    @pytest.mark.asyncio
+    async def test_fail_marker_fails_the_job_like_a_worker(
+        self, api: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        runpod_id = await run(api, job_input(prompt="a fox [[fail]]"))
+
+        status = await finished(api, runpod_id)
+
+        assert status["status"] == "FAILED"
+        error = json.loads(status["error"])
+        assert {"error_type", "error_message", "error_traceback"} <= error.keys()
+        assert "[[fail]]" in error["error_message"]
+        assert receiver.uploads == {}
+        await eventually(lambda: len(receiver.webhooks) == 1)
+        assert receiver.webhooks[0]["status"] == "FAILED"
+        assert RunPodStatus.from_payload(receiver.webhooks[0]).error == error["error_message"]
+
+    @pytest.mark.asyncio
+    async def test_refused_upload_fails_the_job(
+        self, api: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        receiver.upload_status = 403
+
+        status = await finished(api, await run(api, job_input()))
+
+        assert status["status"] == "FAILED"
+        assert "403" in json.loads(status["error"])["error_message"]
+
+    @pytest.mark.asyncio
+    async def test_input_without_upload_url_fails_the_job(self, api: httpx.AsyncClient) -> None:
+        status = await finished(api, await run(api, {"prompt": "x", "durationSec": 1}))
+
+        assert status["status"] == "FAILED"
+        assert "uploadUrl" in json.loads(status["error"])["error_message"]
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("body", [{"webhook": WEBHOOK}, {"input": "x"}, ["input"]])
+    async def test_body_without_input_object_is_400(
+        self, api: httpx.AsyncClient, body: object
+    ) -> None:
+        assert (await api.post("/run", json=body)).status_code == 400
+
+
+class TestStatus:
+    @pytest.mark.asyncio
+    async def test_unknown_id_is_404(self, api: httpx.AsyncClient) -> None:
+        response = await api.get("/status/no-such-job")
+
+        assert response.status_code == 404
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer "}, {"Authorization": "x"}])
+    async def test_missing_auth_is_401(self, standin: Starlette, headers: dict[str, str]) -> None:
+        transport = httpx.ASGITransport(app=standin)
+        async with httpx.AsyncClient(transport=transport, base_url="http://runpod.test") as raw:
+            response = await raw.get("/v2/ep-local/status/anything", headers=headers)
+
+        assert response.status_code == 401
+
+
+class TestCancel:
+    @pytest.fixture
+    async def slow_api(self, receiver: Receiver) -> AsyncIterator[httpx.AsyncClient]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver.app)) as http:
+            # Long enough to cancel in time, short enough that a job left running would finish
+            # (and show up) while the test waits.
+            app = create_local_runpod_app(render_seconds=0.3, webhook_retry_delay=0, http=http)
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                base = "http://runpod.test/v2/ep-local"
+                async with httpx.AsyncClient(
+                    transport=transport, base_url=base, headers=AUTH
+                ) as client:
+                    yield client
+
+    @pytest.mark.asyncio
+    async def test_cancel_stops_the_job(
+        self, slow_api: httpx.AsyncClient, receiver: Receiver
+    ) -> None:
+        runpod_id = await run(slow_api, job_input())
+
+        response = await slow_api.post(f"/cancel/{runpod_id}")
+
+        assert response.json() == {"id": runpod_id, "status": "CANCELLED"}
+        await asyncio.sleep(0.6)
+        status = (await slow_api.get(f"/status/{runpod_id}")).json()
+        assert status["status"] == "CANCELLED"
+        assert receiver.uploads == {} and receiver.webhooks == []
+
+    @pytest.mark.asyncio
+    async def test_cancel_of_a_finished_job_changes_nothing(self, api: httpx.AsyncClient) -> None:
+        runpod_id = await run(api, job_input())
+        await finished(api, runpod_id)
+
+        response = await api.post(f"/cancel/{runpod_id}")
+
+        assert response.json() == {"id": runpod_id, "status": "COMPLETED"}
+
+    @pytest.mark.asyncio
+    async def test_unknown_id_is_404(self, api: httpx.AsyncClient) -> None:
+        assert (await api.post("/cancel/no-such-job")).status_code == 404
+
+
+class TestHealth:
+    @pytest.mark.asyncio
+    async def test_counts_jobs(self, api: httpx.AsyncClient) -> None:
+        await finished(api, await run(api, job_input()))
+
+        report = (await api.get("/health")).json()
+
+        assert report["jobs"]["completed"] == 1
+        assert report["workers"] == {"idle": 1, "running": 0}
+
+
+class TestWithRunPodClient:
+    @pytest.mark.asyncio
+    async def test_round_trip(self, standin: Starlette, receiver: Receiver) -> None:
+        transport = httpx.ASGITransport(app=standin)
+        http = build_http_client("http://runpod.test/v2", "ep-local", "local-key", transport)
+        async with http:
+            client = RunPodClient(http)
+            runpod_id = await client.submit(
+                job_input(), WEBHOOK, execution_timeout_ms=60_000, ttl_ms=600_000
+            )
+            async with asyncio.timeout(15):
+                while not (status := await client.status(runpod_id)).is_terminal:
+                    await asyncio.sleep(0.01)
+            report = await client.health()
+            with pytest.raises(RunPodNotFound):
+                await client.status("no-such-job")
+
+        assert (status.id, status.status) == (runpod_id, "COMPLETED")
+        assert status.output["objectKey"] == OBJECT_KEY
+        assert report["jobs"]["completed"] == 1
+        await eventually(lambda: len(receiver.webhooks) == 1)
+        assert RunPodStatus.from_payload(receiver.webhooks[0]).input == job_input()
+
+
+class TestCommandLine:
+    def test_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as exited:
+            main(["--help"])
+
+        assert exited.value.code == 0
+        assert "--render-seconds" in capsys.readouterr().out
