@@ -119,6 +119,10 @@ class AuthUnavailable(GatewayError):
     code = "AUTH_UNAVAILABLE"
     detail = "Signing keys are unavailable"
 
+    def __init__(self, detail: str | None = None, retry_after: int = 30) -> None:
+        # The JWKS is refetched at most every 30 s, so sooner retries cannot succeed.
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
 
 class StoreUnavailable(GatewayError):
     status_code = 503

@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+PORT ?= 8000
+
+.PHONY: run test lint pytest vitest setup clean token
+
+# The venv is rebuilt whenever a requirements file changes.
+$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(STAMP)
+
+## Start the gateway on the embedded defaults (SQLite, local storage, RunPod stand-in, dev issuer).
+run: $(STAMP)
+	PUBLIC_BASE_URL=$${PUBLIC_BASE_URL:-http://127.0.0.1:$(PORT)} \
+		$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+
+## Mint a dev token: make token USER=user_alice
+token: $(STAMP)
+	@$(BIN)/python manage.py mint-token $${USER_ID:-user_local}
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/black --check --quiet .
+
+pytest: $(STAMP)
+	$(BIN)/pytest --cov --cov-report=term
+
+vitest: $(NODE_STAMP)
+	npm test
+
+## Install everything, then lint and run every test.
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) node_modules .data .coverage htmlcov .pytest_cache .ruff_cache

@@ -1,0 +1,247 @@
+"""The job lifecycle across the store, RunPod and storage: create, submit, apply outcomes, cancel.
+
+The store owns every rule about money (charge, refund once, forward-only status); this module
+decides *which* rule to invoke when RunPod or a user says something, and proves webhooks genuine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass, replace
+
+from config import Settings
+from errors import InvalidSignature
+from models import (
+    MAX_SEED,
+    CreateJobRequest,
+    Job,
+    JobStatus,
+    NewJob,
+    StatusUpdate,
+    new_job_id,
+    now_ms,
+    object_key_for,
+)
+from r2_client import VIDEO_CONTENT_TYPE, ObjectStorage, expiry_ms
+from runpod_client import (
+    RunPodClient,
+    RunPodError,
+    RunPodNotFound,
+    RunPodStatus,
+    RunPodSubmitUncertain,
+)
+from store import Store
+
+log = logging.getLogger("gateway.jobs")
+
+SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
+# Reuse a download URL while more than an hour of it remains, so a browser that starts playing
+# it just before expiry can still finish the video.
+URL_REUSE_MARGIN_MS = 3_600_000
+
+
+# --- Webhook proof ----------------------------------------------------------------------------
+
+
+def webhook_token(secret: str, job_id: str) -> str:
+    """The per-job token in the webhook URL we hand RunPod: only we can mint it."""
+    message = f"runpod-webhook:{job_id}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def token_is_valid(secret: str, job_id: str, token: str) -> bool:
+    return hmac.compare_digest(webhook_token(secret, job_id), token)
+
+
+def sign_body(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """An `X-RunPod-Signature` header value for `body` (what a relay or our worker sends)."""
+    t = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={digest}"
+
+
+def signature_is_valid(secret: str, header: str, body: bytes, now: float | None = None) -> bool:
+    timestamp, candidates = _parse_signature_header(header)
+    if timestamp is None or not candidates:
+        return False
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > SIGNATURE_TOLERANCE_SECONDS:
+        return False
+    expected = sign_body(secret, body, timestamp).split("v1=", 1)[1]
+    # Check every candidate, so timing never reveals which one matched.
+    matches = [hmac.compare_digest(expected, candidate) for candidate in candidates]
+    return any(matches)
+
+
+def _parse_signature_header(header: str) -> tuple[int | None, list[str]]:
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit() and len(value) <= 12:
+            timestamp = int(value)
+        elif name == "v1" and value:
+            candidates.append(value)
+    return timestamp, candidates
+
+
+# --- RunPod outcomes --------------------------------------------------------------------------
+
+
+def update_from_runpod(status: RunPodStatus, output_exists: bool | None) -> StatusUpdate | None:
+    """What a RunPod status means for our job; None when it means nothing (unknown status)."""
+    mapping = {
+        "IN_QUEUE": StatusUpdate(JobStatus.QUEUED),
+        "IN_PROGRESS": StatusUpdate(JobStatus.RUNNING),
+        "RUNNING": StatusUpdate(JobStatus.RUNNING),
+        "FAILED": StatusUpdate(
+            JobStatus.FAILED, "WORKER_FAILED", status.error or "The video worker failed"
+        ),
+        "TIMED_OUT": StatusUpdate(
+            JobStatus.FAILED, "TIMED_OUT", "The video took too long to render"
+        ),
+        "CANCELLED": StatusUpdate(JobStatus.CANCELED, "CANCELED", "The job was canceled upstream"),
+    }
+    if status.status == "COMPLETED":
+        if output_exists:
+            return StatusUpdate(JobStatus.DONE, runpod_id=status.id)
+        return StatusUpdate(
+            JobStatus.FAILED, "OUTPUT_MISSING", "The worker finished but no video was stored"
+        )
+    update = mapping.get(status.status)
+    if update is None:
+        return None
+    return StatusUpdate(update.status, update.error_code, update.error_detail, status.id)
+
+
+@dataclass
+class JobService:
+    settings: Settings
+    store: Store
+    runpod: RunPodClient
+    storage: ObjectStorage
+    webhook_secret: str
+    public_base_url: str
+
+    # --- create -----------------------------------------------------------------------
+
+    async def create(self, user_id: str, request: CreateJobRequest) -> Job:
+        """Charge and record the job, then submit it; a refused submission is refunded."""
+        job_id = new_job_id()
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        new = NewJob(
+            job_id=job_id,
+            user_id=user_id,
+            prompt=request.prompt,
+            image_url=request.image_url,
+            duration_sec=request.duration_sec,
+            seed=seed,
+            cost=request.duration_sec * self.settings.credits_per_second,
+            object_key=object_key_for(user_id, job_id),
+        )
+        job = await self.store.charge_and_create_job(new, self.settings.max_concurrent_jobs)
+        return await self._submit(job)
+
+    async def _submit(self, job: Job) -> Job:
+        try:
+            runpod_id = await self.runpod.submit(
+                self._worker_input(job),
+                self.webhook_url(job.job_id),
+                execution_timeout_ms=self.settings.runpod_execution_timeout_seconds * 1000,
+                ttl_ms=self.settings.runpod_job_ttl_seconds * 1000,
+            )
+        except RunPodSubmitUncertain:
+            # RunPod may have started it: a resubmit could bill twice. The webhook URL names our
+            # job, and the reconciler settles it if no word ever comes.
+            log.warning("runpod submit outcome unknown; job %s left submitting", job.job_id)
+            return job
+        except RunPodError as exc:
+            await self.store.apply_status(
+                job.job_id, StatusUpdate(JobStatus.FAILED, "SUBMIT_FAILED", exc.detail)
+            )
+            raise
+        return await self.store.record_runpod_id(job.job_id, runpod_id)
+
+    def _worker_input(self, job: Job) -> dict[str, object]:
+        upload_ttl = (
+            self.settings.runpod_job_ttl_seconds + self.settings.runpod_execution_timeout_seconds
+        )
+        return {
+            "jobId": job.job_id,
+            "prompt": job.prompt,
+            "imageUrl": job.image_url,
+            "durationSec": job.duration_sec,
+            "seed": job.seed,
+            "output": {
+                "uploadUrl": self.storage.presign_put(
+                    job.object_key, upload_ttl, VIDEO_CONTENT_TYPE
+                ),
+                "objectKey": job.object_key,
+                "contentType": VIDEO_CONTENT_TYPE,
+            },
+        }
+
+    def webhook_url(self, job_id: str) -> str:
+        token = webhook_token(self.webhook_secret, job_id)
+        return f"{self.public_base_url}/webhooks/runpod?jobId={job_id}&token={token}"
+
+    # --- read -------------------------------------------------------------------------
+
+    async def with_download_url(self, job: Job) -> Job:
+        """A done job with a presigned URL that has more than an hour left in it."""
+        if job.status is not JobStatus.DONE:
+            return job
+        expires = job.download_expires_at or 0
+        if job.download_url and expires - now_ms() > URL_REUSE_MARGIN_MS:
+            return job
+        ttl = self.settings.signed_url_ttl_seconds
+        url = self.storage.presign_get(job.object_key, ttl)
+        expires_at = expiry_ms(ttl)
+        await self.store.save_download_url(job.job_id, url, expires_at)
+        return replace(job, download_url=url, download_expires_at=expires_at)
+
+    # --- RunPod said something --------------------------------------------------------
+
+    async def apply_runpod_status(self, job: Job, status: RunPodStatus) -> Job:
+        if job.status.is_terminal:
+            return job
+        exists = None
+        if status.status == "COMPLETED":
+            exists = await self.storage.exists(job.object_key)
+        update = update_from_runpod(status, exists)
+        if update is None:
+            log.warning("ignoring unknown RunPod status %r for %s", status.status, job.job_id)
+            return job
+        applied, changed = await self.store.apply_status(job.job_id, update)
+        if changed:
+            log.info("job %s moved to %s", job.job_id, applied.status.value)
+        return applied
+
+    async def refresh_from_runpod(self, job: Job, runpod_id: str) -> Job:
+        """Ask RunPod itself and apply its answer: for proofs that cannot vouch for a body."""
+        try:
+            status = await self.runpod.status(runpod_id)
+        except RunPodNotFound:
+            update = StatusUpdate(
+                JobStatus.FAILED, "UPSTREAM_LOST", "RunPod no longer knows this job"
+            )
+            applied, _ = await self.store.apply_status(job.job_id, update)
+            return applied
+        if status.id != runpod_id:
+            raise InvalidSignature("RunPod's answer names another job")
+        return await self.apply_runpod_status(job, status)
+
+    # --- cancel -----------------------------------------------------------------------
+
+    async def cancel(self, user_id: str, job_id: str) -> Job:
+        job = await self.store.get_job(user_id, job_id)
+        if not job.status.is_terminal and job.runpod_id:
+            try:
+                await self.runpod.cancel(job.runpod_id)
+            except RunPodNotFound:
+                pass  # RunPod already forgot it: nothing left running to stop.
+        return await self.store.cancel_job(user_id, job_id)

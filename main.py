@@ -1,0 +1,528 @@
+"""The CineWeave API gateway: the FastAPI app, its lifespan, and the routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import httpx
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from auth import ClerkAuth, Principal, dev_jwks, ensure_dev_key
+from config import Settings, get_settings
+from errors import (
+    GatewayError,
+    InvalidRequest,
+    InvalidSignature,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+)
+from jobs import JobService, signature_is_valid, token_is_valid
+from local_storage import LocalStorage, storage_router
+from models import (
+    CreateJobRequest,
+    CreateJobResponse,
+    CreditsResponse,
+    ErrorResponse,
+    Job,
+    JobListResponse,
+    JobResponse,
+    image_url_host,
+)
+from r2_client import ObjectStorage, R2Storage, make_s3_client
+from runpod_client import RunPodClient, RunPodStatus, build_http_client
+from store import SQLiteStore, Store
+
+log = logging.getLogger("gateway")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
+# A worker's upload to the local storage stand-in: a 10 s 320x180 clip is well under 5 MiB.
+MAX_LOCAL_UPLOAD_BYTES = 512 * 1024 * 1024
+_JOB_ID = re.compile(r"^job_[A-Za-z0-9_\-]{12,64}$")
+# Clerk user ids are `user_<base62>`; the id becomes part of an object key, so allow no more.
+_USER_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+# --- Services and the lifespan ----------------------------------------------------------------
+
+
+class State(TypedDict):
+    store: Store
+    storage: ObjectStorage
+    auth: ClerkAuth
+    jobs: JobService
+    settings: Settings
+
+
+@dataclass
+class Backends:
+    """Which backends are real and which are the embedded stand-ins, for the start-up log."""
+
+    store: str
+    auth: str
+    runpod: str
+    storage: str
+
+
+def _local_secret(data_dir: Path, name: str) -> str:
+    """A random secret kept in the data dir, so local restarts keep URLs and tokens valid."""
+    path = data_dir / name
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _public_base_url(settings: Settings) -> str:
+    return (settings.public_base_url or "http://127.0.0.1:8000").rstrip("/")
+
+
+def build_store(settings: Settings) -> tuple[Store, str]:
+    if settings.uses_convex:
+        from convex_client import ConvexStore
+
+        return ConvexStore.from_settings(settings), "convex"
+    path = settings.local_data_dir / "gateway.db"
+    store = SQLiteStore(path, settings.effective_signup_credits, settings.default_plan)
+    return store, f"sqlite ({path})"
+
+
+def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
+    if settings.uses_real_r2:
+        endpoint = settings.r2_endpoint
+        assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
+        assert settings.r2_bucket
+        client = make_s3_client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
+        return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
+    root = settings.local_data_dir / "objects"
+    storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
+    return storage, f"local directory ({root})"
+
+
+def build_runpod_http(settings: Settings, stack: AsyncExitStack) -> tuple[httpx.AsyncClient, str]:
+    if settings.uses_real_runpod:
+        assert settings.runpod_endpoint_id and settings.runpod_api_key
+        http = build_http_client(
+            settings.runpod_api_base, settings.runpod_endpoint_id, settings.runpod_api_key
+        )
+        return http, f"runpod ({settings.runpod_api_base})"
+    # The stand-in runs in this process and is reached through httpx's ASGI transport, so
+    # runpod_client.py speaks real RunPod HTTP to it; its uploads and webhooks use real sockets.
+    from local_runpod import create_local_runpod_app
+
+    standin = create_local_runpod_app(render_seconds=settings.local_render_seconds)
+    stack.push_async_callback(standin.state.runner.aclose)
+    http = build_http_client(
+        "http://local-runpod/v2", "local", "local", transport=httpx.ASGITransport(app=standin)
+    )
+    return http, "local stand-in"
+
+
+async def _build_state(settings: Settings, stack: AsyncExitStack) -> State:
+    data_dir = settings.local_data_dir
+    secret = settings.runpod_webhook_secret or _local_secret(data_dir, "webhook_secret")
+    store, store_name = build_store(settings)
+    stack.push_async_callback(store.close)
+    storage, storage_name = build_storage(settings, secret)
+    stack.push_async_callback(storage.close)
+    runpod_http, runpod_name = build_runpod_http(settings, stack)
+    stack.push_async_callback(runpod_http.aclose)
+    auth_http = await stack.enter_async_context(
+        httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+    )
+    auth, auth_name = _build_auth(settings, auth_http)
+    await auth.load_keys()
+    jobs = JobService(
+        settings=settings,
+        store=store,
+        runpod=RunPodClient(runpod_http),
+        storage=storage,
+        webhook_secret=secret,
+        public_base_url=_public_base_url(settings),
+    )
+    backends = Backends(store_name, auth_name, runpod_name, storage_name)
+    log.info("gateway starting in %s mode: %s", settings.gateway_env.value, backends)
+    return State(store=store, storage=storage, auth=auth, jobs=jobs, settings=settings)
+
+
+def _build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, str]:
+    if settings.uses_real_clerk:
+        source = "PEM key" if settings.clerk_jwt_key else f"JWKS ({settings.jwks_url})"
+        return ClerkAuth(settings, http), f"clerk, {source}"
+    _, public_pem = ensure_dev_key(settings.local_data_dir)
+    return ClerkAuth(settings, http, public_key_pem=public_pem), "local dev issuer"
+
+
+def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        async with AsyncExitStack() as stack:
+            yield await _build_state(settings, stack)
+
+    return lifespan
+
+
+# --- Dependencies -----------------------------------------------------------------------------
+
+
+def get_store(request: Request) -> Store:
+    return request.state.store
+
+
+def get_jobs(request: Request) -> JobService:
+    return request.state.jobs
+
+
+async def current_user(request: Request) -> Principal:
+    principal = await request.state.auth.authenticate(request)
+    if not _USER_ID.fullmatch(principal.user_id):
+        raise Unauthorized("The token's subject is not a valid user id")
+    return principal
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+# --- Errors -----------------------------------------------------------------------------------
+
+
+def error_body(code: str, detail: str, errors: list[dict[str, str]] | None = None) -> dict:
+    body: dict[str, Any] = {"detail": detail, "code": code}
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+async def render_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    errors = getattr(exc, "errors", None)
+    return JSONResponse(
+        error_body(exc.code, exc.detail, errors), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def render_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field_name(tuple(err.get("loc", ()))), "message": str(err.get("msg", ""))}
+        for err in exc.errors()
+    ]
+    return JSONResponse(error_body("INVALID_REQUEST", "Invalid request", errors), status_code=400)
+
+
+async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        return await render_gateway_error(request, MethodNotAllowed())
+    if exc.status_code == 404:
+        return await render_gateway_error(request, NotFound("No such route"))
+    if exc.status_code == 400:
+        return await render_gateway_error(request, InvalidRequest(str(exc.detail)))
+    code = "HTTP_ERROR"
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+
+async def render_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = error_body("INTERNAL_ERROR", "Internal server error")
+    return JSONResponse(body, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(GatewayError, render_gateway_error)
+    app.add_exception_handler(RequestValidationError, render_validation_error)
+    app.add_exception_handler(StarletteHTTPException, render_http_error)
+    app.add_exception_handler(Exception, render_internal_error)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# --- Body limits ------------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the route's limit (413) before they are read into memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @staticmethod
+    def limit_for(path: str) -> int:
+        if path == "/webhooks/runpod":
+            return MAX_WEBHOOK_BODY_BYTES
+        if path.startswith("/_local/storage/"):
+            return MAX_LOCAL_UPLOAD_BYTES
+        return MAX_BODY_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _send_too_large(send, limit)
+            return
+        guard = _BodyGuard(receive, send, limit)
+        try:
+            await self.app(scope, guard.receive, guard.send)
+        except Exception:
+            if not guard.overflowed:
+                raise
+        if guard.overflowed:
+            await _send_too_large(send, limit)
+
+
+class _BodyGuard:
+    """Counts a streamed body; past the limit it ends the body and silences the app's answer.
+
+    Raising from `receive` would not do: the framework turns any error while parsing a body into
+    its own 400, so the 413 is sent from here once the app has given up.
+    """
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self._limit = receive, send, limit
+        self._received = 0
+        self.overflowed = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
+                self.overflowed = True
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: Message) -> None:
+        if not self.overflowed:
+            await self._send(message)
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    body = json.dumps(
+        error_body("PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- Routes -----------------------------------------------------------------------------------
+
+
+def check_limits(request: CreateJobRequest, settings: Settings) -> None:
+    """The rules that depend on configuration, reported like any other validation error."""
+    errors = []
+    low, high = settings.min_duration_sec, settings.max_duration_sec
+    if not low <= request.duration_sec <= high:
+        errors.append({"field": "durationSec", "message": f"must be from {low} to {high}"})
+    allowed = settings.image_url_allowed_hosts
+    if request.image_url and allowed and image_url_host(request.image_url) not in allowed:
+        errors.append({"field": "imageUrl", "message": "host is not allowed"})
+    if errors:
+        exc = InvalidRequest("Invalid request")
+        exc.errors = errors  # type: ignore[attr-defined]
+        raise exc
+
+
+def checked_job_id(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise NotFound("Job not found")
+    return job_id
+
+
+def register_routes(app: FastAPI, settings: Settings) -> None:
+    @app.post(
+        "/jobs/create",
+        response_model=CreateJobResponse,
+        summary="Create a video job",
+        responses=error_responses(400, 401, 402, 413, 429, 502, 503),
+    )
+    async def create_job(
+        body: CreateJobRequest, user: CurrentUser, jobs: JobsDep
+    ) -> CreateJobResponse:
+        """Charge `durationSec × CREDITS_PER_SECOND` credits and submit the job to RunPod."""
+        check_limits(body, settings)
+        job = await jobs.create(user.user_id, body)
+        return CreateJobResponse(job_id=job.job_id)
+
+    @app.get(
+        "/jobs",
+        response_model=JobListResponse,
+        summary="List your jobs",
+        responses=error_responses(400, 401, 503),
+    )
+    async def list_jobs(
+        user: CurrentUser,
+        store: StoreDep,
+        jobs: JobsDep,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+    ) -> JobListResponse:
+        """The caller's jobs, newest first; pass `nextCursor` back as `cursor` for more."""
+        page = await store.list_jobs(user.user_id, limit, cursor)
+        listed = [JobResponse.from_job(await jobs.with_download_url(job)) for job in page.jobs]
+        return JobListResponse(jobs=listed, next_cursor=page.next_cursor)
+
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobResponse,
+        summary="Get a job",
+        responses=error_responses(401, 404, 503),
+    )
+    async def get_job(
+        job_id: str, user: CurrentUser, store: StoreDep, jobs: JobsDep
+    ) -> JobResponse:
+        """The job's status; a done job carries a presigned download URL and its expiry."""
+        job = await store.get_job(user.user_id, checked_job_id(job_id))
+        return JobResponse.from_job(await jobs.with_download_url(job))
+
+    @app.post(
+        "/jobs/{job_id}/cancel",
+        response_model=JobResponse,
+        summary="Cancel a job",
+        responses=error_responses(401, 404, 409, 502, 503),
+    )
+    async def cancel_job(job_id: str, user: CurrentUser, jobs: JobsDep) -> JobResponse:
+        """Cancel a queued or running job at RunPod and refund its credits."""
+        job = await jobs.cancel(user.user_id, checked_job_id(job_id))
+        return JobResponse.from_job(job)
+
+    @app.get(
+        "/credits",
+        response_model=CreditsResponse,
+        summary="Your credits",
+        responses=error_responses(401, 503),
+    )
+    async def get_credits(user: CurrentUser, store: StoreDep) -> CreditsResponse:
+        """The caller's credit balance and plan."""
+        account = await store.get_or_create_user(user.user_id)
+        return CreditsResponse(credits=account.credits, plan=account.plan)
+
+    @app.post(
+        "/webhooks/runpod",
+        summary="RunPod completion webhook",
+        responses=error_responses(400, 401, 404, 413, 503),
+    )
+    async def runpod_webhook(request: Request, jobs: JobsDep) -> dict[str, str]:
+        """RunPod's job-finished call. Proof: `X-RunPod-Signature`, or the per-job URL token."""
+        job = await receive_webhook(request, jobs)
+        return {"jobId": job.job_id, "status": job.status.public.value}
+
+    @app.get("/healthz", summary="Liveness", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        """Answers while the process is alive."""
+        return {"status": "ok"}
+
+    if not settings.uses_real_clerk:
+
+        @app.get("/.well-known/jwks.json", include_in_schema=False)
+        async def local_jwks() -> dict[str, Any]:
+            """The local dev issuer's public keys."""
+            return dev_jwks(settings.local_data_dir)
+
+
+# --- The webhook ------------------------------------------------------------------------------
+
+
+def _parse_json(body: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+async def receive_webhook(request: Request, jobs: JobService) -> Job:
+    body = await request.body()
+    header = request.headers.get("x-runpod-signature")
+    if header is not None:
+        if not signature_is_valid(jobs.webhook_secret, header, body):
+            raise InvalidSignature()
+        return await _apply_signed(jobs, body)
+    job_id = request.query_params.get("jobId", "")
+    token = request.query_params.get("token", "")
+    if not (job_id and token and token_is_valid(jobs.webhook_secret, job_id, token)):
+        raise InvalidSignature()
+    return await _apply_tokened(jobs, job_id, _parse_json(body))
+
+
+async def _apply_signed(jobs: JobService, body: bytes) -> Job:
+    payload = _parse_json(body)
+    if payload is None:
+        raise InvalidRequest("The webhook body is not a JSON object")
+    status = RunPodStatus.from_payload(payload)
+    job_input = payload.get("input")
+    job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
+    job = await jobs.store.find_job(job_id) if isinstance(job_id, str) else None
+    if job is None:
+        job = await jobs.store.find_job_by_runpod_id(status.id)
+    if job is None or (job.runpod_id and job.runpod_id != status.id):
+        raise NotFound("Job not found")
+    return await jobs.apply_runpod_status(job, status)
+
+
+async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] | None) -> Job:
+    job = await jobs.store.find_job(job_id)
+    if job is None:
+        raise NotFound("Job not found")
+    if job.status.is_terminal:
+        return job  # A repeat: nothing to learn, and no need to ask RunPod again.
+    # The body is untrusted; it only tells us RunPod's id when we never managed to record it.
+    runpod_id = job.runpod_id or (payload or {}).get("id")
+    if not isinstance(runpod_id, str) or not runpod_id:
+        raise InvalidRequest("The webhook names no RunPod job")
+    return await jobs.refresh_from_runpod(job, runpod_id)
+
+
+# --- The app ----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="CineWeave API gateway",
+        version="1.0.0",
+        description="Turns prompts into videos on RunPod, paid for with credits.",
+        lifespan=make_lifespan(settings),
+    )
+    install_error_handlers(app)
+    register_routes(app, settings)
+    if not settings.uses_real_r2:
+        app.include_router(storage_router())
+    app.add_middleware(BodyLimitMiddleware)
+    return app
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        logging.basicConfig(level=logging.INFO, format=fmt)
+
+
+_configure_logging()
+app = create_app()

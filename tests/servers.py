@@ -1,0 +1,86 @@
+"""Real processes on loopback for end-to-end tests: a gateway under uvicorn on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+# Settings a developer's shell might export; the tests decide every backend themselves.
+_SCRUBBED_PREFIXES = ("CLERK_", "RUNPOD_", "R2_", "CONVEX_", "GATEWAY_", "PUBLIC_BASE_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+    env.update(settings)
+    return env
+
+
+def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway at {base_url} did not become healthy")
+
+
+@contextmanager
+def running_gateway(data_dir: Path, **settings: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start `uvicorn main:app` as a real process; yields its base URL and environment."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = clean_env(
+        GATEWAY_ENV="local",
+        LOCAL_DATA_DIR=str(data_dir),
+        PUBLIC_BASE_URL=base_url,
+        **settings,
+    )
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
+    log = open(data_dir.parent / f"gateway-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_until_healthy(base_url, process)
+        yield base_url, env
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    """Run an operator command exactly as the README shows it."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip()

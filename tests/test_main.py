@@ -1,0 +1,669 @@
+"""The HTTP contract, route by route, with RunPod mocked at the transport (respx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from jobs import sign_body, webhook_token
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+
+JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 5, "seed": 42}
+
+
+@pytest.fixture
+def runpod() -> Any:
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1", "status": "IN_QUEUE"})
+        yield mock
+
+
+@pytest.fixture
+def alice(make_token: TokenFactory) -> dict[str, str]:
+    return bearer(make_token("user_alice"))
+
+
+@pytest.fixture
+def bob(make_token: TokenFactory) -> dict[str, str]:
+    return bearer(make_token("user_bob"))
+
+
+async def credits_of(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
+    response = await client.get("/credits", headers=headers)
+    assert response.status_code == 200
+    return response.json()["credits"]
+
+
+async def create(client: httpx.AsyncClient, headers: dict[str, str], **changes: Any) -> Any:
+    return await client.post("/jobs/create", json={**JOB, **changes}, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+class TestCreateJob:
+    async def test_success_charges_and_submits(self, client, runpod, alice) -> None:
+        response = await create(client, alice)
+        assert response.status_code == 200
+        job_id = response.json()["jobId"]
+        assert re.fullmatch(r"job_[A-Za-z0-9_-]{12,}", job_id)
+        assert response.json() == {"jobId": job_id}
+        assert await credits_of(client, alice) == 100 - 5
+
+        sent = runpod.routes[0].calls.last.request
+        assert sent.headers["authorization"] == "Bearer rp-test-key"
+        body = json.loads(sent.content)
+        worker_input = body["input"]
+        assert worker_input["jobId"] == job_id and worker_input["seed"] == 42
+        assert worker_input["durationSec"] == 5 and worker_input["imageUrl"] is None
+        output = worker_input["output"]
+        assert output["objectKey"] == f"videos/user_alice/{job_id}.mp4"
+        assert output["contentType"] == "video/mp4" and output["uploadUrl"].startswith("https://")
+        token = webhook_token(WEBHOOK_SECRET, job_id)
+        assert body["webhook"] == (
+            f"https://gateway.test/webhooks/runpod?jobId={job_id}&token={token}"
+        )
+        assert set(body["policy"]) == {"executionTimeout", "ttl"}
+
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "queued" and job["cost"] == 5
+
+    async def test_omitted_seed_is_picked_and_recorded(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice, seed=None)).json()["jobId"]
+        seed = (await client.get(f"/jobs/{job_id}", headers=alice)).json()["seed"]
+        assert 0 <= seed < 2**32
+        assert json.loads(runpod.routes[0].calls.last.request.content)["input"]["seed"] == seed
+
+    async def test_prompt_is_trimmed_and_unicode_kept(self, client, runpod, alice) -> None:
+        prompt = "  Ein Drache 🐉 über Tōkyō\n\tbei Nacht  "
+        job_id = (await create(client, alice, prompt=prompt)).json()["jobId"]
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["prompt"] == prompt.strip()
+
+    async def test_cost_uses_credits_per_second(self, settings_factory, runpod, alice) -> None:
+        async with serve(settings_factory(credits_per_second=3)) as client:
+            await create(client, alice, durationSec=4)
+            assert await credits_of(client, alice) == 100 - 12
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"prompt": ""},
+            {"prompt": "   \n "},
+            {"prompt": "x" * 2001},
+            {"prompt": "bell\x07"},
+            {"prompt": "nul\x00"},
+            {"prompt": 5},
+            {"durationSec": "5"},
+            {"durationSec": 5.5},
+            {"durationSec": True},
+            {"durationSec": 0},
+            {"durationSec": 11},
+            {"seed": -1},
+            {"seed": 2**32},
+            {"seed": "42"},
+            {"extra": 1},
+            {"imageUrl": 7},
+        ],
+    )
+    async def test_invalid_body_is_400(self, client, runpod, alice, changes) -> None:
+        body = assert_error(await create(client, alice, **changes), 400, "INVALID_REQUEST")
+        assert body["errors"] and {"field", "message"} <= set(body["errors"][0])
+        assert not runpod.routes[0].called
+        assert await credits_of(client, alice) == 100
+
+    async def test_missing_field_names_it(self, client, runpod, alice) -> None:
+        response = await client.post("/jobs/create", json={"prompt": "x"}, headers=alice)
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        assert [e["field"] for e in body["errors"]] == ["durationSec"]
+
+    @pytest.mark.parametrize("raw", [b"{not json", b"[]", b"null", b'"text"'])
+    async def test_malformed_json_is_400(self, client, runpod, alice, raw) -> None:
+        headers = {**alice, "content-type": "application/json"}
+        response = await client.post("/jobs/create", content=raw, headers=headers)
+        assert_error(response, 400, "INVALID_REQUEST")
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://images.example.com/a.png",
+            "ftp://images.example.com/a.png",
+            "file:///etc/passwd",
+            "https://user:pass@images.example.com/a.png",
+            "https://user@images.example.com/a.png",
+            "https://127.0.0.1/a.png",
+            "https://2130706433/a.png",
+            "https://0177.0.0.1/a.png",
+            "https://0x7f.0.0.1/a.png",
+            "https://0x7f000001/a.png",
+            "https://127.1/a.png",
+            "https://[::1]/a.png",
+            "https://[::ffff:169.254.169.254]/a.png",
+            "https://169.254.169.254/latest/meta-data",
+            "https://localhost/a.png",
+            "https://metadata.google.internal/a.png",
+            "https://intranet/a.png",
+            "https://%31%32%37.0.0.1/a.png",
+            "https:///a.png",
+            "https://images.example.com/" + "a" * 2048,
+            "https://images.example.com/a b.png",
+        ],
+    )
+    async def test_unsafe_image_url_is_400(self, client, runpod, alice, url) -> None:
+        body = assert_error(await create(client, alice, imageUrl=url), 400, "INVALID_REQUEST")
+        assert body["errors"][0]["field"] == "imageUrl"
+
+    async def test_https_image_url_is_accepted(self, client, runpod, alice) -> None:
+        url = "https://images.example.com/start.png?w=320"
+        assert (await create(client, alice, imageUrl=url)).status_code == 200
+        sent = json.loads(runpod.routes[0].calls.last.request.content)
+        assert sent["input"]["imageUrl"] == url
+
+    async def test_allowed_hosts(self, settings_factory, runpod, alice) -> None:
+        settings = settings_factory(image_url_allowed_hosts="cdn.cineweave.ai")
+        async with serve(settings) as client:
+            ok = await create(client, alice, imageUrl="https://CDN.cineweave.ai/a.png")
+            assert ok.status_code == 200
+            refused = await create(client, alice, imageUrl="https://evil.example.com/a.png")
+            assert_error(refused, 400, "INVALID_REQUEST")
+
+    async def test_insufficient_credits_is_402(self, settings_factory, runpod, alice) -> None:
+        async with serve(settings_factory(signup_credits=4)) as client:
+            assert_error(await create(client, alice, durationSec=5), 402, "INSUFFICIENT_CREDITS")
+            assert await credits_of(client, alice) == 4
+        assert not runpod.routes[0].called
+
+    async def test_sixth_active_job_is_429(self, client, runpod, alice) -> None:
+        for _ in range(5):
+            assert (await create(client, alice, durationSec=1)).status_code == 200
+        response = await create(client, alice, durationSec=1)
+        assert_error(response, 429, "TOO_MANY_ACTIVE_JOBS")
+        assert int(response.headers["retry-after"]) > 0
+        assert await credits_of(client, alice) == 95
+
+    async def test_body_over_64_kib_is_413(self, client, runpod, alice) -> None:
+        raw = json.dumps({**JOB, "prompt": "x" * 70_000}).encode()
+        headers = {**alice, "content-type": "application/json"}
+        response = await client.post("/jobs/create", content=raw, headers=headers)
+        assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+    async def test_chunked_body_over_limit_is_413(self, client, runpod, alice) -> None:
+        async def chunks():
+            for _ in range(20):
+                yield b"x" * 8192
+
+        headers = {**alice, "content-type": "application/json"}
+        response = await client.post("/jobs/create", content=chunks(), headers=headers)
+        assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+class TestCreateJobUpstream:
+    async def _refused(self, client, alice, status: int, code: str) -> dict[str, Any]:
+        response = await create(client, alice)
+        assert_error(response, status, code)
+        assert await credits_of(client, alice) == 100
+        jobs = (await client.get("/jobs", headers=alice)).json()["jobs"]
+        assert len(jobs) == 1 and jobs[0]["status"] == "failed"
+        assert jobs[0]["error"]["code"] == "SUBMIT_FAILED"
+        return jobs[0]
+
+    async def test_runpod_4xx_is_502_and_refunds(self, client, alice) -> None:
+        with respx.mock:
+            route = respx.post(f"{RUNPOD_URL}/run").respond(400, json={"error": "bad input"})
+            await self._refused(client, alice, 502, "UPSTREAM_ERROR")
+            assert route.call_count == 1
+
+    async def test_runpod_5xx_is_503_refunds_and_is_not_retried(self, client, alice) -> None:
+        with respx.mock:
+            route = respx.post(f"{RUNPOD_URL}/run").respond(500)
+            await self._refused(client, alice, 503, "UPSTREAM_UNAVAILABLE")
+            assert route.call_count == 1
+
+    async def test_runpod_unreachable_is_503_and_refunds(self, client, alice) -> None:
+        with respx.mock:
+            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ConnectError("refused"))
+            await self._refused(client, alice, 503, "UPSTREAM_UNAVAILABLE")
+
+    async def test_runpod_429_after_backoff_is_503(self, client, alice) -> None:
+        with respx.mock:
+            route = respx.post(f"{RUNPOD_URL}/run").respond(429, headers={"Retry-After": "0"})
+            await self._refused(client, alice, 503, "UPSTREAM_UNAVAILABLE")
+            assert route.call_count > 1
+
+    async def test_timeout_after_sending_keeps_the_job(self, client, alice) -> None:
+        with respx.mock:
+            route = respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+            response = await create(client, alice)
+            assert route.call_count == 1
+        assert response.status_code == 200
+        job = (await client.get(f"/jobs/{response.json()['jobId']}", headers=alice)).json()
+        assert job["status"] == "queued"
+        assert await credits_of(client, alice) == 95
+
+
+class TestAuthOnRoutes:
+    @pytest.mark.parametrize(
+        ("method", "path"),
+        [
+            ("GET", "/credits"),
+            ("GET", "/jobs"),
+            ("GET", "/jobs/job_abcdefghijklmnop"),
+            ("POST", "/jobs/create"),
+            ("POST", "/jobs/job_abcdefghijklmnop/cancel"),
+        ],
+    )
+    async def test_missing_token_is_401(self, client, method, path) -> None:
+        response = await client.request(method, path, json=JOB)
+        assert_error(response, 401, "UNAUTHORIZED")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+    async def test_garbage_token_is_401(self, client) -> None:
+        response = await client.get("/credits", headers=bearer("not.a.jwt"))
+        assert_error(response, 401, "UNAUTHORIZED")
+
+    async def test_session_cookie_is_accepted(self, client, make_token) -> None:
+        client.cookies.set("__session", make_token("user_cookie"))
+        response = await client.get("/credits")
+        client.cookies.clear()
+        assert response.status_code == 200
+
+    async def test_subject_that_is_not_an_id_is_401(self, client, make_token) -> None:
+        response = await client.get("/credits", headers=bearer(make_token("../../etc")))
+        assert_error(response, 401, "UNAUTHORIZED")
+
+
+class TestGetJob:
+    async def test_unknown_and_malformed_ids_are_404(self, client, alice) -> None:
+        for job_id in ["job_doesnotexist00", "nope", "job_" + "x" * 200]:
+            assert_error(await client.get(f"/jobs/{job_id}", headers=alice), 404, "NOT_FOUND")
+
+    async def test_another_users_job_is_404(self, client, runpod, alice, bob) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        assert_error(await client.get(f"/jobs/{job_id}", headers=bob), 404, "NOT_FOUND")
+
+    async def test_shape_of_a_queued_job(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert set(job) == {
+            "jobId", "status", "r2Url", "expiresAt", "durationSec", "prompt", "imageUrl",
+            "seed", "cost", "createdAt", "updatedAt", "error",
+        }  # fmt: skip
+        assert job["r2Url"] is None and job["expiresAt"] is None and job["error"] is None
+        assert job["createdAt"].endswith("Z") and job["updatedAt"].endswith("Z")
+
+    async def test_done_job_has_a_stable_signed_url(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        first = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert first["status"] == "done"
+        assert first["r2Url"].startswith("https://gateway.test/_local/storage/videos/user_alice/")
+        expires = first["expiresAt"]
+        assert expires.endswith("Z")
+        remaining = _parse_iso(expires) - time.time()
+        assert 86_400 - 60 < remaining <= 86_400 + 1
+        second = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert (second["r2Url"], second["expiresAt"]) == (first["r2Url"], expires)
+
+    async def test_url_near_expiry_is_renewed(self, settings_factory, runpod, alice) -> None:
+        # A TTL inside the one-hour reuse margin forces a fresh URL on every poll.
+        async with serve(settings_factory(signed_url_ttl_seconds=1800)) as client:
+            job_id = await finished_job(client, runpod, alice)
+            first = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            await asyncio.sleep(1.05)
+            second = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert second["expiresAt"] != first["expiresAt"]
+            assert second["r2Url"] != first["r2Url"]
+
+
+def _parse_iso(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def store_object(client: httpx.AsyncClient, key: str, data: bytes = b"mp4") -> None:
+    storage = client.app_state["storage"]  # type: ignore[attr-defined]
+    storage.write(key, data)
+
+
+async def finished_job(client, runpod, headers, runpod_id: str = "rp-1") -> str:
+    """A job taken to `done` by a signed COMPLETED webhook, its video in storage."""
+    job_id = (await create(client, headers)).json()["jobId"]
+    user = (await client.app_state["jobs"].store.find_job(job_id)).user_id
+    store_object(client, f"videos/{user}/{job_id}.mp4")
+    response = await send_signed(client, completed(job_id, runpod_id))
+    assert response.status_code == 200, response.text
+    return job_id
+
+
+def completed(job_id: str, runpod_id: str = "rp-1", status: str = "COMPLETED", **extra: Any):
+    return {"id": runpod_id, "status": status, "input": {"jobId": job_id}, **extra}
+
+
+async def send_signed(client, payload: dict[str, Any], *, secret: str = WEBHOOK_SECRET, t=None):
+    raw = json.dumps(payload).encode()
+    header = sign_body(secret, raw, t)
+    return await client.post(
+        "/webhooks/runpod",
+        content=raw,
+        headers={"x-runpod-signature": header, "content-type": "application/json"},
+    )
+
+
+class TestListJobs:
+    async def test_pages_newest_first(self, client, runpod, alice, bob) -> None:
+        await create(client, bob, durationSec=1)
+        made = []
+        for _ in range(5):
+            made.append((await create(client, alice, durationSec=1)).json()["jobId"])
+            await asyncio.sleep(0.002)
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = (await client.get("/jobs", params=params, headers=alice)).json()
+            seen += [job["jobId"] for job in page["jobs"]]
+            cursor = page["nextCursor"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(made))
+
+    async def test_default_limit_and_empty(self, client, alice) -> None:
+        page = (await client.get("/jobs", headers=alice)).json()
+        assert page == {"jobs": [], "nextCursor": None}
+
+    @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 101}, {"limit": "x"}])
+    async def test_bad_limit_is_400(self, client, alice, params) -> None:
+        response = await client.get("/jobs", params=params, headers=alice)
+        assert_error(response, 400, "INVALID_REQUEST")
+
+    async def test_malformed_cursor_is_400(self, client, alice) -> None:
+        response = await client.get("/jobs", params={"cursor": "%%%"}, headers=alice)
+        assert_error(response, 400, "INVALID_CURSOR")
+
+
+class TestCancel:
+    async def test_cancel_refunds_and_stops_runpod(self, client, runpod, alice) -> None:
+        cancel = runpod.post(f"{RUNPOD_URL}/cancel/rp-1").respond(
+            200, json={"id": "rp-1", "status": "CANCELLED"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(f"/jobs/{job_id}/cancel", headers=alice)
+        assert response.status_code == 200 and response.json()["status"] == "canceled"
+        assert cancel.called
+        assert await credits_of(client, alice) == 100
+
+    async def test_finished_job_is_409(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        response = await client.post(f"/jobs/{job_id}/cancel", headers=alice)
+        assert_error(response, 409, "JOB_NOT_CANCELABLE")
+        assert await credits_of(client, alice) == 95
+
+    async def test_another_users_job_is_404(self, client, runpod, alice, bob) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        assert_error(await client.post(f"/jobs/{job_id}/cancel", headers=bob), 404, "NOT_FOUND")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    async def test_runpod_down_leaves_the_job(self, client, runpod, alice) -> None:
+        runpod.post(f"{RUNPOD_URL}/cancel/rp-1").respond(503)
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(f"/jobs/{job_id}/cancel", headers=alice)
+        assert_error(response, 503, "UPSTREAM_UNAVAILABLE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+        assert await credits_of(client, alice) == 95
+
+
+class TestCredits:
+    async def test_new_user_starts_with_signup_credits(self, client, alice) -> None:
+        response = await client.get("/credits", headers=alice)
+        assert response.json() == {"credits": 100, "plan": "starter"}
+
+    async def test_production_signup_default_is_zero(self, settings_factory) -> None:
+        assert settings_factory().effective_signup_credits == 100
+        assert settings_factory(signup_credits=7).effective_signup_credits == 7
+
+
+class TestWebhookProof:
+    async def test_no_proof_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post("/webhooks/runpod", json=completed(job_id))
+        assert_error(response, 401, "INVALID_SIGNATURE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    @pytest.mark.parametrize(
+        "header",
+        ["", "garbage", "t=abc,v1=00", "v1=deadbeef", "t=1", "t=99999999999999999999,v1=ab"],
+    )
+    async def test_malformed_signature_is_401(self, client, runpod, alice, header) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(
+            "/webhooks/runpod",
+            content=json.dumps(completed(job_id)),
+            headers={"x-runpod-signature": header},
+        )
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    @pytest.mark.parametrize("skew", [-301, 301])
+    async def test_stale_or_future_timestamp_is_401(self, client, runpod, alice, skew) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await send_signed(client, completed(job_id), t=int(time.time()) + skew)
+        assert_error(response, 401, "INVALID_SIGNATURE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    async def test_wrong_secret_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id), secret="not-the-secret")
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_signature_over_another_body_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        header = sign_body(WEBHOOK_SECRET, json.dumps(completed(job_id, status="FAILED")).encode())
+        response = await client.post(
+            "/webhooks/runpod",
+            content=json.dumps(completed(job_id)),
+            headers={"x-runpod-signature": header},
+        )
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_rotated_secret_any_v1_matches(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        raw = json.dumps(completed(job_id)).encode()
+        good = sign_body(WEBHOOK_SECRET, raw)
+        t, v1 = good.split(",")
+        header = f"{t},v1={'0' * 64},{v1}"
+        response = await client.post(
+            "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
+        )
+        assert response.status_code == 200 and response.json()["status"] == "done"
+
+    async def test_bad_token_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        other = webhook_token(WEBHOOK_SECRET, "job_someotherjob000")
+        for params in [{"jobId": job_id, "token": other}, {"jobId": job_id}, {"token": other}]:
+            response = await client.post("/webhooks/runpod", params=params, json=completed(job_id))
+            assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_webhook_over_one_mib_is_413(self, client) -> None:
+        raw = b"{" + b" " * (1024 * 1024) + b"}"
+        response = await client.post("/webhooks/runpod", content=raw)
+        assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+class TestSignedWebhook:
+    async def test_completed_with_video_is_done(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["error"] is None
+        assert await credits_of(client, alice) == 95
+
+    async def test_completed_without_video_fails_and_refunds(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id))
+        assert response.status_code == 200 and response.json()["status"] == "failed"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["error"]["code"] == "OUTPUT_MISSING" and job["r2Url"] is None
+        assert await credits_of(client, alice) == 100
+
+    async def test_failed_keeps_worker_message_and_refunds_once(self, client, runpod, alice):
+        job_id = (await create(client, alice)).json()["jobId"]
+        error = json.dumps(
+            {"error_type": "OOM", "error_message": "CUDA out of memory", "error_traceback": "..."}
+        )
+        payload = completed(job_id, status="FAILED", error=error)
+        for _ in range(3):
+            assert (await send_signed(client, payload)).status_code == 200
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "failed"
+        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
+        assert await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("runpod_status", "status", "code"),
+        [("TIMED_OUT", "failed", "TIMED_OUT"), ("CANCELLED", "canceled", "CANCELED")],
+    )
+    async def test_other_endings_refund(self, client, runpod, alice, runpod_status, status, code):
+        job_id = (await create(client, alice)).json()["jobId"]
+        await send_signed(client, completed(job_id, status=runpod_status))
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert (job["status"], job["error"]["code"]) == (status, code)
+        assert await credits_of(client, alice) == 100
+
+    async def test_late_progress_after_done_changes_nothing(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        response = await send_signed(client, completed(job_id, status="IN_PROGRESS"))
+        assert response.status_code == 200 and response.json()["status"] == "done"
+        replay = await send_signed(client, completed(job_id))
+        assert replay.status_code == 200 and replay.json()["status"] == "done"
+        assert await credits_of(client, alice) == 95
+
+    async def test_progress_moves_to_running(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        await send_signed(client, completed(job_id, status="IN_PROGRESS", output=0.4))
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
+
+    async def test_arrives_before_the_runpod_id_was_recorded(self, client, alice) -> None:
+        with respx.mock:
+            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+            job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await send_signed(client, completed(job_id, runpod_id="rp-late"))
+        assert response.status_code == 200 and response.json()["status"] == "done"
+
+    async def test_found_by_runpod_id_alone(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, {"id": "rp-1", "status": "IN_PROGRESS"})
+        assert response.status_code == 200
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
+
+    async def test_unknown_job_is_404(self, client) -> None:
+        response = await send_signed(client, completed("job_doesnotexist00", runpod_id="rp-x"))
+        assert_error(response, 404, "NOT_FOUND")
+
+    async def test_mismatched_runpod_id_is_404(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id, runpod_id="rp-other"))
+        assert_error(response, 404, "NOT_FOUND")
+
+    async def test_signed_garbage_is_400(self, client) -> None:
+        for raw in [b"not json", b"[1]", b'{"status": "COMPLETED"}']:
+            header = sign_body(WEBHOOK_SECRET, raw)
+            response = await client.post(
+                "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
+            )
+            assert response.status_code in (400, 502)
+            assert response.json()["code"] in ("INVALID_REQUEST", "UPSTREAM_ERROR")
+
+
+class TestTokenWebhook:
+    def url(self, job_id: str) -> str:
+        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
+
+    async def test_runpod_decides_not_the_body(self, client, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_PROGRESS"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        forged = completed(job_id)  # the body claims COMPLETED; RunPod says otherwise
+        response = await client.post(self.url(job_id), json=forged)
+        assert response.status_code == 200 and response.json()["status"] == "running"
+        assert status.called
+
+    async def test_completed_at_runpod_with_video_is_done(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "COMPLETED", "output": {}}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await client.post(self.url(job_id), json={"id": "rp-1"})
+        assert response.json()["status"] == "done"
+
+    async def test_forged_body_id_is_ignored_once_recorded(self, client, runpod, alice) -> None:
+        own = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_QUEUE"}
+        )
+        other = runpod.get(f"{RUNPOD_URL}/status/rp-evil").respond(
+            200, json={"id": "rp-evil", "status": "FAILED", "error": "x"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        await client.post(self.url(job_id), json={"id": "rp-evil", "status": "FAILED"})
+        assert own.called and not other.called
+        assert await credits_of(client, alice) == 95
+
+    async def test_runpod_forgot_the_job_fails_and_refunds(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(404, json={"error": "not found"})
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(self.url(job_id), json={})
+        assert response.json()["status"] == "failed"
+        assert await credits_of(client, alice) == 100
+
+    async def test_replay_after_terminal_does_not_ask_runpod(self, client, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "FAILED", "error": "boom"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        for _ in range(3):
+            assert (await client.post(self.url(job_id), json={})).status_code == 200
+        assert status.call_count == 1
+        assert await credits_of(client, alice) == 100
+
+    async def test_runpod_down_is_503_and_changes_nothing(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(502)
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(self.url(job_id), json={})
+        assert_error(response, 503, "UPSTREAM_UNAVAILABLE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+
+class TestErrors:
+    async def test_unknown_route_is_404_in_shape(self, client) -> None:
+        assert_error(await client.get("/nope"), 404, "NOT_FOUND")
+
+    async def test_wrong_method_is_405_in_shape(self, client) -> None:
+        assert_error(await client.delete("/credits"), 405, "METHOD_NOT_ALLOWED")
+
+    async def test_healthz(self, client) -> None:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+class TestConcurrency:
+    async def test_fifty_parallel_creates(self, client, runpod, alice) -> None:
+        start = await credits_of(client, alice)
+        responses = await asyncio.gather(*(create(client, alice, durationSec=3) for _ in range(50)))
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 5
+        assert set(statuses) == {200, 429}
+        now = await credits_of(client, alice)
+        charged = 3 * statuses.count(200)
+        assert now >= 0 and now + charged == start
