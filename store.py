@@ -218,7 +218,12 @@ class SQLiteStore:
 
     @staticmethod
     def _ledger(
-        db: sqlite3.Connection, user_id: str, job_id: str | None, kind: str, amount: int, reason: str
+        db: sqlite3.Connection,
+        user_id: str,
+        job_id: str | None,
+        kind: str,
+        amount: int,
+        reason: str,
     ) -> None:
         db.execute(
             "INSERT INTO ledger (user_id, job_id, kind, amount, reason, created_at)"

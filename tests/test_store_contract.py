@@ -152,7 +152,8 @@ class TestApplyStatus:
         job = await store.charge_and_create_job(new_job("user_a", cost=9), 5)
         update = StatusUpdate(JobStatus.FAILED, "WORKER_FAILED", "out of memory")
         failed, changed = await store.apply_status(job.job_id, update)
-        assert changed and (failed.error_code, failed.error_detail) == ("WORKER_FAILED", "out of memory")
+        assert changed
+        assert (failed.error_code, failed.error_detail) == ("WORKER_FAILED", "out of memory")
         for _ in range(3):
             _, again = await store.apply_status(job.job_id, update)
             assert not again
@@ -256,4 +257,3 @@ class TestPagination:
     async def test_malformed_cursor(self, store: Store, cursor: str) -> None:
         with pytest.raises(InvalidCursor):
             await store.list_jobs("user_p", 3, cursor)
-
