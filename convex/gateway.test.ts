@@ -1,0 +1,697 @@
+/// <reference types="vite/client" />
+import { convexTest } from "convex-test";
+import { ConvexError } from "convex/values";
+import { beforeEach, describe, expect, test } from "vitest";
+import { internal } from "./_generated/api";
+import type { Doc } from "./_generated/dataModel";
+import type { ErrorCode, JobStatus } from "./model";
+import schema from "./schema";
+
+const modules = import.meta.glob("./**/*.*s");
+
+const NEW_USER = { signupCredits: 10, plan: "free" };
+const ALICE = "user_alice";
+const BOB = "user_bob";
+
+let t: ReturnType<typeof convexTest<typeof schema.tables>>;
+
+beforeEach(() => {
+  t = convexTest(schema, modules);
+});
+
+function newJob(jobId: string, overrides: Partial<{ userId: string; cost: number }> = {}) {
+  const userId = overrides.userId ?? ALICE;
+  return {
+    jobId,
+    userId,
+    prompt: "A silver drone flies through a neon skyline",
+    imageUrl: null,
+    durationSec: 5,
+    seed: 42,
+    cost: overrides.cost ?? 3,
+    objectKey: `videos/${userId}/${jobId}.mp4`,
+  };
+}
+
+async function charge(jobId: string, overrides: Partial<{ userId: string; cost: number }> = {}) {
+  return await t.mutation(internal.gateway.chargeAndCreateJob, {
+    job: newJob(jobId, overrides),
+    maxActive: 5,
+    ...NEW_USER,
+  });
+}
+
+async function setStatus(jobId: string, status: JobStatus, more: object = {}) {
+  return await t.mutation(internal.gateway.applyStatus, { jobId, status, ...more });
+}
+
+/** The ConvexError a call threw, after checking its code. */
+async function refusal(call: Promise<unknown>, code: ErrorCode) {
+  const error = await call.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(ConvexError);
+  const data = (error as ConvexError<{ code: string; message: string }>).data;
+  expect(data.code).toBe(code);
+  expect(typeof data.message).toBe("string");
+  return data;
+}
+
+async function credits(userId: string): Promise<number | undefined> {
+  const user = await t.run((ctx) =>
+    ctx.db
+      .query("users")
+      .withIndex("by_userId", (q) => q.eq("userId", userId))
+      .unique(),
+  );
+  return user?.credits;
+}
+
+async function ledger(): Promise<Doc<"ledger">[]> {
+  return await t.run((ctx) => ctx.db.query("ledger").collect());
+}
+
+async function jobCount(): Promise<number> {
+  return (await t.run((ctx) => ctx.db.query("jobs").collect())).length;
+}
+
+/** Insert a job directly, to control `createdAt`. */
+async function insertJob(jobId: string, userId: string, createdAt: number) {
+  await t.run(async (ctx) => {
+    await ctx.db.insert("jobs", {
+      ...newJob(jobId, { userId }),
+      imageUrl: undefined,
+      status: "queued",
+      createdAt,
+      updatedAt: createdAt,
+    });
+  });
+}
+
+describe("getOrCreateUser", () => {
+  test("creates a user with the signup credits and a signup grant", async () => {
+    const user = await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    expect(user).toEqual({
+      userId: ALICE,
+      credits: 10,
+      plan: "free",
+      createdAt: expect.any(Number),
+      updatedAt: user.createdAt,
+    });
+    const rows = await ledger();
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ userId: ALICE, kind: "grant", amount: 10, reason: "signup" });
+    expect(rows[0].jobId).toBeUndefined();
+  });
+
+  test("returns an existing user unchanged", async () => {
+    const first = await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      ...NEW_USER,
+    });
+    const again = await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      signupCredits: 99,
+      plan: "pro",
+    });
+    expect(again).toEqual(first);
+    expect(await ledger()).toHaveLength(1);
+  });
+
+  test("writes no ledger row when signup credits are zero", async () => {
+    const user = await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      signupCredits: 0,
+      plan: "free",
+    });
+    expect(user.credits).toBe(0);
+    expect(await ledger()).toEqual([]);
+  });
+
+  test("refuses negative signup credits", async () => {
+    await refusal(
+      t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, signupCredits: -1, plan: "x" }),
+      "INVALID_REQUEST",
+    );
+    expect(await credits(ALICE)).toBeUndefined();
+  });
+});
+
+describe("grantCredits", () => {
+  test("adds credits to an existing user with a grant row", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    const user = await t.mutation(internal.gateway.grantCredits, {
+      userId: ALICE,
+      amount: 25,
+      reason: "purchase",
+      ...NEW_USER,
+    });
+    expect(user.credits).toBe(35);
+    const grants = (await ledger()).filter((row) => row.reason === "purchase");
+    expect(grants).toMatchObject([{ userId: ALICE, kind: "grant", amount: 25 }]);
+  });
+
+  test("creates the user first when needed", async () => {
+    const user = await t.mutation(internal.gateway.grantCredits, {
+      userId: BOB,
+      amount: 5,
+      reason: "promo",
+      ...NEW_USER,
+    });
+    expect(user).toMatchObject({ userId: BOB, credits: 15, plan: "free" });
+    expect((await ledger()).map((row) => row.reason).sort()).toEqual(["promo", "signup"]);
+  });
+
+  test.each([-5, 1.5])("refuses amount %s and commits nothing", async (amount) => {
+    await refusal(
+      t.mutation(internal.gateway.grantCredits, {
+        userId: ALICE,
+        amount,
+        reason: "x",
+        ...NEW_USER,
+      }),
+      "INVALID_REQUEST",
+    );
+    expect(await credits(ALICE)).toBeUndefined();
+    expect(await ledger()).toEqual([]);
+  });
+});
+
+describe("chargeAndCreateJob", () => {
+  test("creates a submitting job, deducts its cost and writes a charge row", async () => {
+    const job = await charge("job_1");
+    expect(job).toEqual({
+      ...newJob("job_1"),
+      status: "submitting",
+      runpodId: null,
+      errorCode: null,
+      errorDetail: null,
+      downloadUrl: null,
+      downloadExpiresAt: null,
+      createdAt: expect.any(Number),
+      updatedAt: job.createdAt,
+    });
+    expect(await credits(ALICE)).toBe(7);
+    const charges = (await ledger()).filter((row) => row.kind === "charge");
+    expect(charges).toMatchObject([{ userId: ALICE, jobId: "job_1", amount: 3, reason: "job" }]);
+  });
+
+  test("keeps the image url", async () => {
+    const job = await t.mutation(internal.gateway.chargeAndCreateJob, {
+      job: { ...newJob("job_1"), imageUrl: "https://images.example.com/a.png" },
+      maxActive: 5,
+      ...NEW_USER,
+    });
+    expect(job.imageUrl).toBe("https://images.example.com/a.png");
+  });
+
+  test("a zero-cost job needs no credits", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      signupCredits: 0,
+      plan: "free",
+    });
+    const job = await charge("job_free", { cost: 0 });
+    expect(job.cost).toBe(0);
+    expect(await credits(ALICE)).toBe(0);
+  });
+
+  test("refuses when credits are short and leaves the balance and jobs alone", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    const data = await refusal(charge("job_1", { cost: 11 }), "INSUFFICIENT_CREDITS");
+    expect(data.message).toBe("This job costs 11 credits; you have 10");
+    expect(await credits(ALICE)).toBe(10);
+    expect(await jobCount()).toBe(0);
+    expect(await ledger()).toHaveLength(1);
+  });
+
+  test("a refusal also rolls back the user it created", async () => {
+    await refusal(charge("job_1", { cost: 11 }), "INSUFFICIENT_CREDITS");
+    expect(await credits(ALICE)).toBeUndefined();
+    expect(await ledger()).toEqual([]);
+  });
+
+  test("refuses the job past the active limit; finished jobs do not count", async () => {
+    await t.mutation(internal.gateway.grantCredits, {
+      userId: ALICE,
+      amount: 90,
+      reason: "x",
+      ...NEW_USER,
+    });
+    const limits = { maxActive: 3, ...NEW_USER };
+    for (const jobId of ["a", "b", "c", "d", "e"]) {
+      await t.mutation(internal.gateway.chargeAndCreateJob, { job: newJob(jobId), ...limits });
+      if (jobId === "a") await setStatus("a", "done");
+      if (jobId === "b") await setStatus("b", "failed");
+    }
+    await t.mutation(internal.gateway.recordRunpodId, { jobId: "c", runpodId: "rp_c" });
+    await setStatus("d", "running");
+    // Active now: c (queued), d (running), e (submitting).
+    const before = await credits(ALICE);
+    const data = await refusal(
+      t.mutation(internal.gateway.chargeAndCreateJob, { job: newJob("f"), ...limits }),
+      "TOO_MANY_ACTIVE_JOBS",
+    );
+    expect(data.message).toBe("You already have 3 jobs queued or running");
+    expect(await credits(ALICE)).toBe(before);
+    expect(await jobCount()).toBe(5);
+  });
+
+  test("checks credits before the active limit", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      signupCredits: 0,
+      plan: "free",
+    });
+    await refusal(
+      t.mutation(internal.gateway.chargeAndCreateJob, {
+        job: newJob("a"),
+        maxActive: 0,
+        ...NEW_USER,
+      }),
+      "INSUFFICIENT_CREDITS",
+    );
+  });
+
+  test("refuses a duplicate job id without charging again", async () => {
+    await charge("job_1");
+    await refusal(charge("job_1"), "CONFLICT");
+    expect(await credits(ALICE)).toBe(7);
+    expect(await jobCount()).toBe(1);
+    expect((await ledger()).filter((row) => row.kind === "charge")).toHaveLength(1);
+  });
+
+  test("refuses a negative or fractional cost", async () => {
+    await refusal(charge("job_1", { cost: -1 }), "INVALID_REQUEST");
+    await refusal(charge("job_2", { cost: 0.5 }), "INVALID_REQUEST");
+    expect(await jobCount()).toBe(0);
+  });
+
+  test("validates its arguments", async () => {
+    await expect(
+      t.mutation(internal.gateway.chargeAndCreateJob, {
+        job: { ...newJob("job_1"), cost: "3" as unknown as number },
+        maxActive: 5,
+        ...NEW_USER,
+      }),
+    ).rejects.toThrow(/Validator error/);
+  });
+});
+
+describe("recordRunpodId", () => {
+  test("remembers the RunPod id and moves a submitting job to queued", async () => {
+    await charge("job_1");
+    const job = await t.mutation(internal.gateway.recordRunpodId, {
+      jobId: "job_1",
+      runpodId: "rp_1",
+    });
+    expect(job).toMatchObject({ status: "queued", runpodId: "rp_1" });
+  });
+
+  test("keeps the first RunPod id and never moves a job back", async () => {
+    await charge("job_1");
+    await setStatus("job_1", "running", { runpodId: "rp_1" });
+    const job = await t.mutation(internal.gateway.recordRunpodId, {
+      jobId: "job_1",
+      runpodId: "rp_2",
+    });
+    expect(job).toMatchObject({ status: "running", runpodId: "rp_1" });
+  });
+
+  test("refuses an unknown job", async () => {
+    await refusal(
+      t.mutation(internal.gateway.recordRunpodId, { jobId: "nope", runpodId: "rp_1" }),
+      "NOT_FOUND",
+    );
+  });
+});
+
+describe("applyStatus", () => {
+  test("moves a job forward and reports the change", async () => {
+    await charge("job_1");
+    const { job, changed } = await setStatus("job_1", "running");
+    expect(changed).toBe(true);
+    expect(job.status).toBe("running");
+  });
+
+  test.each<[JobStatus, JobStatus]>([
+    ["running", "queued"],
+    ["running", "running"],
+    ["done", "failed"],
+    ["failed", "done"],
+    ["queued", "submitting"],
+  ])("from %s to %s changes nothing", async (from, to) => {
+    await charge("job_1");
+    const before = (await setStatus("job_1", from)).job;
+    const credited = await credits(ALICE);
+    const rows = (await ledger()).length;
+    const { job, changed } = await setStatus("job_1", to, { errorCode: "X" });
+    expect(changed).toBe(false);
+    expect(job).toEqual(before);
+    expect(await credits(ALICE)).toBe(credited);
+    expect(await ledger()).toHaveLength(rows);
+  });
+
+  test("a failure refunds exactly once", async () => {
+    await charge("job_1");
+    const first = await setStatus("job_1", "failed", {
+      errorCode: "RUNPOD_FAILED",
+      errorDetail: "out of memory",
+    });
+    expect(first.changed).toBe(true);
+    expect(first.job).toMatchObject({
+      status: "failed",
+      errorCode: "RUNPOD_FAILED",
+      errorDetail: "out of memory",
+    });
+    const second = await setStatus("job_1", "failed", { errorCode: "AGAIN" });
+    expect(second.changed).toBe(false);
+    expect((await setStatus("job_1", "canceled")).changed).toBe(false);
+    expect(await credits(ALICE)).toBe(10);
+    const refunds = (await ledger()).filter((row) => row.kind === "refund");
+    expect(refunds).toMatchObject([{ jobId: "job_1", amount: 3, reason: "failed" }]);
+  });
+
+  test("a move to canceled refunds with reason canceled", async () => {
+    await charge("job_1");
+    await setStatus("job_1", "canceled");
+    expect(await credits(ALICE)).toBe(10);
+    const refunds = (await ledger()).filter((row) => row.kind === "refund");
+    expect(refunds).toMatchObject([{ jobId: "job_1", amount: 3, reason: "canceled" }]);
+  });
+
+  test("a zero-cost failure still writes its refund row", async () => {
+    await charge("job_1", { cost: 0 });
+    await setStatus("job_1", "failed");
+    const refunds = (await ledger()).filter((row) => row.kind === "refund");
+    expect(refunds).toMatchObject([{ jobId: "job_1", amount: 0 }]);
+    expect(await credits(ALICE)).toBe(10);
+  });
+
+  test("done refunds nothing", async () => {
+    await charge("job_1");
+    await setStatus("job_1", "done");
+    expect(await credits(ALICE)).toBe(7);
+    expect((await ledger()).filter((row) => row.kind === "refund")).toEqual([]);
+  });
+
+  test("never refunds a job that already has a refund row", async () => {
+    await charge("job_1");
+    await t.run(async (ctx) => {
+      await ctx.db.insert("ledger", {
+        userId: ALICE,
+        jobId: "job_1",
+        kind: "refund",
+        amount: 3,
+        reason: "manual",
+        createdAt: 0,
+      });
+    });
+    const { job, changed } = await setStatus("job_1", "failed");
+    expect(changed).toBe(true);
+    expect(job.status).toBe("failed");
+    expect(await credits(ALICE)).toBe(7);
+    expect((await ledger()).filter((row) => row.kind === "refund")).toHaveLength(1);
+  });
+
+  test("sets a missing RunPod id but keeps an existing one", async () => {
+    await charge("job_1");
+    expect((await setStatus("job_1", "queued", { runpodId: "rp_1" })).job.runpodId).toBe("rp_1");
+    expect((await setStatus("job_1", "running", { runpodId: "rp_2" })).job.runpodId).toBe("rp_1");
+  });
+
+  test("replaces the error fields on each move, like store.py", async () => {
+    await charge("job_1");
+    await setStatus("job_1", "queued", { errorCode: "SLOW", errorDetail: "retrying" });
+    const { job } = await setStatus("job_1", "running", { errorCode: null });
+    expect(job).toMatchObject({ errorCode: null, errorDetail: null });
+  });
+
+  test("refuses an unknown job", async () => {
+    await refusal(setStatus("nope", "running"), "NOT_FOUND");
+  });
+
+  test("refuses an unknown status", async () => {
+    await charge("job_1");
+    await expect(setStatus("job_1", "exploded" as JobStatus)).rejects.toThrow(/Validator error/);
+  });
+});
+
+describe("cancelJob", () => {
+  test("cancels the user's active job and refunds it", async () => {
+    await charge("job_1");
+    const job = await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "job_1" });
+    expect(job).toMatchObject({
+      status: "canceled",
+      errorCode: "CANCELED",
+      errorDetail: "Canceled by the user",
+    });
+    expect(await credits(ALICE)).toBe(10);
+    const refunds = (await ledger()).filter((row) => row.kind === "refund");
+    expect(refunds).toMatchObject([{ jobId: "job_1", amount: 3, reason: "canceled" }]);
+  });
+
+  test("a later failure report neither changes nor refunds a canceled job", async () => {
+    await charge("job_1");
+    await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "job_1" });
+    expect((await setStatus("job_1", "failed")).changed).toBe(false);
+    expect(await credits(ALICE)).toBe(10);
+    expect((await ledger()).filter((row) => row.kind === "refund")).toHaveLength(1);
+  });
+
+  test("another user's job is not found and stays as it was", async () => {
+    await charge("job_1");
+    await refusal(
+      t.mutation(internal.gateway.cancelJob, { userId: BOB, jobId: "job_1" }),
+      "NOT_FOUND",
+    );
+    const job = await t.query(internal.gateway.findJob, { jobId: "job_1" });
+    expect(job?.status).toBe("submitting");
+    expect(await credits(ALICE)).toBe(7);
+  });
+
+  test("an unknown job is not found", async () => {
+    await refusal(
+      t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "nope" }),
+      "NOT_FOUND",
+    );
+  });
+
+  test.each<JobStatus>(["done", "failed", "canceled"])(
+    "a %s job cannot be canceled",
+    async (status) => {
+      await charge("job_1");
+      await setStatus("job_1", status);
+      const balance = await credits(ALICE);
+      const data = await refusal(
+        t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "job_1" }),
+        "JOB_NOT_CANCELABLE",
+      );
+      expect(data.message).toBe(`The job is already ${status}`);
+      expect(await credits(ALICE)).toBe(balance);
+    },
+  );
+});
+
+describe("getJob", () => {
+  test("returns the user's job", async () => {
+    const created = await charge("job_1");
+    expect(await t.query(internal.gateway.getJob, { userId: ALICE, jobId: "job_1" })).toEqual(
+      created,
+    );
+  });
+
+  test("another user's job is not found", async () => {
+    await charge("job_1");
+    const data = await refusal(
+      t.query(internal.gateway.getJob, { userId: BOB, jobId: "job_1" }),
+      "NOT_FOUND",
+    );
+    expect(data.message).toBe("Job not found");
+  });
+
+  test("an unknown job is not found", async () => {
+    await refusal(t.query(internal.gateway.getJob, { userId: ALICE, jobId: "nope" }), "NOT_FOUND");
+  });
+});
+
+describe("findJob and findJobByRunpodId", () => {
+  test("find a job by its id or RunPod id", async () => {
+    await charge("job_1");
+    const job = await t.mutation(internal.gateway.recordRunpodId, {
+      jobId: "job_1",
+      runpodId: "rp_1",
+    });
+    expect(await t.query(internal.gateway.findJob, { jobId: "job_1" })).toEqual(job);
+    expect(await t.query(internal.gateway.findJobByRunpodId, { runpodId: "rp_1" })).toEqual(job);
+  });
+
+  test("return null for unknown ids", async () => {
+    await charge("job_1");
+    expect(await t.query(internal.gateway.findJob, { jobId: "nope" })).toBeNull();
+    expect(await t.query(internal.gateway.findJobByRunpodId, { runpodId: "nope" })).toBeNull();
+  });
+});
+
+describe("listJobs", () => {
+  async function list(userId: string, limit: number, cursor: string | null) {
+    return await t.query(internal.gateway.listJobs, { userId, limit, cursor });
+  }
+
+  async function listAll(userId: string, limit: number) {
+    const pages: string[][] = [];
+    let cursor: string | null = null;
+    do {
+      const page: { jobs: { jobId: string }[]; nextCursor: string | null } = await list(
+        userId,
+        limit,
+        cursor,
+      );
+      pages.push(page.jobs.map((job) => job.jobId));
+      cursor = page.nextCursor;
+    } while (cursor !== null && pages.length < 20);
+    return pages;
+  }
+
+  test("pages through the user's jobs newest first", async () => {
+    // Inserted out of order: the list follows createdAt, not insertion.
+    for (const [jobId, createdAt] of [
+      ["j3", 3000],
+      ["j1", 1000],
+      ["j5", 5000],
+      ["j2", 2000],
+      ["j4", 4000],
+    ] as const) {
+      await insertJob(jobId, ALICE, createdAt);
+    }
+    await insertJob("bob_1", BOB, 2500);
+    expect(await listAll(ALICE, 2)).toEqual([["j5", "j4"], ["j3", "j2"], ["j1"]]);
+  });
+
+  test("a page that ends exactly at the last job has no next cursor", async () => {
+    for (const [jobId, createdAt] of [
+      ["j1", 1000],
+      ["j2", 2000],
+      ["j3", 3000],
+      ["j4", 4000],
+    ] as const) {
+      await insertJob(jobId, ALICE, createdAt);
+    }
+    expect(await listAll(ALICE, 2)).toEqual([
+      ["j4", "j3"],
+      ["j2", "j1"],
+    ]);
+    const whole = await list(ALICE, 4, null);
+    expect(whole.nextCursor).toBeNull();
+  });
+
+  test("jobs created in the same millisecond keep a stable order, newest insert first", async () => {
+    for (const jobId of ["a", "b", "c", "d"]) {
+      await insertJob(jobId, ALICE, 1000);
+    }
+    await insertJob("older", ALICE, 500);
+    expect(await listAll(ALICE, 1)).toEqual([["d"], ["c"], ["b"], ["a"], ["older"]]);
+    expect(await listAll(ALICE, 3)).toEqual([
+      ["d", "c", "b"],
+      ["a", "older"],
+    ]);
+  });
+
+  test("returns full job records", async () => {
+    const created = await charge("job_1");
+    expect(await list(ALICE, 10, null)).toEqual({ jobs: [created], nextCursor: null });
+  });
+
+  test("a user without jobs gets an empty page", async () => {
+    await charge("job_1");
+    expect(await list(BOB, 10, null)).toEqual({ jobs: [], nextCursor: null });
+  });
+
+  test("another user's cursor shows none of their jobs", async () => {
+    await insertJob("a1", ALICE, 1000);
+    await insertJob("a2", ALICE, 2000);
+    await insertJob("b1", BOB, 1500);
+    const alicePage = await list(ALICE, 1, null);
+    const bobPage = await list(BOB, 10, alicePage.nextCursor);
+    expect(bobPage.jobs.every((job) => job.userId === BOB)).toBe(true);
+  });
+
+  test.each(["not-a-cursor", "%%%", "[1,2"])("refuses the malformed cursor %s", async (cursor) => {
+    await insertJob("a1", ALICE, 1000);
+    await refusal(list(ALICE, 10, cursor), "INVALID_CURSOR");
+  });
+
+  test.each([0, -1, 2.5])("refuses limit %s", async (limit) => {
+    await refusal(list(ALICE, limit, null), "INVALID_REQUEST");
+  });
+});
+
+describe("saveDownloadUrl", () => {
+  test("stores the url and its expiry without touching updatedAt", async () => {
+    const created = await charge("job_1");
+    const result = await t.mutation(internal.gateway.saveDownloadUrl, {
+      jobId: "job_1",
+      url: "https://r2.example.com/v.mp4?sig=1",
+      expiresAt: 1_900_000_000_000,
+    });
+    expect(result).toBeNull();
+    const job = await t.query(internal.gateway.findJob, { jobId: "job_1" });
+    expect(job).toMatchObject({
+      downloadUrl: "https://r2.example.com/v.mp4?sig=1",
+      downloadExpiresAt: 1_900_000_000_000,
+      updatedAt: created.updatedAt,
+    });
+  });
+
+  test("ignores an unknown job", async () => {
+    const result = await t.mutation(internal.gateway.saveDownloadUrl, {
+      jobId: "nope",
+      url: "https://r2.example.com/v.mp4",
+      expiresAt: 1,
+    });
+    expect(result).toBeNull();
+    expect(await jobCount()).toBe(0);
+  });
+});
+
+describe("ping", () => {
+  test("answers null", async () => {
+    expect(await t.query(internal.gateway.ping, {})).toBeNull();
+  });
+});
+
+describe("ledgerTotals", () => {
+  test("sums grants, charges and refunds per user", async () => {
+    await charge("a1"); // alice: signup 10, charge 3
+    await charge("a2", { cost: 4 }); // charge 4
+    await setStatus("a2", "failed"); // refund 4
+    await t.mutation(internal.gateway.grantCredits, {
+      userId: BOB,
+      amount: 5,
+      reason: "promo",
+      ...NEW_USER,
+    });
+    await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: "user_carol",
+      signupCredits: 0,
+      plan: "free",
+    });
+    expect(await t.query(internal.gateway.ledgerTotals, {})).toEqual([
+      { userId: ALICE, credits: 7, grants: 10, charges: 7, refunds: 4 },
+      { userId: BOB, credits: 15, grants: 15, charges: 0, refunds: 0 },
+      { userId: "user_carol", credits: 0, grants: 0, charges: 0, refunds: 0 },
+    ]);
+  });
+
+  test("every balance equals grants - charges + refunds", async () => {
+    await charge("a1");
+    await charge("a2");
+    await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "a2" });
+    await charge("b1", { userId: BOB, cost: 10 });
+    await setStatus("b1", "done");
+    for (const row of await t.query(internal.gateway.ledgerTotals, {})) {
+      expect(row.credits).toBe(row.grants - row.charges + row.refunds);
+    }
+  });
+});

@@ -1,0 +1,412 @@
+/**
+ * The functions the Python gateway calls with its deploy key (`convex_client.py`).
+ *
+ * Each one is one `Store` method of `store.py`, with the same semantics as `SQLiteStore`: every
+ * rule about money or limits is one mutation, so a check and the write that depends on it are one
+ * serializable transaction, and a throw commits nothing. All are internal: browsers cannot call
+ * them, only holders of a deploy key.
+ */
+import { v } from "convex/values";
+import type { Doc } from "./_generated/dataModel";
+import {
+  internalMutation,
+  internalQuery,
+  type MutationCtx,
+  type QueryCtx,
+} from "./_generated/server";
+import {
+  ACTIVE_STATUSES,
+  REFUNDED_STATUSES,
+  STATUS_RANK,
+  fail,
+  isTerminal,
+  jobRecord,
+  nullableString,
+  publicStatus,
+  requireWhole,
+  toJob,
+  toUser,
+  userRecord,
+} from "./model";
+import { jobStatus } from "./schema";
+
+// The gateway's settings decide what a new user starts with; Convex has no copy of them.
+const newUserArgs = { signupCredits: v.number(), plan: v.string() };
+
+// --- helpers that run inside a transaction ----------------------------------------------------
+
+async function findUser(ctx: QueryCtx, userId: string): Promise<Doc<"users"> | null> {
+  return await ctx.db
+    .query("users")
+    .withIndex("by_userId", (q) => q.eq("userId", userId))
+    .unique();
+}
+
+async function userOrCreate(
+  ctx: MutationCtx,
+  userId: string,
+  signupCredits: number,
+  plan: string,
+): Promise<Doc<"users">> {
+  const existing = await findUser(ctx, userId);
+  if (existing !== null) {
+    return existing;
+  }
+  requireWhole("signupCredits", signupCredits);
+  const now = Date.now();
+  const id = await ctx.db.insert("users", {
+    userId,
+    credits: signupCredits,
+    plan,
+    createdAt: now,
+    updatedAt: now,
+  });
+  if (signupCredits > 0) {
+    await writeLedger(ctx, { userId, kind: "grant", amount: signupCredits, reason: "signup" });
+  }
+  return (await ctx.db.get("users", id))!;
+}
+
+async function writeLedger(
+  ctx: MutationCtx,
+  row: Omit<Doc<"ledger">, "_id" | "_creationTime" | "createdAt">,
+): Promise<void> {
+  await ctx.db.insert("ledger", { ...row, createdAt: Date.now() });
+}
+
+async function addCredits(ctx: MutationCtx, userId: string, delta: number): Promise<void> {
+  const user = (await findUser(ctx, userId))!;
+  await ctx.db.patch("users", user._id, {
+    credits: user.credits + delta,
+    updatedAt: Date.now(),
+  });
+}
+
+async function findJobDoc(ctx: QueryCtx, jobId: string): Promise<Doc<"jobs"> | null> {
+  return await ctx.db
+    .query("jobs")
+    .withIndex("by_jobId", (q) => q.eq("jobId", jobId))
+    .unique();
+}
+
+async function jobOrNotFound(ctx: QueryCtx, jobId: string): Promise<Doc<"jobs">> {
+  const job = await findJobDoc(ctx, jobId);
+  if (job === null) {
+    throw fail("NOT_FOUND", "Job not found");
+  }
+  return job;
+}
+
+/** Give a failed or canceled job's credits back, at most once per job. */
+async function refund(ctx: MutationCtx, job: Doc<"jobs">, reason: string): Promise<void> {
+  const earlier = await ctx.db
+    .query("ledger")
+    .withIndex("by_job_kind", (q) => q.eq("jobId", job.jobId).eq("kind", "refund"))
+    .first();
+  if (earlier !== null) {
+    return;
+  }
+  // A zero-cost job still gets its refund row: the audit expects one per failed job.
+  await addCredits(ctx, job.userId, job.cost);
+  await writeLedger(ctx, {
+    userId: job.userId,
+    jobId: job.jobId,
+    kind: "refund",
+    amount: job.cost,
+    reason,
+  });
+}
+
+async function countActiveJobs(ctx: QueryCtx, userId: string): Promise<number> {
+  let active = 0;
+  for (const status of ACTIVE_STATUSES) {
+    const jobs = await ctx.db
+      .query("jobs")
+      .withIndex("by_user_status", (q) => q.eq("userId", userId).eq("status", status))
+      .collect();
+    active += jobs.length;
+  }
+  return active;
+}
+
+/** True when the user has a job after `last` in `by_user_created` descending order. */
+async function hasOlderJob(ctx: QueryCtx, last: Doc<"jobs">): Promise<boolean> {
+  const sameMillisecond = await ctx.db
+    .query("jobs")
+    .withIndex("by_user_created", (q) =>
+      q
+        .eq("userId", last.userId)
+        .eq("createdAt", last.createdAt)
+        .lt("_creationTime", last._creationTime),
+    )
+    .first();
+  if (sameMillisecond !== null) {
+    return true;
+  }
+  const earlier = await ctx.db
+    .query("jobs")
+    .withIndex("by_user_created", (q) =>
+      q.eq("userId", last.userId).lt("createdAt", last.createdAt),
+    )
+    .first();
+  return earlier !== null;
+}
+
+// --- users and credits ------------------------------------------------------------------------
+
+export const getOrCreateUser = internalMutation({
+  args: { userId: v.string(), ...newUserArgs },
+  returns: userRecord,
+  handler: async (ctx, { userId, signupCredits, plan }) =>
+    toUser(await userOrCreate(ctx, userId, signupCredits, plan)),
+});
+
+export const grantCredits = internalMutation({
+  args: { userId: v.string(), amount: v.number(), reason: v.string(), ...newUserArgs },
+  returns: userRecord,
+  handler: async (ctx, { userId, amount, reason, signupCredits, plan }) => {
+    requireWhole("amount", amount);
+    await userOrCreate(ctx, userId, signupCredits, plan);
+    await addCredits(ctx, userId, amount);
+    await writeLedger(ctx, { userId, kind: "grant", amount, reason });
+    return toUser((await findUser(ctx, userId))!);
+  },
+});
+
+// --- jobs -------------------------------------------------------------------------------------
+
+export const chargeAndCreateJob = internalMutation({
+  args: {
+    job: v.object({
+      jobId: v.string(),
+      userId: v.string(),
+      prompt: v.string(),
+      imageUrl: nullableString,
+      durationSec: v.number(),
+      seed: v.number(),
+      cost: v.number(),
+      objectKey: v.string(),
+    }),
+    maxActive: v.number(),
+    ...newUserArgs,
+  },
+  returns: jobRecord,
+  handler: async (ctx, { job, maxActive, signupCredits, plan }) => {
+    requireWhole("cost", job.cost);
+    requireWhole("maxActive", maxActive);
+    // Creating the user is part of this transaction: a refusal below rolls it back too.
+    const user = await userOrCreate(ctx, job.userId, signupCredits, plan);
+    if (user.credits < job.cost) {
+      throw fail(
+        "INSUFFICIENT_CREDITS",
+        `This job costs ${job.cost} credits; you have ${user.credits}`,
+      );
+    }
+    const active = await countActiveJobs(ctx, job.userId);
+    if (active >= maxActive) {
+      throw fail("TOO_MANY_ACTIVE_JOBS", `You already have ${active} jobs queued or running`);
+    }
+    if ((await findJobDoc(ctx, job.jobId)) !== null) {
+      throw fail("CONFLICT", `Job ${job.jobId} already exists`);
+    }
+    const now = Date.now();
+    const { imageUrl, ...fields } = job;
+    const id = await ctx.db.insert("jobs", {
+      ...fields,
+      ...(imageUrl != null ? { imageUrl } : {}),
+      status: "submitting",
+      createdAt: now,
+      updatedAt: now,
+    });
+    await addCredits(ctx, job.userId, -job.cost);
+    await writeLedger(ctx, {
+      userId: job.userId,
+      jobId: job.jobId,
+      kind: "charge",
+      amount: job.cost,
+      reason: "job",
+    });
+    return toJob((await ctx.db.get("jobs", id))!);
+  },
+});
+
+export const recordRunpodId = internalMutation({
+  args: { jobId: v.string(), runpodId: v.string() },
+  returns: jobRecord,
+  handler: async (ctx, { jobId, runpodId }) => {
+    const job = await jobOrNotFound(ctx, jobId);
+    await ctx.db.patch("jobs", job._id, {
+      runpodId: job.runpodId ?? runpodId,
+      status: job.status === "submitting" ? "queued" : job.status,
+      updatedAt: Date.now(),
+    });
+    return toJob((await ctx.db.get("jobs", job._id))!);
+  },
+});
+
+export const applyStatus = internalMutation({
+  args: {
+    jobId: v.string(),
+    status: jobStatus,
+    errorCode: nullableString,
+    errorDetail: nullableString,
+    runpodId: nullableString,
+  },
+  returns: v.object({ job: jobRecord, changed: v.boolean() }),
+  handler: async (ctx, { jobId, status, errorCode, errorDetail, runpodId }) => {
+    const job = await jobOrNotFound(ctx, jobId);
+    if (STATUS_RANK[status] <= STATUS_RANK[job.status]) {
+      return { job: toJob(job), changed: false };
+    }
+    // Like store.py, the update replaces the error fields (clearing them when not given).
+    await ctx.db.patch("jobs", job._id, {
+      status,
+      errorCode: errorCode ?? undefined,
+      errorDetail: errorDetail ?? undefined,
+      runpodId: job.runpodId ?? runpodId ?? undefined,
+      updatedAt: Date.now(),
+    });
+    if (REFUNDED_STATUSES.includes(status)) {
+      await refund(ctx, job, status);
+    }
+    return { job: toJob((await ctx.db.get("jobs", job._id))!), changed: true };
+  },
+});
+
+export const cancelJob = internalMutation({
+  args: { userId: v.string(), jobId: v.string() },
+  returns: jobRecord,
+  handler: async (ctx, { userId, jobId }) => {
+    const job = await findJobDoc(ctx, jobId);
+    if (job === null || job.userId !== userId) {
+      throw fail("NOT_FOUND", "Job not found");
+    }
+    if (isTerminal(job.status)) {
+      throw fail("JOB_NOT_CANCELABLE", `The job is already ${publicStatus(job.status)}`);
+    }
+    await ctx.db.patch("jobs", job._id, {
+      status: "canceled",
+      errorCode: "CANCELED",
+      errorDetail: "Canceled by the user",
+      updatedAt: Date.now(),
+    });
+    await refund(ctx, job, "canceled");
+    return toJob((await ctx.db.get("jobs", job._id))!);
+  },
+});
+
+export const saveDownloadUrl = internalMutation({
+  args: { jobId: v.string(), url: v.string(), expiresAt: v.number() },
+  returns: v.null(),
+  handler: async (ctx, { jobId, url, expiresAt }) => {
+    // Like store.py: an unknown job is ignored, and `updatedAt` is about the job, not its URL.
+    const job = await findJobDoc(ctx, jobId);
+    if (job !== null) {
+      await ctx.db.patch("jobs", job._id, { downloadUrl: url, downloadExpiresAt: expiresAt });
+    }
+    return null;
+  },
+});
+
+// --- reads ------------------------------------------------------------------------------------
+
+export const getJob = internalQuery({
+  args: { userId: v.string(), jobId: v.string() },
+  returns: jobRecord,
+  handler: async (ctx, { userId, jobId }) => {
+    const job = await findJobDoc(ctx, jobId);
+    // Another user's job is "not found" too: never reveal that a job id exists.
+    if (job === null || job.userId !== userId) {
+      throw fail("NOT_FOUND", "Job not found");
+    }
+    return toJob(job);
+  },
+});
+
+export const findJob = internalQuery({
+  args: { jobId: v.string() },
+  returns: v.union(jobRecord, v.null()),
+  handler: async (ctx, { jobId }) => {
+    const job = await findJobDoc(ctx, jobId);
+    return job === null ? null : toJob(job);
+  },
+});
+
+export const findJobByRunpodId = internalQuery({
+  args: { runpodId: v.string() },
+  returns: v.union(jobRecord, v.null()),
+  handler: async (ctx, { runpodId }) => {
+    const job = await ctx.db
+      .query("jobs")
+      .withIndex("by_runpodId", (q) => q.eq("runpodId", runpodId))
+      .first();
+    return job === null ? null : toJob(job);
+  },
+});
+
+export const listJobs = internalQuery({
+  args: { userId: v.string(), limit: v.number(), cursor: v.union(v.string(), v.null()) },
+  returns: v.object({ jobs: v.array(jobRecord), nextCursor: v.union(v.string(), v.null()) }),
+  handler: async (ctx, { userId, limit, cursor }) => {
+    requireWhole("limit", limit, 1);
+    let result;
+    try {
+      result = await ctx.db
+        .query("jobs")
+        .withIndex("by_user_created", (q) => q.eq("userId", userId))
+        .order("desc")
+        .paginate({ numItems: limit, cursor });
+    } catch {
+      // The cursor is opaque to callers; whatever the backend disliked about it, it is theirs.
+      throw fail("INVALID_CURSOR", "The cursor is malformed");
+    }
+    const last = result.page.at(-1);
+    // A full last page may still say "not done": like store.py, hand out a cursor only when
+    // another job really follows.
+    const more = !result.isDone && last !== undefined && (await hasOlderJob(ctx, last));
+    return { jobs: result.page.map(toJob), nextCursor: more ? result.continueCursor : null };
+  },
+});
+
+/** `Store.ping`: proves the deployment answers and the key works, reading nothing. */
+export const ping = internalQuery({
+  args: {},
+  returns: v.null(),
+  handler: async () => null,
+});
+
+// --- operator views ---------------------------------------------------------------------------
+
+const ledgerTotal = v.object({
+  userId: v.string(),
+  credits: v.number(),
+  grants: v.number(),
+  charges: v.number(),
+  refunds: v.number(),
+});
+
+/** Per user: the balance and the sums of grants, charges and refunds (for `manage.py` audit). */
+export const ledgerTotals = internalQuery({
+  args: {},
+  returns: v.array(ledgerTotal),
+  handler: async (ctx) => {
+    // Reads every user and ledger row: fine for an operator command, within Convex's
+    // 32,000-documents-per-query limit; page it by user when the ledger outgrows that.
+    const totals = [];
+    for await (const user of ctx.db.query("users")) {
+      const sums = { grant: 0, charge: 0, refund: 0 };
+      const rows = ctx.db.query("ledger").withIndex("by_user", (q) => q.eq("userId", user.userId));
+      for await (const row of rows) {
+        sums[row.kind] += row.amount;
+      }
+      totals.push({
+        userId: user.userId,
+        credits: user.credits,
+        grants: sums.grant,
+        charges: sums.charge,
+        refunds: sums.refund,
+      });
+    }
+    return totals.sort((a, b) => (a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0));
+  },
+});

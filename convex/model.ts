@@ -1,0 +1,123 @@
+/**
+ * What `gateway.ts` and `webapp.ts` share: the lifecycle rules, the error shape, and the plain
+ * records handed back to callers (the same shapes as `models.py`'s `User` and `Job`).
+ *
+ * This module exports no Convex functions.
+ */
+import { ConvexError, v, type Infer } from "convex/values";
+import type { Doc } from "./_generated/dataModel";
+import { jobStatus } from "./schema";
+
+export type JobStatus = Infer<typeof jobStatus>;
+
+/** The order of the lifecycle: a job may only move to a higher rank (`models.py` `_RANK`). */
+export const STATUS_RANK: Record<JobStatus, number> = {
+  submitting: 0,
+  queued: 1,
+  running: 2,
+  done: 3,
+  failed: 3,
+  canceled: 3,
+};
+export const ACTIVE_STATUSES: JobStatus[] = ["submitting", "queued", "running"];
+export const REFUNDED_STATUSES: JobStatus[] = ["failed", "canceled"];
+
+export function isTerminal(status: JobStatus): boolean {
+  return STATUS_RANK[status] === 3;
+}
+
+/** `submitting` is internal: the public API shows it as `queued`. */
+export function publicStatus(status: JobStatus): JobStatus {
+  return status === "submitting" ? "queued" : status;
+}
+
+/**
+ * The codes the gateway maps to HTTP statuses (`errors.py`). Thrown as `ConvexError`, so the data
+ * reaches the caller as `errorData` and the mutation commits nothing.
+ */
+export type ErrorCode =
+  | "INSUFFICIENT_CREDITS"
+  | "TOO_MANY_ACTIVE_JOBS"
+  | "NOT_FOUND"
+  | "JOB_NOT_CANCELABLE"
+  | "CONFLICT"
+  | "INVALID_CURSOR"
+  | "INVALID_REQUEST";
+
+export type ErrorData = { code: ErrorCode; message: string };
+
+export function fail(code: ErrorCode, message: string): ConvexError<ErrorData> {
+  return new ConvexError({ code, message });
+}
+
+/** Money and limits are whole numbers; `v.number()` alone would accept 1.5 or -3. */
+export function requireWhole(name: string, value: number, min = 0): void {
+  if (!Number.isSafeInteger(value) || value < min) {
+    throw fail("INVALID_REQUEST", `${name} must be an integer >= ${min}`);
+  }
+}
+
+/** A string or null; also accepts the field being left out. */
+export const nullableString = v.optional(v.union(v.string(), v.null()));
+
+export const userRecord = v.object({
+  userId: v.string(),
+  credits: v.number(),
+  plan: v.string(),
+  createdAt: v.number(),
+  updatedAt: v.number(),
+});
+
+export const jobRecord = v.object({
+  jobId: v.string(),
+  userId: v.string(),
+  status: jobStatus,
+  prompt: v.string(),
+  imageUrl: v.union(v.string(), v.null()),
+  durationSec: v.number(),
+  seed: v.number(),
+  cost: v.number(),
+  objectKey: v.string(),
+  runpodId: v.union(v.string(), v.null()),
+  errorCode: v.union(v.string(), v.null()),
+  errorDetail: v.union(v.string(), v.null()),
+  downloadUrl: v.union(v.string(), v.null()),
+  downloadExpiresAt: v.union(v.number(), v.null()),
+  createdAt: v.number(),
+  updatedAt: v.number(),
+});
+
+export type UserRecord = Infer<typeof userRecord>;
+export type JobRecord = Infer<typeof jobRecord>;
+
+export function toUser(doc: Doc<"users">): UserRecord {
+  return {
+    userId: doc.userId,
+    credits: doc.credits,
+    plan: doc.plan,
+    createdAt: doc.createdAt,
+    updatedAt: doc.updatedAt,
+  };
+}
+
+/** Every optional field is present, as null when unset, so callers get one stable shape. */
+export function toJob(doc: Doc<"jobs">): JobRecord {
+  return {
+    jobId: doc.jobId,
+    userId: doc.userId,
+    status: doc.status,
+    prompt: doc.prompt,
+    imageUrl: doc.imageUrl ?? null,
+    durationSec: doc.durationSec,
+    seed: doc.seed,
+    cost: doc.cost,
+    objectKey: doc.objectKey,
+    runpodId: doc.runpodId ?? null,
+    errorCode: doc.errorCode ?? null,
+    errorDetail: doc.errorDetail ?? null,
+    downloadUrl: doc.downloadUrl ?? null,
+    downloadExpiresAt: doc.downloadExpiresAt ?? null,
+    createdAt: doc.createdAt,
+    updatedAt: doc.updatedAt,
+  };
+}

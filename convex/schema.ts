@@ -1,0 +1,66 @@
+/**
+ * CineWeave's data in Convex: users and their credits, render jobs, and the credit ledger.
+ *
+ * The shapes mirror `store.py`'s SQLite schema (camelCase here). Every rule about money or
+ * limits lives in one mutation in `gateway.ts`, so a rule is always one transaction.
+ */
+import { defineSchema, defineTable } from "convex/server";
+import { v } from "convex/values";
+
+export const jobStatus = v.union(
+  v.literal("submitting"),
+  v.literal("queued"),
+  v.literal("running"),
+  v.literal("done"),
+  v.literal("failed"),
+  v.literal("canceled"),
+);
+
+export const ledgerKind = v.union(v.literal("grant"), v.literal("charge"), v.literal("refund"));
+
+export default defineSchema({
+  users: defineTable({
+    userId: v.string(), // Clerk user id (`user_...`)
+    credits: v.number(), // an integer, never negative
+    plan: v.string(),
+    createdAt: v.number(), // ms since the epoch
+    updatedAt: v.number(),
+  }).index("by_userId", ["userId"]),
+
+  // Optional fields are absent rather than null; functions hand them back as null.
+  jobs: defineTable({
+    jobId: v.string(),
+    userId: v.string(),
+    status: jobStatus,
+    prompt: v.string(),
+    imageUrl: v.optional(v.string()),
+    durationSec: v.number(),
+    seed: v.number(),
+    cost: v.number(),
+    objectKey: v.string(),
+    runpodId: v.optional(v.string()),
+    errorCode: v.optional(v.string()),
+    errorDetail: v.optional(v.string()),
+    downloadUrl: v.optional(v.string()),
+    downloadExpiresAt: v.optional(v.number()),
+    createdAt: v.number(),
+    updatedAt: v.number(),
+  })
+    .index("by_jobId", ["jobId"])
+    // Convex appends `_creationTime` to every index, so equal `createdAt`s keep insertion order.
+    .index("by_user_created", ["userId", "createdAt"])
+    .index("by_runpodId", ["runpodId"])
+    .index("by_user_status", ["userId", "status"]),
+
+  // Append-only. A job has at most one `charge` and one `refund` row.
+  ledger: defineTable({
+    userId: v.string(),
+    jobId: v.optional(v.string()),
+    kind: ledgerKind,
+    amount: v.number(), // an integer >= 0
+    reason: v.string(),
+    createdAt: v.number(),
+  })
+    .index("by_job_kind", ["jobId", "kind"])
+    .index("by_user", ["userId"]),
+});
