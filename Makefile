@@ -33,14 +33,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/black --check --quiet .
 
-pytest: $(STAMP)
+# The contract and end-to-end suites start the Convex test server, so they need node_modules.
+pytest: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest --cov --cov-report=term
 
 vitest: $(NODE_STAMP)
 	npm test
+	npm run test:server
 
 ## Install everything, then lint and run every test.
-test: lint pytest
+test: lint vitest pytest
 
 clean:
 	rm -rf $(VENV) node_modules .data .coverage htmlcov .pytest_cache .ruff_cache

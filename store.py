@@ -77,6 +77,10 @@ class Store(Protocol):
 
     async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None: ...
 
+    async def ledger_totals(self) -> dict[str, dict[str, int]]:
+        """Per user: `credits`, and the sums of `grants`, `charges` and `refunds`."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -430,15 +434,19 @@ class SQLiteStore:
 
     # --- operator views (used by manage.py, not by the request path) ----------------------
 
-    def ledger_totals(self) -> dict[str, dict[str, int]]:
+    def _ledger_totals(self) -> dict[str, dict[str, int]]:
+        rows = self._db.execute(
+            "SELECT u.user_id, u.credits,"
+            " COALESCE(SUM(CASE l.kind WHEN 'grant' THEN l.amount END), 0) AS grants,"
+            " COALESCE(SUM(CASE l.kind WHEN 'charge' THEN l.amount END), 0) AS charges,"
+            " COALESCE(SUM(CASE l.kind WHEN 'refund' THEN l.amount END), 0) AS refunds"
+            " FROM users u LEFT JOIN ledger l ON l.user_id = u.user_id GROUP BY u.user_id"
+        ).fetchall()
+        return {
+            row["user_id"]: {k: row[k] for k in ("credits", "grants", "charges", "refunds")}
+            for row in rows
+        }
+
+    async def ledger_totals(self) -> dict[str, dict[str, int]]:
         """Per user: the balance and the sums of grants, charges and refunds."""
-        rows = self._executor.submit(
-            lambda: self._db.execute(
-                "SELECT u.user_id, u.credits,"
-                " COALESCE(SUM(CASE l.kind WHEN 'grant' THEN l.amount END), 0) AS grants,"
-                " COALESCE(SUM(CASE l.kind WHEN 'charge' THEN l.amount END), 0) AS charges,"
-                " COALESCE(SUM(CASE l.kind WHEN 'refund' THEN l.amount END), 0) AS refunds"
-                " FROM users u LEFT JOIN ledger l ON l.user_id = u.user_id GROUP BY u.user_id"
-            ).fetchall()
-        ).result()
-        return {row["user_id"]: dict(row) for row in rows}
+        return await self._run(self._ledger_totals)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from config import Settings
 from main import create_app
+from tests.servers import running_convex_server
 
 RUNPOD_BASE = "https://runpod.test/v2"
 RUNPOD_ENDPOINT = "ep123"
@@ -92,6 +93,13 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             client.app_state = state  # type: ignore[attr-defined]
             yield client
+
+
+@pytest.fixture(scope="session")
+def convex_server() -> Iterator[str]:
+    """One convex-test server for the session; each user resets it for isolation."""
+    with running_convex_server() as url:
+        yield url
 
 
 @pytest.fixture

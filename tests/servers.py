@@ -84,3 +84,19 @@ def manage(env: dict[str, str], *args: str) -> str:
         timeout=60,
     )
     return done.stdout.strip()
+
+
+@contextmanager
+def running_convex_server() -> Iterator[str]:
+    """The real `convex/` functions under convex-test, behind Convex's HTTP API shape."""
+    command = ["node", "--import", "tsx", "tests/convex_server/server.mjs", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line.startswith("LISTENING "):
+            raise RuntimeError(f"convex test server did not start: {line!r}")
+        yield f"http://127.0.0.1:{line.split()[1]}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

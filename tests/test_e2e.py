@@ -11,8 +11,19 @@ import httpx
 import pytest
 
 from tests.servers import manage, running_gateway
+from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(params=["sqlite", "convex"])
+def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The same scenario on each store: SQLite, or the real Convex functions over HTTP."""
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("convex_server")
+    reset_convex(url)
+    return {"CONVEX_URL": url, "CONVEX_DEPLOY_KEY": CONVEX_TEST_KEY}
 
 
 def wait_for_status(client: httpx.Client, job_id: str, wanted: str, timeout: float = 60) -> dict:
@@ -34,8 +45,9 @@ def video_seconds(data: bytes) -> tuple[float, int, int]:
 
 
 class TestLocalMode:
-    def test_create_render_download_and_pay(self, tmp_path: Path) -> None:
-        with running_gateway(tmp_path / "data", LOCAL_RENDER_SECONDS="0.5") as (base, env):
+    def test_create_render_download_and_pay(self, tmp_path: Path, store_env) -> None:
+        settings = {"LOCAL_RENDER_SECONDS": "0.5", **store_env}
+        with running_gateway(tmp_path / "data", **settings) as (base, env):
             token = manage(env, "mint-token", "user_e2e")
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
@@ -59,9 +71,12 @@ class TestLocalMode:
             assert "108 credits" in manage(env, "grant", "user_e2e", "10")
             shown = manage(env, "show", "user_e2e")
             assert "108 credits" in shown and job["jobId"] in shown and "done" in shown
+        # With Convex configured, nothing may have gone to the embedded store.
+        assert (tmp_path / "data" / "gateway.db").exists() == ("CONVEX_URL" not in store_env)
 
-    def test_worker_failure_is_refunded(self, tmp_path: Path) -> None:
-        with running_gateway(tmp_path / "data", LOCAL_RENDER_SECONDS="0") as (base, env):
+    def test_worker_failure_is_refunded(self, tmp_path: Path, store_env) -> None:
+        settings = {"LOCAL_RENDER_SECONDS": "0", **store_env}
+        with running_gateway(tmp_path / "data", **settings) as (base, env):
             token = manage(env, "mint-token", "user_e2e")
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=base, headers=headers, timeout=10) as client:

@@ -23,7 +23,7 @@ SIGNUP = 100
 
 @pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
-    async with open_store(request.param, tmp_path, signup_credits=SIGNUP) as opened:
+    async with open_store(request, request.param, tmp_path, signup_credits=SIGNUP) as opened:
         yield opened
 
 

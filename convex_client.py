@@ -1,0 +1,256 @@
+"""The production store: Convex, called over its HTTP API with the deploy key.
+
+Each `Store` method is one Convex function in `convex/gateway.ts`; every rule about money or
+limits is one mutation, so Convex's serializable transactions keep many gateway instances honest.
+
+Why HTTP and not the `convex` package's `ConvexClient`: that client wraps a Rust WebSocket client
+whose calls block the calling thread (holding the GIL) and retry forever on network errors. On
+an event loop that would stall every request; in a thread pool it would pin threads with no
+deadline. The HTTP API gives us the shared `httpx.AsyncClient`, explicit timeouts, and a clear
+rule for what is safe to retry. Values are still encoded with the package's own codec.
+
+Errors:
+    ConvexError codes in `errorData`  -> the gateway's own errors (402, 429, 404, 409, 400).
+    A timeout, 5xx or connect failure -> 503 UPSTREAM_UNAVAILABLE.
+    Any other refusal (bad key, unknown function, a function's own bug) -> 502 UPSTREAM_ERROR.
+Queries are retried on transient failures; mutations only when the request surely never left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+from convex.values import convex_to_json, json_to_convex
+
+from config import Settings
+from errors import (
+    GatewayError,
+    InsufficientCredits,
+    InvalidCursor,
+    InvalidRequest,
+    JobNotCancelable,
+    NotFound,
+    TooManyActiveJobs,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from models import Job, JobPage, JobStatus, NewJob, StatusUpdate, User
+
+FUNCTION_ERROR_STATUS = 560  # Convex's status for "your function threw"
+QUERY_ATTEMPTS = 3
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class ConvexConflict(GatewayError):
+    status_code = 409
+    code = "CONFLICT"
+    detail = "The record already exists"
+
+
+_BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
+    "INSUFFICIENT_CREDITS": InsufficientCredits,
+    "TOO_MANY_ACTIVE_JOBS": TooManyActiveJobs,
+    "NOT_FOUND": NotFound,
+    "JOB_NOT_CANCELABLE": JobNotCancelable,
+    "INVALID_CURSOR": InvalidCursor,
+    "INVALID_REQUEST": InvalidRequest,
+    "CONFLICT": ConvexConflict,
+}
+
+
+def error_from_response(response: httpx.Response) -> GatewayError:
+    """The gateway error a non-success Convex answer stands for."""
+    body = _json(response)
+    if response.status_code == FUNCTION_ERROR_STATUS:
+        data = body.get("errorData")
+        if isinstance(data, dict) and data.get("code") in _BUSINESS_ERRORS:
+            message = data.get("message")
+            return _BUSINESS_ERRORS[data["code"]](message if isinstance(message, str) else None)
+        return UpstreamError("The store rejected the call")
+    if response.status_code >= 500 or response.status_code == 429:
+        return UpstreamUnavailable("The store is unavailable")
+    return UpstreamError(f"The store refused the call (HTTP {response.status_code})")
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _job(value: dict[str, Any]) -> Job:
+    expires = value.get("downloadExpiresAt")
+    return Job(
+        job_id=value["jobId"],
+        user_id=value["userId"],
+        status=JobStatus(value["status"]),
+        prompt=value["prompt"],
+        image_url=value.get("imageUrl"),
+        duration_sec=int(value["durationSec"]),
+        seed=int(value["seed"]),
+        cost=int(value["cost"]),
+        object_key=value["objectKey"],
+        created_at=int(value["createdAt"]),
+        updated_at=int(value["updatedAt"]),
+        runpod_id=value.get("runpodId"),
+        error_code=value.get("errorCode"),
+        error_detail=value.get("errorDetail"),
+        download_url=value.get("downloadUrl"),
+        download_expires_at=None if expires is None else int(expires),
+    )
+
+
+def _user(value: dict[str, Any]) -> User:
+    return User(
+        user_id=value["userId"],
+        credits=int(value["credits"]),
+        plan=value["plan"],
+        created_at=int(value["createdAt"]),
+        updated_at=int(value["updatedAt"]),
+    )
+
+
+class ConvexStore:
+    def __init__(self, http: httpx.AsyncClient, signup_credits: int, default_plan: str) -> None:
+        self._http = http
+        self._new_user = {"signupCredits": signup_credits, "plan": default_plan}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConvexStore:
+        assert settings.convex_url and settings.convex_deploy_key
+        http = httpx.AsyncClient(
+            base_url=settings.convex_url.rstrip("/"),
+            headers={"Authorization": f"Convex {settings.convex_deploy_key}"},
+            # A mutation's user code may run 1 s; the rest is queueing and the network.
+            timeout=httpx.Timeout(10.0, connect=3.0),
+        )
+        return cls(http, settings.effective_signup_credits, settings.default_plan)
+
+    # --- transport --------------------------------------------------------------------------
+
+    async def _call(self, kind: str, path: str, args: dict[str, Any]) -> Any:
+        body = {"path": path, "args": convex_to_json(args), "format": "json"}
+        attempts = QUERY_ATTEMPTS if kind == "query" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self._post(kind, body)
+            except UpstreamUnavailable:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            if response.status_code == 200:
+                return self._value(response)
+            error = error_from_response(response)
+            if attempt == attempts or not isinstance(error, UpstreamUnavailable):
+                raise error
+            await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post(self, kind: str, body: dict[str, Any]) -> httpx.Response:
+        # A mutation whose request may have reached Convex is never repeated: it may have
+        # committed. Only a connection that never opened is safe to try again.
+        for attempt in range(2):
+            try:
+                return await self._http.post(f"/api/{kind}", json=body)
+            except _NEVER_SENT as exc:
+                if attempt == 1:
+                    raise UpstreamUnavailable("The store could not be reached") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailable("The store did not answer in time") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _value(response: httpx.Response) -> Any:
+        try:
+            # Convex numbers are float64; the codec wants them as floats, as Convex's own
+            # clients parse them, and refuses Python ints.
+            body = json.loads(response.content, parse_int=float)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or body.get("status") != "success":
+            raise UpstreamError("The store answered in an unknown shape")
+        return json_to_convex(body.get("value"))
+
+    async def _query(self, path: str, **args: Any) -> Any:
+        return await self._call("query", f"gateway:{path}", args)
+
+    async def _mutation(self, path: str, **args: Any) -> Any:
+        return await self._call("mutation", f"gateway:{path}", args)
+
+    # --- the rules ----------------------------------------------------------------------------
+
+    async def get_or_create_user(self, user_id: str) -> User:
+        return _user(await self._mutation("getOrCreateUser", userId=user_id, **self._new_user))
+
+    async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:
+        value = await self._mutation(
+            "grantCredits", userId=user_id, amount=amount, reason=reason, **self._new_user
+        )
+        return _user(value)
+
+    async def charge_and_create_job(self, new: NewJob, max_active: int) -> Job:
+        job = {
+            "jobId": new.job_id,
+            "userId": new.user_id,
+            "prompt": new.prompt,
+            "imageUrl": new.image_url,
+            "durationSec": new.duration_sec,
+            "seed": new.seed,
+            "cost": new.cost,
+            "objectKey": new.object_key,
+        }
+        value = await self._mutation(
+            "chargeAndCreateJob", job=job, maxActive=max_active, **self._new_user
+        )
+        return _job(value)
+
+    async def record_runpod_id(self, job_id: str, runpod_id: str) -> Job:
+        return _job(await self._mutation("recordRunpodId", jobId=job_id, runpodId=runpod_id))
+
+    async def apply_status(self, job_id: str, update: StatusUpdate) -> tuple[Job, bool]:
+        value = await self._mutation(
+            "applyStatus",
+            jobId=job_id,
+            status=update.status.value,
+            errorCode=update.error_code,
+            errorDetail=update.error_detail,
+            runpodId=update.runpod_id,
+        )
+        return _job(value["job"]), bool(value["changed"])
+
+    async def cancel_job(self, user_id: str, job_id: str) -> Job:
+        return _job(await self._mutation("cancelJob", userId=user_id, jobId=job_id))
+
+    async def get_job(self, user_id: str, job_id: str) -> Job:
+        return _job(await self._query("getJob", userId=user_id, jobId=job_id))
+
+    async def find_job(self, job_id: str) -> Job | None:
+        value = await self._query("findJob", jobId=job_id)
+        return None if value is None else _job(value)
+
+    async def find_job_by_runpod_id(self, runpod_id: str) -> Job | None:
+        value = await self._query("findJobByRunpodId", runpodId=runpod_id)
+        return None if value is None else _job(value)
+
+    async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
+        value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
+        return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
+
+    async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
+        await self._mutation("saveDownloadUrl", jobId=job_id, url=url, expiresAt=expires_at)
+
+    async def ledger_totals(self) -> dict[str, dict[str, int]]:
+        rows = await self._query("ledgerTotals")
+        return {row["userId"]: {k: int(v) for k, v in row.items() if k != "userId"} for row in rows}
+
+    async def ping(self) -> None:
+        await self._query("ping")
+
+    async def close(self) -> None:
+        await self._http.aclose()
