@@ -38,6 +38,7 @@ pytest: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest --cov --cov-report=term
 
 vitest: $(NODE_STAMP)
+	npm run typecheck
 	npm test
 	npm run test:server
 
