@@ -67,9 +67,15 @@ class Settings(BaseSettings):
     signup_credits: int | None = Field(default=None, ge=0)
     default_plan: str = "starter"
     image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # RunPod keeps a queued job for `ttl` from submission; past it the job can never run.
-    runpod_job_ttl_seconds: int = Field(default=86_400, ge=60)
-    runpod_execution_timeout_seconds: int = Field(default=600, ge=10)
+    # RunPod forgets a job `ttl` after submission, whatever its state. An hour, not RunPod's day:
+    # a job whose submission outcome is unknown is refunded only once it can no longer run.
+    runpod_job_ttl_seconds: int = Field(default=3_600, ge=10)
+    runpod_execution_timeout_seconds: int = Field(default=600, ge=5)
+
+    # Reconciler: a job with no news for this long is checked with RunPod (lost webhooks).
+    reconcile_after_seconds: float = Field(default=120, gt=0)
+    reconcile_interval_seconds: float = Field(default=30, gt=0)
+    reconciler_enabled: bool = True
 
     # Local mode
     local_data_dir: Path = Path("./.data")

@@ -28,6 +28,7 @@ from convex.values import convex_to_json, json_to_convex
 from config import Settings
 from errors import (
     GatewayError,
+    IdempotencyKeyReused,
     InsufficientCredits,
     InvalidCursor,
     InvalidRequest,
@@ -37,7 +38,7 @@ from errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from models import Job, JobPage, JobStatus, NewJob, StatusUpdate, User
+from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, User
 
 FUNCTION_ERROR_STATUS = 560  # Convex's status for "your function threw"
 QUERY_ATTEMPTS = 3
@@ -58,6 +59,7 @@ _BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
     "INVALID_CURSOR": InvalidCursor,
     "INVALID_REQUEST": InvalidRequest,
     "CONFLICT": ConvexConflict,
+    "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
 }
 
 
@@ -83,8 +85,11 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _job(value: dict[str, Any]) -> Job:
-    expires = value.get("downloadExpiresAt")
     return Job(
         job_id=value["jobId"],
         user_id=value["userId"],
@@ -101,7 +106,9 @@ def _job(value: dict[str, Any]) -> Job:
         error_code=value.get("errorCode"),
         error_detail=value.get("errorDetail"),
         download_url=value.get("downloadUrl"),
-        download_expires_at=None if expires is None else int(expires),
+        download_expires_at=_int_or_none(value.get("downloadExpiresAt")),
+        checked_at=_int_or_none(value.get("checkedAt")),
+        idempotency_key=value.get("idempotencyKey"),
     )
 
 
@@ -194,7 +201,9 @@ class ConvexStore:
         )
         return _user(value)
 
-    async def charge_and_create_job(self, new: NewJob, max_active: int) -> Job:
+    async def charge_and_create_job(
+        self, new: NewJob, max_active: int, idempotency_key: str | None = None
+    ) -> Job:
         job = {
             "jobId": new.job_id,
             "userId": new.user_id,
@@ -206,7 +215,11 @@ class ConvexStore:
             "objectKey": new.object_key,
         }
         value = await self._mutation(
-            "chargeAndCreateJob", job=job, maxActive=max_active, **self._new_user
+            "chargeAndCreateJob",
+            job=job,
+            maxActive=max_active,
+            idempotencyKey=idempotency_key,
+            **self._new_user,
         )
         return _job(value)
 
@@ -248,6 +261,50 @@ class ConvexStore:
     async def ledger_totals(self) -> dict[str, dict[str, int]]:
         rows = await self._query("ledgerTotals")
         return {row["userId"]: {k: int(v) for k, v in row.items() if k != "userId"} for row in rows}
+
+    async def claim_idempotency_key(
+        self, user_id: str, key: str, fingerprint: str, now: int, ttl_ms: int, stale_ms: int
+    ) -> IdempotencyClaim:
+        value = await self._mutation(
+            "claimIdempotencyKey",
+            userId=user_id,
+            key=key,
+            fingerprint=fingerprint,
+            now=now,
+            ttlMs=ttl_ms,
+            staleMs=stale_ms,
+        )
+        return IdempotencyClaim(
+            value["outcome"], _int_or_none(value["statusCode"]), value["body"], value["jobId"]
+        )
+
+    async def complete_idempotency_key(
+        self, user_id: str, key: str, status_code: int, body: str
+    ) -> None:
+        await self._mutation(
+            "completeIdempotencyKey", userId=user_id, key=key, statusCode=status_code, body=body
+        )
+
+    async def release_idempotency_key(self, user_id: str, key: str) -> None:
+        await self._mutation("releaseIdempotencyKey", userId=user_id, key=key)
+
+    async def purge_idempotency_keys(self, before: int, limit: int) -> int:
+        return int(await self._mutation("purgeIdempotencyKeys", before=before, limit=limit))
+
+    async def claim_stale_jobs(self, stale_before: int, now: int, limit: int) -> list[Job]:
+        value = await self._mutation(
+            "claimStaleJobs", staleBefore=stale_before, now=now, limit=limit
+        )
+        return [_job(job) for job in value]
+
+    async def claim_job_check(self, job_id: str, stale_before: int, now: int) -> Job | None:
+        value = await self._mutation(
+            "claimJobCheck", jobId=job_id, staleBefore=stale_before, now=now
+        )
+        return None if value is None else _job(value)
+
+    async def audit(self) -> list[str]:
+        return list(await self._query("audit"))
 
     async def ping(self) -> None:
         await self._query("ping")

@@ -80,6 +80,21 @@ class JobNotCancelable(GatewayError):
     detail = "The job has already finished"
 
 
+class IdempotencyKeyReused(GatewayError):
+    status_code = 409
+    code = "IDEMPOTENCY_KEY_REUSED"
+    detail = "This Idempotency-Key was used with a different request"
+
+
+class IdempotencyKeyInUse(GatewayError):
+    status_code = 409
+    code = "IDEMPOTENCY_KEY_IN_USE"
+    detail = "A request with this Idempotency-Key is still in progress"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
     code = "PAYLOAD_TOO_LARGE"

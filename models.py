@@ -122,6 +122,8 @@ class Job:
     error_detail: str | None = None
     download_url: str | None = None
     download_expires_at: int | None = None
+    checked_at: int | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,16 @@ class StatusUpdate:
     error_code: str | None = None
     error_detail: str | None = None
     runpod_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """What a store says about an Idempotency-Key: yours now, answered already, or busy."""
+
+    outcome: str  # "claimed" | "replay" | "in_flight"
+    status_code: int | None = None
+    body: str | None = None
+    job_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

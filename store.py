@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from errors import (
+    IdempotencyKeyReused,
     InsufficientCredits,
     InvalidCursor,
     JobNotCancelable,
@@ -29,6 +31,7 @@ from errors import (
 from models import (
     ACTIVE_STATUSES,
     REFUNDED_STATUSES,
+    IdempotencyClaim,
     Job,
     JobPage,
     JobStatus,
@@ -41,6 +44,21 @@ from models import (
 T = TypeVar("T")
 
 
+def hmac_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def job_problems(job_id: str, status: JobStatus, charges: int, refunds: int) -> list[str]:
+    """What is wrong with one job's ledger rows: one charge, and a refund exactly when failed."""
+    problems = []
+    if charges != 1:
+        problems.append(f"{job_id}: {charges} charges")
+    expected = 1 if status in REFUNDED_STATUSES else 0
+    if refunds != expected:
+        problems.append(f"{job_id} ({status.value}): {refunds} refunds")
+    return problems
+
+
 class Store(Protocol):
     """What the gateway needs from a store. Each method is atomic."""
 
@@ -48,8 +66,13 @@ class Store(Protocol):
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User: ...
 
-    async def charge_and_create_job(self, new: NewJob, max_active: int) -> Job:
-        """Check the balance (402), then the active jobs (429), insert, charge: all or nothing."""
+    async def charge_and_create_job(
+        self, new: NewJob, max_active: int, idempotency_key: str | None = None
+    ) -> Job:
+        """Check the balance (402), then the active jobs (429), insert, charge: all or nothing.
+
+        With an idempotency key, the key's record is linked to the new job in the same step.
+        """
         ...
 
     async def record_runpod_id(self, job_id: str, runpod_id: str) -> Job:
@@ -81,6 +104,35 @@ class Store(Protocol):
         """Per user: `credits`, and the sums of `grants`, `charges` and `refunds`."""
         ...
 
+    async def claim_idempotency_key(
+        self, user_id: str, key: str, fingerprint: str, now: int, ttl_ms: int, stale_ms: int
+    ) -> IdempotencyClaim:
+        """Claim a key for one request, or learn what became of the request that holds it.
+
+        A different fingerprint under a live key is `IdempotencyKeyReused` (409).
+        """
+        ...
+
+    async def complete_idempotency_key(
+        self, user_id: str, key: str, status_code: int, body: str
+    ) -> None: ...
+
+    async def release_idempotency_key(self, user_id: str, key: str) -> None:
+        """Forget an in-flight key whose request executed nothing, so it may be retried."""
+        ...
+
+    async def purge_idempotency_keys(self, before: int, limit: int) -> int: ...
+
+    async def claim_stale_jobs(self, stale_before: int, now: int, limit: int) -> list[Job]:
+        """Active jobs quiet since `stale_before`, marked checked so no one else takes them."""
+        ...
+
+    async def claim_job_check(self, job_id: str, stale_before: int, now: int) -> Job | None: ...
+
+    async def audit(self) -> list[str]:
+        """Every broken money invariant, as a sentence; empty when the books balance."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -109,12 +161,29 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_detail TEXT,
     download_url TEXT,
     download_expires_at INTEGER,
+    idempotency_key TEXT,
     created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    -- The last evidence about the job: the reconciler checks jobs that have gone quiet.
+    checked_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_user_created ON jobs (user_id, created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_user_status ON jobs (user_id, status);
 CREATE INDEX IF NOT EXISTS jobs_by_runpod_id ON jobs (runpod_id);
+CREATE INDEX IF NOT EXISTS jobs_by_status_checked ON jobs (status, checked_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    user_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
+    status_code INTEGER,
+    body TEXT,
+    job_id TEXT,
+    claimed_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at);
 CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id TEXT NOT NULL REFERENCES users(user_id),
@@ -132,7 +201,8 @@ CREATE INDEX IF NOT EXISTS ledger_by_user ON ledger (user_id);
 
 _JOB_COLUMNS = (
     "job_id, user_id, status, prompt, image_url, duration_sec, seed, cost, object_key, created_at,"
-    " updated_at, runpod_id, error_code, error_detail, download_url, download_expires_at"
+    " updated_at, runpod_id, error_code, error_detail, download_url, download_expires_at,"
+    " checked_at, idempotency_key"
 )
 
 
@@ -265,7 +335,9 @@ class SQLiteStore:
             self._ledger(db, user_id, None, "grant", amount, reason)
             return self._user_row(db, user_id)
 
-    def _charge_and_create_job(self, new: NewJob, max_active: int) -> Job:
+    def _charge_and_create_job(
+        self, new: NewJob, max_active: int, idempotency_key: str | None
+    ) -> Job:
         with self._transaction() as db:
             user = self._user_row(db, new.user_id)
             if user.credits < new.cost:
@@ -282,7 +354,8 @@ class SQLiteStore:
             now = now_ms()
             db.execute(
                 "INSERT INTO jobs (job_id, user_id, status, prompt, image_url, duration_sec, seed,"
-                " cost, object_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " cost, object_key, created_at, updated_at, checked_at, idempotency_key)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     new.job_id,
                     new.user_id,
@@ -295,8 +368,15 @@ class SQLiteStore:
                     new.object_key,
                     now,
                     now,
+                    now,
+                    idempotency_key,
                 ),
             )
+            if idempotency_key is not None:
+                db.execute(
+                    "UPDATE idempotency SET job_id = ? WHERE user_id = ? AND key = ?",
+                    (new.job_id, new.user_id, idempotency_key),
+                )
             self._add_credits(db, new.user_id, -new.cost)
             self._ledger(db, new.user_id, new.job_id, "charge", new.cost, "job")
             job = self._job_row(db, new.job_id)
@@ -308,8 +388,9 @@ class SQLiteStore:
             now = now_ms()
             db.execute(
                 "UPDATE jobs SET runpod_id = COALESCE(runpod_id, ?), updated_at = ?,"
-                " status = CASE status WHEN ? THEN ? ELSE status END WHERE job_id = ?",
-                (runpod_id, now, JobStatus.SUBMITTING, JobStatus.QUEUED, job_id),
+                " checked_at = ?, status = CASE status WHEN ? THEN ? ELSE status END"
+                " WHERE job_id = ?",
+                (runpod_id, now, now, JobStatus.SUBMITTING, JobStatus.QUEUED, job_id),
             )
             job = self._job_row(db, job_id)
             if job is None:
@@ -323,15 +404,18 @@ class SQLiteStore:
                 raise NotFound("Job not found")
             if update.status.rank <= job.status.rank:
                 return job, False
+            now = now_ms()
             db.execute(
                 "UPDATE jobs SET status = ?, error_code = ?, error_detail = ?,"
-                " runpod_id = COALESCE(runpod_id, ?), updated_at = ? WHERE job_id = ?",
+                " runpod_id = COALESCE(runpod_id, ?), updated_at = ?, checked_at = ?"
+                " WHERE job_id = ?",
                 (
                     update.status,
                     update.error_code,
                     update.error_detail,
                     update.runpod_id,
-                    now_ms(),
+                    now,
+                    now,
                     job_id,
                 ),
             )
@@ -348,10 +432,11 @@ class SQLiteStore:
                 raise NotFound("Job not found")
             if job.status.is_terminal:
                 raise JobNotCancelable(f"The job is already {job.status.public.value}")
+            now = now_ms()
             db.execute(
-                "UPDATE jobs SET status = ?, error_code = ?, error_detail = ?, updated_at = ?"
-                " WHERE job_id = ?",
-                (JobStatus.CANCELED, "CANCELED", "Canceled by the user", now_ms(), job_id),
+                "UPDATE jobs SET status = ?, error_code = ?, error_detail = ?, updated_at = ?,"
+                " checked_at = ? WHERE job_id = ?",
+                (JobStatus.CANCELED, "CANCELED", "Canceled by the user", now, now, job_id),
             )
             self._refund(db, job, "canceled")
             canceled = self._job_row(db, job_id)
@@ -387,6 +472,107 @@ class SQLiteStore:
             (url, expires_at, job_id),
         )
 
+    # --- idempotency keys -------------------------------------------------------------------
+
+    def _claim_idempotency_key(
+        self, user_id: str, key: str, fingerprint: str, now: int, ttl_ms: int, stale_ms: int
+    ) -> IdempotencyClaim:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM idempotency WHERE user_id = ? AND key = ?", (user_id, key)
+            ).fetchone()
+            if row is None or row["expires_at"] <= now:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency (user_id, key, fingerprint, state,"
+                    " claimed_at, expires_at) VALUES (?,?,?,'in_flight',?,?)",
+                    (user_id, key, fingerprint, now, now + ttl_ms),
+                )
+                return IdempotencyClaim("claimed")
+            return self._existing_claim(db, row, fingerprint, now, stale_ms)
+
+    @staticmethod
+    def _existing_claim(
+        db: sqlite3.Connection, row: sqlite3.Row, fingerprint: str, now: int, stale_ms: int
+    ) -> IdempotencyClaim:
+        if not hmac_equal(row["fingerprint"], fingerprint):
+            raise IdempotencyKeyReused()
+        if row["state"] == "done":
+            return IdempotencyClaim("replay", row["status_code"], row["body"], row["job_id"])
+        if now - row["claimed_at"] < stale_ms:
+            return IdempotencyClaim("in_flight", job_id=row["job_id"])
+        # The request that claimed it died: take over, keeping any job it had already charged.
+        db.execute(
+            "UPDATE idempotency SET claimed_at = ? WHERE user_id = ? AND key = ?",
+            (now, row["user_id"], row["key"]),
+        )
+        return IdempotencyClaim("claimed", job_id=row["job_id"])
+
+    def _complete_idempotency_key(self, user_id: str, key: str, status: int, body: str) -> None:
+        self._db.execute(
+            "UPDATE idempotency SET state = 'done', status_code = ?, body = ?"
+            " WHERE user_id = ? AND key = ?",
+            (status, body, user_id, key),
+        )
+
+    def _release_idempotency_key(self, user_id: str, key: str) -> None:
+        self._db.execute(
+            "DELETE FROM idempotency WHERE user_id = ? AND key = ? AND state = 'in_flight'",
+            (user_id, key),
+        )
+
+    def _purge_idempotency_keys(self, before: int, limit: int) -> int:
+        cursor = self._db.execute(
+            "DELETE FROM idempotency WHERE rowid IN"
+            " (SELECT rowid FROM idempotency WHERE expires_at < ? LIMIT ?)",
+            (before, limit),
+        )
+        return cursor.rowcount
+
+    # --- the reconciler's claims ------------------------------------------------------------
+
+    def _claim_stale_jobs(self, stale_before: int, now: int, limit: int) -> list[Job]:
+        with self._transaction() as db:
+            placeholders = ",".join("?" * len(ACTIVE_STATUSES))
+            rows = db.execute(
+                f"SELECT job_id FROM jobs WHERE status IN ({placeholders}) AND checked_at < ?"
+                " ORDER BY checked_at LIMIT ?",
+                (*ACTIVE_STATUSES, stale_before, limit),
+            ).fetchall()
+            return [self._claim(db, row["job_id"], now) for row in rows]
+
+    def _claim_job_check(self, job_id: str, stale_before: int, now: int) -> Job | None:
+        with self._transaction() as db:
+            job = self._job_row(db, job_id)
+            if job is None or job.status.is_terminal or (job.checked_at or 0) >= stale_before:
+                return None
+            return self._claim(db, job_id, now)
+
+    def _claim(self, db: sqlite3.Connection, job_id: str, now: int) -> Job:
+        # Moving checked_at forward is the claim: other instances now see the job as fresh.
+        db.execute("UPDATE jobs SET checked_at = ? WHERE job_id = ?", (now, job_id))
+        job = self._job_row(db, job_id)
+        assert job is not None
+        return job
+
+    # --- the audit ----------------------------------------------------------------------------
+
+    def _audit(self) -> list[str]:
+        problems = [
+            f"{user}: balance {t['credits']} != grants {t['grants']} - charges {t['charges']}"
+            f" + refunds {t['refunds']}"
+            for user, t in self._ledger_totals().items()
+            if t["credits"] != t["grants"] - t["charges"] + t["refunds"]
+        ]
+        rows = self._db.execute(
+            "SELECT j.job_id, j.status,"
+            " (SELECT COUNT(*) FROM ledger l WHERE l.job_id = j.job_id AND kind = 'charge') AS c,"
+            " (SELECT COUNT(*) FROM ledger l WHERE l.job_id = j.job_id AND kind = 'refund') AS r"
+            " FROM jobs j"
+        ).fetchall()
+        for row in rows:
+            problems += job_problems(row["job_id"], JobStatus(row["status"]), row["c"], row["r"])
+        return problems
+
     # --- the async interface --------------------------------------------------------------
 
     async def get_or_create_user(self, user_id: str) -> User:
@@ -395,8 +581,10 @@ class SQLiteStore:
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:
         return await self._run(self._grant_credits, user_id, amount, reason)
 
-    async def charge_and_create_job(self, new: NewJob, max_active: int) -> Job:
-        return await self._run(self._charge_and_create_job, new, max_active)
+    async def charge_and_create_job(
+        self, new: NewJob, max_active: int, idempotency_key: str | None = None
+    ) -> Job:
+        return await self._run(self._charge_and_create_job, new, max_active, idempotency_key)
 
     async def record_runpod_id(self, job_id: str, runpod_id: str) -> Job:
         return await self._run(self._record_runpod_id, job_id, runpod_id)
@@ -424,6 +612,33 @@ class SQLiteStore:
 
     async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
         await self._run(self._save_download_url, job_id, url, expires_at)
+
+    async def claim_idempotency_key(
+        self, user_id: str, key: str, fingerprint: str, now: int, ttl_ms: int, stale_ms: int
+    ) -> IdempotencyClaim:
+        return await self._run(
+            self._claim_idempotency_key, user_id, key, fingerprint, now, ttl_ms, stale_ms
+        )
+
+    async def complete_idempotency_key(
+        self, user_id: str, key: str, status_code: int, body: str
+    ) -> None:
+        await self._run(self._complete_idempotency_key, user_id, key, status_code, body)
+
+    async def release_idempotency_key(self, user_id: str, key: str) -> None:
+        await self._run(self._release_idempotency_key, user_id, key)
+
+    async def purge_idempotency_keys(self, before: int, limit: int) -> int:
+        return await self._run(self._purge_idempotency_keys, before, limit)
+
+    async def claim_stale_jobs(self, stale_before: int, now: int, limit: int) -> list[Job]:
+        return await self._run(self._claim_stale_jobs, stale_before, now, limit)
+
+    async def claim_job_check(self, job_id: str, stale_before: int, now: int) -> Job | None:
+        return await self._run(self._claim_job_check, job_id, stale_before, now)
+
+    async def audit(self) -> list[str]:
+        return await self._run(self._audit)
 
     async def ping(self) -> None:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())

@@ -67,6 +67,8 @@ def settings_factory(tmp_path: Path, public_pem: str) -> Callable[..., Settings]
             "runpod_api_base": RUNPOD_BASE,
             "runpod_webhook_secret": WEBHOOK_SECRET,
             "public_base_url": PUBLIC_BASE,
+            # Tests drive the reconciler by hand, so no background pass races them.
+            "reconciler_enabled": False,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -93,6 +95,8 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             client.app_state = state  # type: ignore[attr-defined]
             yield client
+        # Whatever the scenario did, every credit must be accounted for afterwards.
+        assert await state["store"].audit() == []
 
 
 @pytest.fixture(scope="session")

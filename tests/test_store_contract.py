@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from errors import (
+    IdempotencyKeyReused,
     InsufficientCredits,
     InvalidCursor,
     JobNotCancelable,
     NotFound,
     TooManyActiveJobs,
 )
-from models import JobStatus, NewJob, StatusUpdate, new_job_id, object_key_for
+from models import JobStatus, NewJob, StatusUpdate, new_job_id, now_ms, object_key_for
 from store import Store
 from tests.stores import STORE_KINDS, open_store
 
@@ -25,6 +26,8 @@ SIGNUP = 100
 async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
     async with open_store(request, request.param, tmp_path, signup_credits=SIGNUP) as opened:
         yield opened
+        # Whatever the scenario did, the books must balance afterwards.
+        assert await opened.audit() == []
 
 
 def new_job(user_id: str, cost: int = 5, duration: int = 5) -> NewJob:
@@ -257,3 +260,132 @@ class TestPagination:
     async def test_malformed_cursor(self, store: Store, cursor: str) -> None:
         with pytest.raises(InvalidCursor):
             await store.list_jobs("user_p", 3, cursor)
+
+
+DAY_MS = 86_400_000
+STALE_MS = 30_000
+
+
+class TestIdempotencyKeys:
+    async def claim(self, store: Store, key: str = "k1", fingerprint: str = "f1", now: int = 0):
+        now = now or now_ms()
+        return await store.claim_idempotency_key("user_a", key, fingerprint, now, DAY_MS, STALE_MS)
+
+    async def test_first_claim_then_in_flight(self, store: Store) -> None:
+        assert (await self.claim(store)).outcome == "claimed"
+        assert (await self.claim(store)).outcome == "in_flight"
+
+    async def test_replay_after_complete(self, store: Store) -> None:
+        await self.claim(store)
+        await store.complete_idempotency_key("user_a", "k1", 200, '{"jobId": "job_x"}')
+        claim = await self.claim(store)
+        assert (claim.outcome, claim.status_code, claim.body) == (
+            "replay",
+            200,
+            '{"jobId": "job_x"}',
+        )
+
+    async def test_other_fingerprint_is_refused(self, store: Store) -> None:
+        await self.claim(store)
+        with pytest.raises(IdempotencyKeyReused):
+            await self.claim(store, fingerprint="f2")
+
+    async def test_keys_are_per_user(self, store: Store) -> None:
+        await self.claim(store)
+        other = await store.claim_idempotency_key("user_b", "k1", "f2", now_ms(), DAY_MS, 1)
+        assert other.outcome == "claimed"
+
+    async def test_release_allows_a_retry(self, store: Store) -> None:
+        await self.claim(store)
+        await store.release_idempotency_key("user_a", "k1")
+        assert (await self.claim(store, fingerprint="f2")).outcome == "claimed"
+
+    async def test_release_keeps_a_finished_answer(self, store: Store) -> None:
+        await self.claim(store)
+        await store.complete_idempotency_key("user_a", "k1", 402, "{}")
+        await store.release_idempotency_key("user_a", "k1")
+        assert (await self.claim(store)).outcome == "replay"
+
+    async def test_expired_key_is_fresh(self, store: Store) -> None:
+        start = now_ms()
+        await self.claim(store, now=start)
+        await store.complete_idempotency_key("user_a", "k1", 200, "{}")
+        later = await self.claim(store, fingerprint="f2", now=start + DAY_MS + 1)
+        assert later.outcome == "claimed"
+
+    async def test_stale_claim_is_taken_over_with_its_job(self, store: Store) -> None:
+        start = now_ms()
+        await self.claim(store, now=start)
+        job = await store.charge_and_create_job(new_job("user_a"), 5, idempotency_key="k1")
+        assert job.idempotency_key == "k1"
+        taken = await self.claim(store, now=start + STALE_MS + 1)
+        assert (taken.outcome, taken.job_id) == ("claimed", job.job_id)
+
+    async def test_parallel_claims_one_winner(self, store: Store) -> None:
+        claims = await asyncio.gather(*(self.claim(store) for _ in range(20)))
+        assert sorted(c.outcome for c in claims) == ["claimed"] + ["in_flight"] * 19
+
+    async def test_purge_removes_only_expired(self, store: Store) -> None:
+        start = now_ms()
+        await self.claim(store, key="old", now=start - 2 * DAY_MS)
+        await self.claim(store, key="new", now=start)
+        assert await store.purge_idempotency_keys(start, 100) == 1
+        assert (await self.claim(store, key="new")).outcome == "in_flight"
+
+
+class TestReconcilerClaims:
+    async def test_only_quiet_active_jobs_are_claimed_once(self, store: Store) -> None:
+        quiet = await store.charge_and_create_job(new_job("user_a"), 5)
+        done = await store.charge_and_create_job(new_job("user_a"), 5)
+        await store.apply_status(done.job_id, StatusUpdate(JobStatus.DONE))
+        later = now_ms() + 60_000
+        claimed = await store.claim_stale_jobs(later, later, 10)
+        assert [job.job_id for job in claimed] == [quiet.job_id]
+        assert claimed[0].checked_at == later
+        assert await store.claim_stale_jobs(later, later, 10) == []
+
+    async def test_oldest_first_and_limit(self, store: Store) -> None:
+        first = await store.charge_and_create_job(new_job("user_a"), 5)
+        await asyncio.sleep(0.002)
+        await store.charge_and_create_job(new_job("user_a"), 5)
+        later = now_ms() + 60_000
+        claimed = await store.claim_stale_jobs(later, later, 1)
+        assert [job.job_id for job in claimed] == [first.job_id]
+
+    async def test_news_makes_a_job_fresh(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        checkpoint = now_ms() + 1
+        await asyncio.sleep(0.005)
+        await store.record_runpod_id(job.job_id, "rp-1")
+        assert await store.claim_stale_jobs(checkpoint, now_ms(), 10) == []
+
+    async def test_single_job_check(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        later = now_ms() + 60_000
+        assert await store.claim_job_check(job.job_id, job.created_at, later) is None
+        claimed = await store.claim_job_check(job.job_id, later, later)
+        assert claimed is not None and claimed.job_id == job.job_id
+        assert await store.claim_job_check(job.job_id, later, later) is None
+        assert await store.claim_job_check("job_doesnotexist00", later, later) is None
+
+    async def test_parallel_claims_never_share_a_job(self, store: Store) -> None:
+        for _ in range(5):
+            await store.charge_and_create_job(new_job("user_a"), 10)
+        later = now_ms() + 60_000
+        batches = await asyncio.gather(*(store.claim_stale_jobs(later, later, 3) for _ in range(4)))
+        ids = [job.job_id for batch in batches for job in batch]
+        assert len(ids) == len(set(ids)) == 5
+
+
+class TestAudit:
+    async def test_a_busy_day_balances(self, store: Store) -> None:
+        a = await store.charge_and_create_job(new_job("user_a", cost=3), 5)
+        b = await store.charge_and_create_job(new_job("user_a", cost=4), 5)
+        c = await store.charge_and_create_job(new_job("user_b", cost=5), 5)
+        await store.apply_status(a.job_id, StatusUpdate(JobStatus.DONE))
+        await store.apply_status(b.job_id, StatusUpdate(JobStatus.FAILED, "X", "y"))
+        await store.cancel_job("user_b", c.job_id)
+        await store.grant_credits("user_c", 9, "promo")
+        assert await store.audit() == []
+        totals = await store.ledger_totals()
+        assert totals["user_a"] == {"credits": 97, "grants": 100, "charges": 7, "refunds": 4}
