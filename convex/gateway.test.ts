@@ -76,8 +76,13 @@ async function jobCount(): Promise<number> {
   return (await t.run((ctx) => ctx.db.query("jobs").collect())).length;
 }
 
-/** Insert a job directly, to control `createdAt`. */
-async function insertJob(jobId: string, userId: string, createdAt: number) {
+/** Insert a job directly, to control `createdAt` (and `checkedAt`, which defaults to it). */
+async function insertJob(
+  jobId: string,
+  userId: string,
+  createdAt: number,
+  more: Partial<Pick<Doc<"jobs">, "status" | "checkedAt">> = {},
+) {
   await t.run(async (ctx) => {
     await ctx.db.insert("jobs", {
       ...newJob(jobId, { userId }),
@@ -85,7 +90,19 @@ async function insertJob(jobId: string, userId: string, createdAt: number) {
       status: "queued",
       createdAt,
       updatedAt: createdAt,
+      checkedAt: createdAt,
+      ...more,
     });
+  });
+}
+
+async function patchJob(jobId: string, fields: Partial<Doc<"jobs">>) {
+  await t.run(async (ctx) => {
+    const job = await ctx.db
+      .query("jobs")
+      .withIndex("by_jobId", (q) => q.eq("jobId", jobId))
+      .unique();
+    await ctx.db.patch("jobs", job!._id, fields);
   });
 }
 
@@ -189,8 +206,10 @@ describe("chargeAndCreateJob", () => {
       errorDetail: null,
       downloadUrl: null,
       downloadExpiresAt: null,
+      idempotencyKey: null,
       createdAt: expect.any(Number),
       updatedAt: job.createdAt,
+      checkedAt: job.createdAt,
     });
     expect(await credits(ALICE)).toBe(7);
     const charges = (await ledger()).filter((row) => row.kind === "charge");
@@ -693,5 +712,502 @@ describe("ledgerTotals", () => {
     for (const row of await t.query(internal.gateway.ledgerTotals, {})) {
       expect(row.credits).toBe(row.grants - row.charges + row.refunds);
     }
+  });
+});
+
+describe("checkedAt", () => {
+  test("a changed status, a RunPod id and a cancel each mark the job checked", async () => {
+    await charge("job_1");
+    await charge("job_2");
+    await charge("job_3");
+    for (const jobId of ["job_1", "job_2", "job_3"]) {
+      await patchJob(jobId, { checkedAt: 1000 });
+    }
+    const moved = (await setStatus("job_1", "running")).job;
+    const queued = await t.mutation(internal.gateway.recordRunpodId, {
+      jobId: "job_2",
+      runpodId: "rp_2",
+    });
+    const canceled = await t.mutation(internal.gateway.cancelJob, {
+      userId: ALICE,
+      jobId: "job_3",
+    });
+    for (const job of [moved, queued, canceled]) {
+      expect(job.checkedAt).toBeGreaterThan(1000);
+      expect(job.checkedAt).toBe(job.updatedAt);
+    }
+  });
+
+  test("a status that changes nothing leaves it alone", async () => {
+    await charge("job_1");
+    await setStatus("job_1", "running");
+    await patchJob("job_1", { checkedAt: 1000 });
+    const { job, changed } = await setStatus("job_1", "queued");
+    expect(changed).toBe(false);
+    expect(job.checkedAt).toBe(1000);
+  });
+
+  test("saving a download url leaves it alone", async () => {
+    await charge("job_1");
+    await patchJob("job_1", { checkedAt: 1000 });
+    await t.mutation(internal.gateway.saveDownloadUrl, { jobId: "job_1", url: "u", expiresAt: 1 });
+    expect((await t.query(internal.gateway.findJob, { jobId: "job_1" }))?.checkedAt).toBe(1000);
+  });
+});
+
+describe("idempotency keys", () => {
+  const KEY = "key-1";
+  const TTL = 86_400_000;
+  const STALE = 60_000;
+
+  async function claim(now: number, fingerprint = "fp-a", userId = ALICE) {
+    return await t.mutation(internal.gateway.claimIdempotencyKey, {
+      userId,
+      key: KEY,
+      fingerprint,
+      now,
+      ttlMs: TTL,
+      staleMs: STALE,
+    });
+  }
+
+  async function complete(statusCode = 201, body: string | null = '{"jobId":"job_1"}') {
+    return await t.mutation(internal.gateway.completeIdempotencyKey, {
+      userId: ALICE,
+      key: KEY,
+      statusCode,
+      body,
+    });
+  }
+
+  async function records(): Promise<Doc<"idempotency">[]> {
+    return await t.run((ctx) => ctx.db.query("idempotency").collect());
+  }
+
+  async function chargeWithKey(jobId: string, idempotencyKey: string | null, userId = ALICE) {
+    return await t.mutation(internal.gateway.chargeAndCreateJob, {
+      job: newJob(jobId, { userId }),
+      maxActive: 5,
+      idempotencyKey,
+      ...NEW_USER,
+    });
+  }
+
+  const claimed = { outcome: "claimed", statusCode: null, body: null, jobId: null };
+
+  describe("claimIdempotencyKey", () => {
+    test("claims an unused key with an in-flight record", async () => {
+      expect(await claim(1000)).toEqual(claimed);
+      expect(await records()).toMatchObject([
+        {
+          userId: ALICE,
+          key: KEY,
+          fingerprint: "fp-a",
+          state: "in_flight",
+          claimedAt: 1000,
+          expiresAt: 1000 + TTL,
+        },
+      ]);
+    });
+
+    test("a second request while the first runs is told it is in flight", async () => {
+      await claim(1000);
+      expect(await claim(1000 + STALE - 1)).toEqual({
+        outcome: "in_flight",
+        statusCode: null,
+        body: null,
+        jobId: null,
+      });
+      expect((await records())[0].claimedAt).toBe(1000);
+    });
+
+    test("an in-flight request that has charged shows its job", async () => {
+      await claim(1000);
+      await chargeWithKey("job_1", KEY);
+      expect(await claim(2000)).toMatchObject({ outcome: "in_flight", jobId: "job_1" });
+    });
+
+    test("refuses the key with another request and changes nothing", async () => {
+      await claim(1000);
+      const data = await refusal(claim(2000, "fp-b"), "IDEMPOTENCY_KEY_REUSED");
+      expect(data.message).toBe("This Idempotency-Key was used with a different request");
+      expect(await records()).toMatchObject([{ fingerprint: "fp-a", claimedAt: 1000 }]);
+    });
+
+    test("refuses another request even once the first is done", async () => {
+      await claim(1000);
+      await complete();
+      await refusal(claim(2000, "fp-b"), "IDEMPOTENCY_KEY_REUSED");
+    });
+
+    test("keys belong to one user", async () => {
+      await claim(1000);
+      expect(await claim(1000, "fp-b", BOB)).toEqual(claimed);
+      expect(await records()).toHaveLength(2);
+    });
+
+    test("replays a done request's response", async () => {
+      await claim(1000);
+      await chargeWithKey("job_1", KEY);
+      await complete(201, '{"jobId":"job_1"}');
+      expect(await claim(5000)).toEqual({
+        outcome: "replay",
+        statusCode: 201,
+        body: '{"jobId":"job_1"}',
+        jobId: "job_1",
+      });
+    });
+
+    test("replays a response without a body or job", async () => {
+      await claim(1000);
+      await complete(204, null);
+      // Long after staleMs: a done record is replayed, never taken over.
+      expect(await claim(1000 + STALE * 10)).toEqual({
+        outcome: "replay",
+        statusCode: 204,
+        body: null,
+        jobId: null,
+      });
+    });
+
+    test("takes over a dead request that charged nothing", async () => {
+      await claim(1000);
+      expect(await claim(1000 + STALE)).toEqual(claimed);
+      const [record] = await records();
+      expect(record).toMatchObject({ state: "in_flight", claimedAt: 1000 + STALE });
+      // The takeover is a fresh claim: a third request now finds it in flight.
+      expect((await claim(1000 + STALE + 1)).outcome).toBe("in_flight");
+    });
+
+    test("takes over a dead request that charged, and shows its job", async () => {
+      await claim(1000);
+      await chargeWithKey("job_1", KEY);
+      expect(await claim(1000 + STALE)).toEqual({ ...claimed, jobId: "job_1" });
+      expect((await records())[0].jobId).toBe("job_1");
+    });
+
+    test("an expired record starts over, with any request", async () => {
+      await claim(1000);
+      await chargeWithKey("job_1", KEY);
+      await complete();
+      const later = 1000 + TTL;
+      expect(await claim(later, "fp-b")).toEqual(claimed);
+      const [record] = await records();
+      expect(record).toMatchObject({
+        fingerprint: "fp-b",
+        state: "in_flight",
+        claimedAt: later,
+        expiresAt: later + TTL,
+      });
+      expect(record.jobId).toBeUndefined();
+      expect(record.statusCode).toBeUndefined();
+      expect(record.body).toBeUndefined();
+      expect(await records()).toHaveLength(1);
+    });
+
+    test.each([
+      { ttlMs: 0, staleMs: 1 },
+      { ttlMs: 1.5, staleMs: 1 },
+      { ttlMs: 1, staleMs: -1 },
+    ])("refuses %o", async (limits) => {
+      await refusal(
+        t.mutation(internal.gateway.claimIdempotencyKey, {
+          userId: ALICE,
+          key: KEY,
+          fingerprint: "fp-a",
+          now: 1000,
+          ...limits,
+        }),
+        "INVALID_REQUEST",
+      );
+      expect(await records()).toEqual([]);
+    });
+  });
+
+  describe("completeIdempotencyKey", () => {
+    test("marks the record done with its response", async () => {
+      await claim(1000);
+      expect(await complete(402, '{"code":"INSUFFICIENT_CREDITS"}')).toBeNull();
+      expect(await records()).toMatchObject([
+        { state: "done", statusCode: 402, body: '{"code":"INSUFFICIENT_CREDITS"}' },
+      ]);
+    });
+
+    test("does nothing for a record that is gone", async () => {
+      expect(await complete()).toBeNull();
+      expect(await records()).toEqual([]);
+    });
+  });
+
+  describe("releaseIdempotencyKey", () => {
+    const release = (userId = ALICE) =>
+      t.mutation(internal.gateway.releaseIdempotencyKey, { userId, key: KEY });
+
+    test("deletes an in-flight record so the key can be used again", async () => {
+      await claim(1000);
+      expect(await release()).toBeNull();
+      expect(await records()).toEqual([]);
+      expect(await claim(1001, "fp-b")).toEqual(claimed);
+    });
+
+    test("keeps a done record", async () => {
+      await claim(1000);
+      await complete();
+      await release();
+      expect(await records()).toMatchObject([{ state: "done" }]);
+    });
+
+    test("leaves other users' records and unknown keys alone", async () => {
+      await claim(1000);
+      expect(await release(BOB)).toBeNull();
+      expect(await records()).toHaveLength(1);
+    });
+  });
+
+  describe("purgeIdempotencyKeys", () => {
+    const purge = (before: number, limit: number) =>
+      t.mutation(internal.gateway.purgeIdempotencyKeys, { before, limit });
+
+    beforeEach(async () => {
+      for (const expiresAt of [400, 100, 300, 200]) {
+        await t.run(async (ctx) => {
+          await ctx.db.insert("idempotency", {
+            userId: ALICE,
+            key: `k${expiresAt}`,
+            fingerprint: "fp",
+            state: "done",
+            claimedAt: 0,
+            expiresAt,
+          });
+        });
+      }
+    });
+
+    const remaining = async () => (await records()).map((r) => r.expiresAt).sort();
+
+    test("deletes the records that expired before `before`, soonest first", async () => {
+      expect(await purge(300, 1)).toBe(1);
+      expect(await remaining()).toEqual([200, 300, 400]);
+      expect(await purge(300, 10)).toBe(1);
+      expect(await remaining()).toEqual([300, 400]);
+      expect(await purge(300, 10)).toBe(0);
+    });
+
+    test("deletes at most `limit`", async () => {
+      expect(await purge(1000, 3)).toBe(3);
+      expect(await remaining()).toEqual([400]);
+    });
+
+    test.each([0, -1, 1.5])("refuses limit %s", async (limit) => {
+      await refusal(purge(1000, limit), "INVALID_REQUEST");
+      expect(await records()).toHaveLength(4);
+    });
+  });
+
+  describe("chargeAndCreateJob with a key", () => {
+    test("keeps the key on the job and links the user's record to it", async () => {
+      await claim(1000);
+      await claim(1000, "fp-b", BOB);
+      const job = await chargeWithKey("job_1", KEY);
+      expect(job.idempotencyKey).toBe(KEY);
+      const byUser = Object.fromEntries((await records()).map((r) => [r.userId, r.jobId]));
+      expect(byUser).toEqual({ [ALICE]: "job_1", [BOB]: undefined });
+    });
+
+    test("creates the job when the key has no record", async () => {
+      const job = await chargeWithKey("job_1", KEY);
+      expect(job.idempotencyKey).toBe(KEY);
+      expect(await records()).toEqual([]);
+    });
+
+    test("a null key is no key", async () => {
+      await claim(1000);
+      const job = await chargeWithKey("job_1", null);
+      expect(job.idempotencyKey).toBeNull();
+      expect((await records())[0].jobId).toBeUndefined();
+    });
+
+    test("a refused charge links nothing", async () => {
+      await claim(1000);
+      await t.mutation(internal.gateway.getOrCreateUser, {
+        userId: ALICE,
+        signupCredits: 0,
+        plan: "free",
+      });
+      await refusal(chargeWithKey("job_1", KEY), "INSUFFICIENT_CREDITS");
+      expect((await records())[0].jobId).toBeUndefined();
+    });
+  });
+});
+
+describe("the reconciler's claims", () => {
+  beforeEach(async () => {
+    for (const [jobId, status, checkedAt] of [
+      ["queued_300", "queued", 300],
+      ["running_100", "running", 100],
+      ["submitting_200", "submitting", 200],
+      ["done_50", "done", 50],
+      ["failed_60", "failed", 60],
+      ["canceled_70", "canceled", 70],
+      ["queued_fresh", "queued", 5000],
+      ["running_edge", "running", 1000],
+    ] as const) {
+      await insertJob(jobId, ALICE, 10, { status, checkedAt });
+    }
+  });
+
+  async function claimStale(staleBefore: number, now: number, limit: number) {
+    return await t.mutation(internal.gateway.claimStaleJobs, { staleBefore, now, limit });
+  }
+
+  async function checkedAt(jobId: string) {
+    return (await t.query(internal.gateway.findJob, { jobId }))?.checkedAt;
+  }
+
+  describe("claimStaleJobs", () => {
+    test("claims the active jobs checked before staleBefore, oldest first", async () => {
+      const jobs = await claimStale(1000, 2000, 10);
+      expect(jobs.map((job) => job.jobId)).toEqual(["running_100", "submitting_200", "queued_300"]);
+      expect(jobs.every((job) => job.checkedAt === 2000 && job.updatedAt === 10)).toBe(true);
+      for (const jobId of ["done_50", "failed_60", "canceled_70", "queued_fresh", "running_edge"]) {
+        expect(await checkedAt(jobId)).not.toBe(2000);
+      }
+    });
+
+    test("claims at most `limit`, the oldest, and leaves the rest for the next call", async () => {
+      const first = await claimStale(1000, 2000, 2);
+      expect(first.map((job) => job.jobId)).toEqual(["running_100", "submitting_200"]);
+      expect(await checkedAt("queued_300")).toBe(300);
+      const next = await claimStale(1000, 2001, 2);
+      expect(next.map((job) => job.jobId)).toEqual(["queued_300"]);
+    });
+
+    test("a second call right after finds nothing: the first one's claims look fresh", async () => {
+      const staleMs = 1500; // every job checked before 500 is stale
+      expect(await claimStale(2000 - staleMs, 2000, 10)).toHaveLength(3);
+      expect(await claimStale(2001 - staleMs, 2001, 10)).toEqual([]);
+    });
+
+    test("returns full job records", async () => {
+      const [job] = await claimStale(150, 2000, 10);
+      expect(job).toEqual(await t.query(internal.gateway.findJob, { jobId: "running_100" }));
+    });
+
+    test.each([0, -1, 1.5])("refuses limit %s", async (limit) => {
+      await refusal(claimStale(1000, 2000, limit), "INVALID_REQUEST");
+      expect(await checkedAt("running_100")).toBe(100);
+    });
+  });
+
+  describe("claimJobCheck", () => {
+    const claimOne = (jobId: string, staleBefore = 1000, now = 2000) =>
+      t.mutation(internal.gateway.claimJobCheck, { jobId, staleBefore, now });
+
+    test("claims a stale active job once", async () => {
+      const job = await claimOne("queued_300");
+      expect(job).toMatchObject({ jobId: "queued_300", status: "queued", checkedAt: 2000 });
+      expect(await claimOne("queued_300", 1001, 2001)).toBeNull();
+      expect(await checkedAt("queued_300")).toBe(2000);
+    });
+
+    test.each(["queued_fresh", "running_edge", "done_50", "failed_60", "canceled_70", "nope"])(
+      "returns null for %s and changes nothing",
+      async (jobId) => {
+        const before = await checkedAt(jobId);
+        expect(await claimOne(jobId)).toBeNull();
+        expect(await checkedAt(jobId)).toBe(before);
+      },
+    );
+  });
+});
+
+describe("audit", () => {
+  async function audit() {
+    return await t.query(internal.gateway.audit, {});
+  }
+
+  async function addLedgerRow(jobId: string, kind: "charge" | "refund", amount = 0) {
+    await t.run(async (ctx) => {
+      await ctx.db.insert("ledger", {
+        userId: ALICE,
+        jobId,
+        kind,
+        amount,
+        reason: "x",
+        createdAt: 0,
+      });
+    });
+  }
+
+  beforeEach(async () => {
+    await charge("job_done");
+    await setStatus("job_done", "done");
+    await charge("job_failed");
+    await setStatus("job_failed", "failed");
+    await charge("job_canceled");
+    await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "job_canceled" });
+    await charge("job_free", { cost: 0 });
+    await setStatus("job_free", "failed");
+    await charge("job_running", { userId: BOB });
+    await setStatus("job_running", "running");
+    await t.mutation(internal.gateway.grantCredits, {
+      userId: "user_carol",
+      amount: 5,
+      reason: "promo",
+      ...NEW_USER,
+    });
+  });
+
+  test("finds nothing wrong with books kept by the gateway's functions", async () => {
+    expect(await audit()).toEqual([]);
+  });
+
+  test("finds a balance that does not match the ledger", async () => {
+    await t.run(async (ctx) => {
+      const user = await ctx.db
+        .query("users")
+        .withIndex("by_userId", (q) => q.eq("userId", ALICE))
+        .unique();
+      await ctx.db.patch("users", user!._id, { credits: 99 });
+    });
+    expect(await audit()).toEqual([`${ALICE}: balance 99 != grants 10 - charges 9 + refunds 6`]);
+  });
+
+  test("finds a job charged twice, or never", async () => {
+    await addLedgerRow("job_done", "charge");
+    await insertJob("job_uncharged", ALICE, 10);
+    expect(await audit()).toEqual(["job_done: 2 charges", "job_uncharged: 0 charges"]);
+  });
+
+  test("finds a failed job without its refund", async () => {
+    await charge("job_lost", { userId: BOB });
+    await patchJob("job_lost", { status: "failed" });
+    expect(await audit()).toEqual(["job_lost (failed): 0 refunds"]);
+  });
+
+  test("finds a job refunded twice, and a refund that should not exist", async () => {
+    await addLedgerRow("job_canceled", "refund");
+    await addLedgerRow("job_done", "refund");
+    await addLedgerRow("job_running", "refund");
+    expect(await audit()).toEqual([
+      "job_canceled (canceled): 2 refunds",
+      "job_done (done): 1 refunds",
+      "job_running (running): 1 refunds",
+    ]);
+  });
+
+  test("lists every problem, users first", async () => {
+    await patchJob("job_failed", { status: "done" });
+    await t.run(async (ctx) => {
+      const user = await ctx.db
+        .query("users")
+        .withIndex("by_userId", (q) => q.eq("userId", BOB))
+        .unique();
+      await ctx.db.patch("users", user!._id, { credits: 0 });
+    });
+    expect(await audit()).toEqual([
+      `${BOB}: balance 0 != grants 10 - charges 3 + refunds 0`,
+      "job_failed (done): 1 refunds",
+    ]);
   });
 });

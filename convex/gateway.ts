@@ -30,6 +30,8 @@ import {
 } from "./model";
 import { jobStatus } from "./schema";
 
+type LedgerSums = { grant: number; charge: number; refund: number };
+
 // The gateway's settings decide what a new user starts with; Convex has no copy of them.
 const newUserArgs = { signupCredits: v.number(), plan: v.string() };
 
@@ -152,6 +154,63 @@ async function hasOlderJob(ctx: QueryCtx, last: Doc<"jobs">): Promise<boolean> {
   return earlier !== null;
 }
 
+async function findIdempotencyRecord(
+  ctx: QueryCtx,
+  userId: string,
+  key: string,
+): Promise<Doc<"idempotency"> | null> {
+  return await ctx.db
+    .query("idempotency")
+    .withIndex("by_user_key", (q) => q.eq("userId", userId).eq("key", key))
+    .unique();
+}
+
+async function ledgerSums(ctx: QueryCtx, userId: string): Promise<LedgerSums> {
+  const sums = { grant: 0, charge: 0, refund: 0 };
+  const rows = ctx.db.query("ledger").withIndex("by_user", (q) => q.eq("userId", userId));
+  for await (const row of rows) {
+    sums[row.kind] += row.amount;
+  }
+  return sums;
+}
+
+async function countLedgerRows(
+  ctx: QueryCtx,
+  jobId: string,
+  kind: "charge" | "refund",
+): Promise<number> {
+  const rows = await ctx.db
+    .query("ledger")
+    .withIndex("by_job_kind", (q) => q.eq("jobId", jobId).eq("kind", kind))
+    .collect();
+  return rows.length;
+}
+
+/** The active jobs last checked before `staleBefore`, least recently checked first. */
+async function staleActiveJobs(
+  ctx: QueryCtx,
+  staleBefore: number,
+  limit: number,
+): Promise<Doc<"jobs">[]> {
+  const candidates: Doc<"jobs">[] = [];
+  for (const status of ACTIVE_STATUSES) {
+    // Each status's range is already in `checkedAt` order, so `limit` from each is enough.
+    const jobs = await ctx.db
+      .query("jobs")
+      .withIndex("by_status_checked", (q) => q.eq("status", status).lt("checkedAt", staleBefore))
+      .take(limit);
+    candidates.push(...jobs);
+  }
+  candidates.sort((a, b) => a.checkedAt - b.checkedAt || a._creationTime - b._creationTime);
+  return candidates.slice(0, limit);
+}
+
+/** Claim a job for one reconciler: checked now, so every other instance sees it as fresh. */
+async function claimCheck(ctx: MutationCtx, job: Doc<"jobs">, now: number) {
+  await ctx.db.patch("jobs", job._id, { checkedAt: now });
+  return toJob((await ctx.db.get("jobs", job._id))!);
+}
+
 // --- users and credits ------------------------------------------------------------------------
 
 export const getOrCreateUser = internalMutation({
@@ -188,10 +247,13 @@ export const chargeAndCreateJob = internalMutation({
       objectKey: v.string(),
     }),
     maxActive: v.number(),
+    // The request's Idempotency-Key: kept on the job and linked from the key's record, so a
+    // request that takes over a dead one's key finds the job it already paid for.
+    idempotencyKey: nullableString,
     ...newUserArgs,
   },
   returns: jobRecord,
-  handler: async (ctx, { job, maxActive, signupCredits, plan }) => {
+  handler: async (ctx, { job, maxActive, idempotencyKey, signupCredits, plan }) => {
     requireWhole("cost", job.cost);
     requireWhole("maxActive", maxActive);
     // Creating the user is part of this transaction: a refusal below rolls it back too.
@@ -214,10 +276,18 @@ export const chargeAndCreateJob = internalMutation({
     const id = await ctx.db.insert("jobs", {
       ...fields,
       ...(imageUrl != null ? { imageUrl } : {}),
+      ...(idempotencyKey != null ? { idempotencyKey } : {}),
       status: "submitting",
       createdAt: now,
       updatedAt: now,
+      checkedAt: now,
     });
+    if (idempotencyKey != null) {
+      const claim = await findIdempotencyRecord(ctx, job.userId, idempotencyKey);
+      if (claim !== null) {
+        await ctx.db.patch("idempotency", claim._id, { jobId: job.jobId });
+      }
+    }
     await addCredits(ctx, job.userId, -job.cost);
     await writeLedger(ctx, {
       userId: job.userId,
@@ -235,10 +305,12 @@ export const recordRunpodId = internalMutation({
   returns: jobRecord,
   handler: async (ctx, { jobId, runpodId }) => {
     const job = await jobOrNotFound(ctx, jobId);
+    const now = Date.now();
     await ctx.db.patch("jobs", job._id, {
       runpodId: job.runpodId ?? runpodId,
       status: job.status === "submitting" ? "queued" : job.status,
-      updatedAt: Date.now(),
+      updatedAt: now,
+      checkedAt: now,
     });
     return toJob((await ctx.db.get("jobs", job._id))!);
   },
@@ -259,12 +331,14 @@ export const applyStatus = internalMutation({
       return { job: toJob(job), changed: false };
     }
     // Like store.py, the update replaces the error fields (clearing them when not given).
+    const now = Date.now();
     await ctx.db.patch("jobs", job._id, {
       status,
       errorCode: errorCode ?? undefined,
       errorDetail: errorDetail ?? undefined,
       runpodId: job.runpodId ?? runpodId ?? undefined,
-      updatedAt: Date.now(),
+      updatedAt: now,
+      checkedAt: now,
     });
     if (REFUNDED_STATUSES.includes(status)) {
       await refund(ctx, job, status);
@@ -284,11 +358,13 @@ export const cancelJob = internalMutation({
     if (isTerminal(job.status)) {
       throw fail("JOB_NOT_CANCELABLE", `The job is already ${publicStatus(job.status)}`);
     }
+    const now = Date.now();
     await ctx.db.patch("jobs", job._id, {
       status: "canceled",
       errorCode: "CANCELED",
       errorDetail: "Canceled by the user",
-      updatedAt: Date.now(),
+      updatedAt: now,
+      checkedAt: now,
     });
     await refund(ctx, job, "canceled");
     return toJob((await ctx.db.get("jobs", job._id))!);
@@ -305,6 +381,161 @@ export const saveDownloadUrl = internalMutation({
       await ctx.db.patch("jobs", job._id, { downloadUrl: url, downloadExpiresAt: expiresAt });
     }
     return null;
+  },
+});
+
+// --- idempotency keys -------------------------------------------------------------------------
+
+const idempotencyClaim = v.object({
+  outcome: v.union(v.literal("claimed"), v.literal("replay"), v.literal("in_flight")),
+  statusCode: v.union(v.number(), v.null()),
+  body: v.union(v.string(), v.null()),
+  jobId: v.union(v.string(), v.null()),
+});
+
+/**
+ * Claim a user's Idempotency-Key for one request, or say what became of the request that holds it.
+ *
+ * "claimed": go ahead (a `jobId` means a dead request with this key already charged for that job);
+ * "replay": send the stored response again; "in_flight": the first request is still running.
+ * The same key with a different request is refused with IDEMPOTENCY_KEY_REUSED.
+ */
+export const claimIdempotencyKey = internalMutation({
+  args: {
+    userId: v.string(),
+    key: v.string(),
+    fingerprint: v.string(),
+    now: v.number(),
+    ttlMs: v.number(),
+    staleMs: v.number(),
+  },
+  returns: idempotencyClaim,
+  handler: async (ctx, { userId, key, fingerprint, now, ttlMs, staleMs }) => {
+    requireWhole("ttlMs", ttlMs, 1);
+    requireWhole("staleMs", staleMs);
+    const record = await findIdempotencyRecord(ctx, userId, key);
+    if (record === null || record.expiresAt <= now) {
+      // An expired record is as good as none: its key starts over, whatever it was used for.
+      const fresh = {
+        userId,
+        key,
+        fingerprint,
+        state: "in_flight" as const,
+        claimedAt: now,
+        expiresAt: now + ttlMs,
+      };
+      if (record === null) {
+        await ctx.db.insert("idempotency", fresh);
+      } else {
+        await ctx.db.replace("idempotency", record._id, fresh);
+      }
+      return { outcome: "claimed" as const, statusCode: null, body: null, jobId: null };
+    }
+    if (record.fingerprint !== fingerprint) {
+      throw fail(
+        "IDEMPOTENCY_KEY_REUSED",
+        "This Idempotency-Key was used with a different request",
+      );
+    }
+    const jobId = record.jobId ?? null;
+    if (record.state === "done") {
+      const statusCode = record.statusCode ?? null;
+      return { outcome: "replay" as const, statusCode, body: record.body ?? null, jobId };
+    }
+    if (now - record.claimedAt < staleMs) {
+      return { outcome: "in_flight" as const, statusCode: null, body: null, jobId };
+    }
+    // The request holding the claim died: this one takes over where it stopped.
+    await ctx.db.patch("idempotency", record._id, { claimedAt: now });
+    return { outcome: "claimed" as const, statusCode: null, body: null, jobId };
+  },
+});
+
+/** Store the response to replay for the key. A record that is gone (purged) stays gone. */
+export const completeIdempotencyKey = internalMutation({
+  args: {
+    userId: v.string(),
+    key: v.string(),
+    statusCode: v.number(),
+    body: v.union(v.string(), v.null()),
+  },
+  returns: v.null(),
+  handler: async (ctx, { userId, key, statusCode, body }) => {
+    requireWhole("statusCode", statusCode);
+    const record = await findIdempotencyRecord(ctx, userId, key);
+    if (record !== null) {
+      await ctx.db.patch("idempotency", record._id, {
+        state: "done",
+        statusCode,
+        body: body ?? undefined,
+      });
+    }
+    return null;
+  },
+});
+
+/** Forget an in-flight claim whose request did nothing, so the client may retry with the key. */
+export const releaseIdempotencyKey = internalMutation({
+  args: { userId: v.string(), key: v.string() },
+  returns: v.null(),
+  handler: async (ctx, { userId, key }) => {
+    const record = await findIdempotencyRecord(ctx, userId, key);
+    // A done record is a promise to replay its response: never drop it here.
+    if (record !== null && record.state === "in_flight") {
+      await ctx.db.delete("idempotency", record._id);
+    }
+    return null;
+  },
+});
+
+/** Delete up to `limit` records that expired before `before`; returns how many. */
+export const purgeIdempotencyKeys = internalMutation({
+  args: { before: v.number(), limit: v.number() },
+  returns: v.number(),
+  handler: async (ctx, { before, limit }) => {
+    requireWhole("limit", limit, 1);
+    const expired = await ctx.db
+      .query("idempotency")
+      .withIndex("by_expires", (q) => q.lt("expiresAt", before))
+      .take(limit);
+    for (const record of expired) {
+      await ctx.db.delete("idempotency", record._id);
+    }
+    return expired.length;
+  },
+});
+
+// --- the reconciler ---------------------------------------------------------------------------
+
+/**
+ * Claim up to `limit` active jobs not checked since `staleBefore`, least recently checked first.
+ *
+ * The claim is `checkedAt = now`: an instance calling at the same moment sees them as fresh and
+ * skips them, so each stale job is checked by one instance at a time.
+ */
+export const claimStaleJobs = internalMutation({
+  args: { staleBefore: v.number(), now: v.number(), limit: v.number() },
+  returns: v.array(jobRecord),
+  handler: async (ctx, { staleBefore, now, limit }) => {
+    requireWhole("limit", limit, 1);
+    const claimed = [];
+    for (const job of await staleActiveJobs(ctx, staleBefore, limit)) {
+      claimed.push(await claimCheck(ctx, job, now));
+    }
+    return claimed;
+  },
+});
+
+/** Claim one job like `claimStaleJobs`; null if it is unknown, finished, or checked recently. */
+export const claimJobCheck = internalMutation({
+  args: { jobId: v.string(), staleBefore: v.number(), now: v.number() },
+  returns: v.union(jobRecord, v.null()),
+  handler: async (ctx, { jobId, staleBefore, now }) => {
+    const job = await findJobDoc(ctx, jobId);
+    if (job === null || !ACTIVE_STATUSES.includes(job.status) || job.checkedAt >= staleBefore) {
+      return null;
+    }
+    return await claimCheck(ctx, job, now);
   },
 });
 
@@ -394,11 +625,7 @@ export const ledgerTotals = internalQuery({
     // 32,000-documents-per-query limit; page it by user when the ledger outgrows that.
     const totals = [];
     for await (const user of ctx.db.query("users")) {
-      const sums = { grant: 0, charge: 0, refund: 0 };
-      const rows = ctx.db.query("ledger").withIndex("by_user", (q) => q.eq("userId", user.userId));
-      for await (const row of rows) {
-        sums[row.kind] += row.amount;
-      }
+      const sums = await ledgerSums(ctx, user.userId);
       totals.push({
         userId: user.userId,
         credits: user.credits,
@@ -408,5 +635,43 @@ export const ledgerTotals = internalQuery({
       });
     }
     return totals.sort((a, b) => (a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0));
+  },
+});
+
+/**
+ * What is wrong with the books, one line per problem (`manage.py audit`); empty when healthy.
+ *
+ * Every balance must equal grants - charges + refunds, every job must have exactly one charge,
+ * every failed or canceled job exactly one refund, and every other job none.
+ */
+export const audit = internalQuery({
+  args: {},
+  returns: v.array(v.string()),
+  handler: async (ctx) => {
+    // A full scan of users, jobs and the ledger: fine for an operator command while it stays
+    // within one query's read limits (32,000 documents); a large deployment would page through
+    // users and jobs over several queries instead.
+    const problems: string[] = [];
+    for await (const user of ctx.db.query("users").withIndex("by_userId")) {
+      const { grant, charge, refund } = await ledgerSums(ctx, user.userId);
+      if (user.credits !== grant - charge + refund) {
+        problems.push(
+          `${user.userId}: balance ${user.credits} != grants ${grant} - charges ${charge}` +
+            ` + refunds ${refund}`,
+        );
+      }
+    }
+    for await (const job of ctx.db.query("jobs").withIndex("by_jobId")) {
+      const charges = await countLedgerRows(ctx, job.jobId, "charge");
+      if (charges !== 1) {
+        problems.push(`${job.jobId}: ${charges} charges`);
+      }
+      const refunds = await countLedgerRows(ctx, job.jobId, "refund");
+      const expected = REFUNDED_STATUSES.includes(job.status) ? 1 : 0;
+      if (refunds !== expected) {
+        problems.push(`${job.jobId} (${job.status}): ${refunds} refunds`);
+      }
+    }
+    return problems;
   },
 });

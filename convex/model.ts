@@ -42,7 +42,8 @@ export type ErrorCode =
   | "JOB_NOT_CANCELABLE"
   | "CONFLICT"
   | "INVALID_CURSOR"
-  | "INVALID_REQUEST";
+  | "INVALID_REQUEST"
+  | "IDEMPOTENCY_KEY_REUSED";
 
 export type ErrorData = { code: ErrorCode; message: string };
 
@@ -83,8 +84,10 @@ export const jobRecord = v.object({
   errorDetail: v.union(v.string(), v.null()),
   downloadUrl: v.union(v.string(), v.null()),
   downloadExpiresAt: v.union(v.number(), v.null()),
+  idempotencyKey: v.union(v.string(), v.null()),
   createdAt: v.number(),
   updatedAt: v.number(),
+  checkedAt: v.number(),
 });
 
 export type UserRecord = Infer<typeof userRecord>;
@@ -117,7 +120,9 @@ export function toJob(doc: Doc<"jobs">): JobRecord {
     errorDetail: doc.errorDetail ?? null,
     downloadUrl: doc.downloadUrl ?? null,
     downloadExpiresAt: doc.downloadExpiresAt ?? null,
+    idempotencyKey: doc.idempotencyKey ?? null,
     createdAt: doc.createdAt,
     updatedAt: doc.updatedAt,
+    checkedAt: doc.checkedAt,
   };
 }

@@ -18,6 +18,8 @@ export const jobStatus = v.union(
 
 export const ledgerKind = v.union(v.literal("grant"), v.literal("charge"), v.literal("refund"));
 
+export const idempotencyState = v.union(v.literal("in_flight"), v.literal("done"));
+
 export default defineSchema({
   users: defineTable({
     userId: v.string(), // Clerk user id (`user_...`)
@@ -43,14 +45,35 @@ export default defineSchema({
     errorDetail: v.optional(v.string()),
     downloadUrl: v.optional(v.string()),
     downloadExpiresAt: v.optional(v.number()),
+    idempotencyKey: v.optional(v.string()), // the Idempotency-Key of the request that created it
     createdAt: v.number(),
     updatedAt: v.number(),
+    // The last evidence about the job (a status, a RunPod id, a reconciler's claim): the
+    // reconciler checks the active jobs that have gone quiet the longest.
+    checkedAt: v.number(),
   })
     .index("by_jobId", ["jobId"])
     // Convex appends `_creationTime` to every index, so equal `createdAt`s keep insertion order.
     .index("by_user_created", ["userId", "createdAt"])
     .index("by_runpodId", ["runpodId"])
-    .index("by_user_status", ["userId", "status"]),
+    .index("by_user_status", ["userId", "status"])
+    .index("by_status_checked", ["status", "checkedAt"]),
+
+  // One row per (user, Idempotency-Key): the first request's fingerprint, and once it is done,
+  // the response to replay. Rows expire; `purgeIdempotencyKeys` deletes them.
+  idempotency: defineTable({
+    userId: v.string(),
+    key: v.string(),
+    fingerprint: v.string(), // a hash of the request, so a reused key with another body is caught
+    state: idempotencyState,
+    statusCode: v.optional(v.number()), // set when done
+    body: v.optional(v.string()), // the response's JSON text, set when done
+    jobId: v.optional(v.string()), // the job the request charged for, once it has
+    claimedAt: v.number(), // ms; an in-flight claim older than the caller's staleMs is dead
+    expiresAt: v.number(),
+  })
+    .index("by_user_key", ["userId", "key"])
+    .index("by_expires", ["expiresAt"]),
 
   // Append-only. A job has at most one `charge` and one `refund` row.
   ledger: defineTable({
