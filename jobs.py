@@ -6,15 +6,18 @@ decides *which* rule to invoke when RunPod or a user says something, and proves 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config import Settings
-from errors import InvalidSignature
+from errors import GatewayError, InvalidSignature
 from models import (
     MAX_SEED,
     CreateJobRequest,
@@ -38,6 +41,8 @@ from store import Store
 
 log = logging.getLogger("gateway.jobs")
 
+DEADLINE_GRACE_SECONDS = 60  # RunPod's ttl is counted from its clock, not ours
+STALE_POLL_TIMEOUT_SECONDS = 2.5  # a polling client waits at most this for a fresh answer
 SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
 # Reuse a download URL while more than an hour of it remains, so a browser that starts playing
 # it just before expiry can still finish the video.
@@ -129,7 +134,9 @@ class JobService:
 
     # --- create -----------------------------------------------------------------------
 
-    async def create(self, user_id: str, request: CreateJobRequest) -> Job:
+    async def create(
+        self, user_id: str, request: CreateJobRequest, idempotency_key: str | None = None
+    ) -> Job:
         """Charge and record the job, then submit it; a refused submission is refunded."""
         job_id = new_job_id()
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -143,7 +150,9 @@ class JobService:
             cost=request.duration_sec * self.settings.credits_per_second,
             object_key=object_key_for(user_id, job_id),
         )
-        job = await self.store.charge_and_create_job(new, self.settings.max_concurrent_jobs)
+        job = await self.store.charge_and_create_job(
+            new, self.settings.max_concurrent_jobs, idempotency_key
+        )
         return await self._submit(job)
 
     async def _submit(self, job: Job) -> Job:
@@ -237,6 +246,50 @@ class JobService:
 
     # --- cancel -----------------------------------------------------------------------
 
+    def deadline_ms(self, job: Job) -> int:
+        """When RunPod has surely forgotten the job: past this it can never finish."""
+        ttl = self.settings.runpod_job_ttl_seconds + DEADLINE_GRACE_SECONDS
+        return job.created_at + ttl * 1000
+
+    async def settle(self, job: Job) -> str:
+        """One reconciler look at a quiet job; returns what was done, for logs and metrics."""
+        if now_ms() > self.deadline_ms(job):
+            await self._expire(job)
+            return "expired"
+        if not job.runpod_id:
+            # The submission's outcome is unknown: RunPod may be running it, and a resubmit
+            # could bill twice. Its webhook or its deadline will settle it.
+            return "waiting"
+        settled = await self.refresh_from_runpod(job, job.runpod_id)
+        return "updated" if settled.status is not job.status else "unchanged"
+
+    async def _expire(self, job: Job) -> None:
+        if job.runpod_id:
+            try:
+                await self.runpod.cancel(job.runpod_id)
+            except RunPodError as exc:
+                log.warning("could not cancel expired job %s at RunPod: %s", job.job_id, exc)
+        update = StatusUpdate(JobStatus.FAILED, "DEADLINE_EXCEEDED", "The job never finished")
+        await self.store.apply_status(job.job_id, update)
+
+    async def check_if_stale(self, job: Job) -> Job:
+        """On a poll: one bounded status check for a job that has gone quiet, then the result."""
+        if job.status.is_terminal:
+            return job
+        now = now_ms()
+        stale_before = now - int(self.settings.reconcile_after_seconds * 1000)
+        if (job.checked_at or now) >= stale_before:
+            return job  # the common case, decided without a store call
+        claimed = await self.store.claim_job_check(job.job_id, stale_before, now)
+        if claimed is None:
+            return job  # fresh, or another instance is looking at it right now
+        try:
+            action = await asyncio.wait_for(self.settle(claimed), STALE_POLL_TIMEOUT_SECONDS)
+            log.info("stale poll of %s: %s", job.job_id, action)
+        except (GatewayError, TimeoutError) as exc:
+            log.warning("stale poll of %s could not reach RunPod: %s", job.job_id, exc)
+        return await self.store.get_job(job.user_id, job.job_id)
+
     async def cancel(self, user_id: str, job_id: str) -> Job:
         job = await self.store.get_job(user_id, job_id)
         if not job.status.is_terminal and job.runpod_id:
@@ -245,3 +298,48 @@ class JobService:
             except RunPodNotFound:
                 pass  # RunPod already forgot it: nothing left running to stop.
         return await self.store.cancel_job(user_id, job_id)
+
+
+class Reconciler:
+    """A background loop that closes every gap a lost webhook or a crash leaves.
+
+    Safe with many instances: each claims its jobs through the store (moving their `checked_at`
+    forward), so no two instances act on one job in the same window.
+    """
+
+    BATCH = 50
+
+    def __init__(self, jobs: JobService, on_action: Callable[[str], None] | None = None) -> None:
+        self.jobs = jobs
+        self.on_action = on_action or (lambda action: None)
+
+    async def run_forever(self) -> None:
+        interval = self.jobs.settings.reconcile_interval_seconds
+        while True:
+            # Jitter spreads instances that started together.
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                await self.reconcile_once()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("reconciler pass failed")
+
+    async def reconcile_once(self) -> dict[str, int]:
+        now = now_ms()
+        stale_before = now - int(self.jobs.settings.reconcile_after_seconds * 1000)
+        claimed = await self.jobs.store.claim_stale_jobs(stale_before, now, self.BATCH)
+        actions: dict[str, int] = {}
+        for job in claimed:
+            action = await self._settle(job)
+            actions[action] = actions.get(action, 0) + 1
+        await self.jobs.store.purge_idempotency_keys(now, 500)
+        return actions
+
+    async def _settle(self, job: Job) -> str:
+        try:
+            action = await self.jobs.settle(job)
+        except GatewayError as exc:
+            log.warning("reconciler could not settle %s: %s", job.job_id, exc.detail)
+            action = "error"
+        log.info("reconciler: job %s (%s) -> %s", job.job_id, job.status.value, action)
+        self.on_action(action)
+        return action

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import httpx
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,26 +27,31 @@ from auth import ClerkAuth, Principal, dev_jwks, ensure_dev_key
 from config import Settings, get_settings
 from errors import (
     GatewayError,
+    IdempotencyKeyInUse,
     InvalidRequest,
     InvalidSignature,
+    JobNotCancelable,
     MethodNotAllowed,
     NotFound,
     Unauthorized,
 )
-from jobs import JobService, signature_is_valid, token_is_valid
+from jobs import JobService, Reconciler, signature_is_valid, token_is_valid
 from local_storage import LocalStorage, storage_router
 from models import (
     CreateJobRequest,
     CreateJobResponse,
     CreditsResponse,
     ErrorResponse,
+    IdempotencyClaim,
     Job,
     JobListResponse,
     JobResponse,
     image_url_host,
+    json_dump,
+    now_ms,
 )
 from r2_client import ObjectStorage, R2Storage, make_s3_client
-from runpod_client import RunPodClient, RunPodStatus, build_http_client
+from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
 from store import SQLiteStore, Store
 
 log = logging.getLogger("gateway")
@@ -171,7 +180,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with AsyncExitStack() as stack:
-            yield await _build_state(settings, stack)
+            state = await _build_state(settings, stack)
+            if settings.reconciler_enabled:
+                task = asyncio.create_task(Reconciler(state["jobs"]).run_forever())
+                stack.callback(task.cancel)
+            yield state
 
     return lifespan
 
@@ -363,12 +376,33 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         responses=error_responses(400, 401, 402, 413, 429, 502, 503),
     )
     async def create_job(
-        body: CreateJobRequest, user: CurrentUser, jobs: JobsDep
-    ) -> CreateJobResponse:
-        """Charge `durationSec × CREDITS_PER_SECOND` credits and submit the job to RunPod."""
+        body: CreateJobRequest,
+        user: CurrentUser,
+        jobs: JobsDep,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Any:
+        """Charge `durationSec × CREDITS_PER_SECOND` credits and submit the job to RunPod.
+
+        With an `Idempotency-Key`, a retry of the same request returns the first answer
+        (the same `jobId`) and is never charged or submitted twice.
+        """
         check_limits(body, settings)
-        job = await jobs.create(user.user_id, body)
-        return CreateJobResponse(job_id=job.job_id)
+        key = checked_idempotency_key(idempotency_key)
+        if key is None:
+            job = await jobs.create(user.user_id, body)
+            return CreateJobResponse(job_id=job.job_id)
+
+        async def create_once(existing_job_id: str | None) -> Answer:
+            if existing_job_id:  # a crashed attempt had already charged: that is the answer
+                return 200, {"jobId": existing_job_id}
+            try:
+                job = await jobs.create(user.user_id, body, key)
+            except RunPodError as exc:  # charged, then refunded: the request did execute
+                return exc.status_code, error_body(exc.code, exc.detail)
+            return 200, {"jobId": job.job_id}
+
+        fingerprint = request_fingerprint("create", body.model_dump(mode="json"))
+        return await answer_once(jobs.store, user.user_id, key, fingerprint, create_once)
 
     @app.get(
         "/jobs",
@@ -399,6 +433,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     ) -> JobResponse:
         """The job's status; a done job carries a presigned download URL and its expiry."""
         job = await store.get_job(user.user_id, checked_job_id(job_id))
+        job = await jobs.check_if_stale(job)
         return JobResponse.from_job(await jobs.with_download_url(job))
 
     @app.post(
@@ -407,10 +442,27 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         summary="Cancel a job",
         responses=error_responses(401, 404, 409, 502, 503),
     )
-    async def cancel_job(job_id: str, user: CurrentUser, jobs: JobsDep) -> JobResponse:
+    async def cancel_job(
+        job_id: str,
+        user: CurrentUser,
+        jobs: JobsDep,
+        idempotency_key: IdempotencyKeyHeader = None,
+    ) -> Any:
         """Cancel a queued or running job at RunPod and refund its credits."""
-        job = await jobs.cancel(user.user_id, checked_job_id(job_id))
-        return JobResponse.from_job(job)
+        job_id = checked_job_id(job_id)
+        key = checked_idempotency_key(idempotency_key)
+        if key is None:
+            return JobResponse.from_job(await jobs.cancel(user.user_id, job_id))
+
+        async def cancel_once(_: str | None) -> Answer:
+            try:
+                job = await jobs.cancel(user.user_id, job_id)
+            except (JobNotCancelable, NotFound) as exc:  # final answers, worth replaying
+                return exc.status_code, error_body(exc.code, exc.detail)
+            return 200, json_dump(JobResponse.from_job(job))
+
+        fingerprint = request_fingerprint("cancel", job_id)
+        return await answer_once(jobs.store, user.user_id, key, fingerprint, cancel_once)
 
     @app.get(
         "/credits",
@@ -444,6 +496,78 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         async def local_jwks() -> dict[str, Any]:
             """The local dev issuer's public keys."""
             return dev_jwks(settings.local_data_dir)
+
+
+# --- Idempotency keys -------------------------------------------------------------------------
+
+IDEMPOTENCY_TTL_MS = 24 * 3_600_000  # keys are kept a day, like Stripe's
+# A request that has held its key this long has died (a crash, a kill): others may take over.
+IN_FLIGHT_STALE_MS = 60_000
+# A concurrent retry waits this long for the first request's answer before a 409.
+IN_FLIGHT_WAIT_SECONDS = 3.0
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+Answer = tuple[int, dict[str, Any]]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Up to 255 printable characters; a retry with the same key and body "
+        "returns the first answer for 24 h.",
+    ),
+]
+
+
+def checked_idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        exc = InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
+        exc.errors = [{"field": "Idempotency-Key", "message": "invalid"}]  # type: ignore
+        raise exc
+    return raw
+
+
+def request_fingerprint(operation: str, payload: Any) -> str:
+    canonical = json.dumps([operation, payload], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _claim(store: Store, user_id: str, key: str, fingerprint: str) -> IdempotencyClaim:
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while True:
+        claim = await store.claim_idempotency_key(
+            user_id, key, fingerprint, now_ms(), IDEMPOTENCY_TTL_MS, IN_FLIGHT_STALE_MS
+        )
+        if claim.outcome != "in_flight":
+            return claim
+        if time.monotonic() >= deadline:
+            raise IdempotencyKeyInUse()
+        await asyncio.sleep(0.1)
+
+
+async def answer_once(
+    store: Store,
+    user_id: str,
+    key: str,
+    fingerprint: str,
+    action: Callable[[str | None], Awaitable[Answer]],
+) -> JSONResponse:
+    """Run `action` once per key; later requests with the key get its stored answer."""
+    claim = await _claim(store, user_id, key, fingerprint)
+    if claim.outcome == "replay":
+        body = json.loads(claim.body or "{}")
+        headers = {"Idempotent-Replayed": "true"}
+        return JSONResponse(body, status_code=claim.status_code or 200, headers=headers)
+    try:
+        status, body = await action(claim.job_id)
+    except BaseException:
+        # Nothing was executed (or it cannot be told): let the client retry with the same key.
+        with contextlib.suppress(GatewayError):
+            await store.release_idempotency_key(user_id, key)
+        raise
+    await store.complete_idempotency_key(user_id, key, status, json.dumps(body))
+    return JSONResponse(body, status_code=status)
 
 
 # --- The webhook ------------------------------------------------------------------------------

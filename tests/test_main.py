@@ -6,13 +6,14 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from jobs import sign_body, webhook_token
+from jobs import Reconciler, sign_body, webhook_token
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
 
 JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 5, "seed": 42}
@@ -667,3 +668,207 @@ class TestConcurrency:
         now = await credits_of(client, alice)
         charged = 3 * statuses.count(200)
         assert now >= 0 and now + charged == start
+
+
+def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
+    return {**headers, "Idempotency-Key": key}
+
+
+class TestIdempotencyKey:
+    async def test_retry_returns_the_first_answer(self, client, runpod, alice) -> None:
+        first = await create(client, keyed(alice, "order-1"))
+        again = await create(client, keyed(alice, "order-1"))
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        assert runpod.routes[0].call_count == 1
+        assert await credits_of(client, alice) == 95
+
+    async def test_same_key_other_body_is_409(self, client, runpod, alice) -> None:
+        await create(client, keyed(alice, "order-1"))
+        response = await create(client, keyed(alice, "order-1"), durationSec=6)
+        assert_error(response, 409, "IDEMPOTENCY_KEY_REUSED")
+        assert runpod.routes[0].call_count == 1
+
+    async def test_json_formatting_does_not_matter(self, client, runpod, alice) -> None:
+        first = await create(client, keyed(alice, "order-1"))
+        raw = json.dumps({k: JOB[k] for k in reversed(list(JOB))}, indent=2).encode()
+        headers = {**keyed(alice, "order-1"), "content-type": "application/json"}
+        again = await client.post("/jobs/create", content=raw, headers=headers)
+        assert again.json() == first.json()
+
+    async def test_concurrent_retries_make_one_job(self, client, runpod, alice) -> None:
+        responses = await asyncio.gather(
+            *(create(client, keyed(alice, "burst")) for _ in range(10))
+        )
+        ok = {r.json()["jobId"] for r in responses if r.status_code == 200}
+        busy = [r for r in responses if r.status_code == 409]
+        assert len(ok) == 1 and {r.status_code for r in responses} <= {200, 409}
+        assert all(r.json()["code"] == "IDEMPOTENCY_KEY_IN_USE" for r in busy)
+        assert all("retry-after" in r.headers for r in busy)
+        assert runpod.routes[0].call_count == 1
+        assert await credits_of(client, alice) == 95
+
+    async def test_keys_are_per_user(self, client, runpod, alice, bob) -> None:
+        a = await create(client, keyed(alice, "same"))
+        b = await create(client, keyed(bob, "same"), durationSec=2)
+        assert a.status_code == b.status_code == 200 and a.json() != b.json()
+
+    @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "naïve"])
+    async def test_malformed_key_is_400(self, client, runpod, alice, key) -> None:
+        headers = {**alice, "Idempotency-Key": key.encode("utf-8")}
+        response = await client.post("/jobs/create", json=JOB, headers=headers)
+        assert_error(response, 400, "INVALID_REQUEST")
+        assert not runpod.routes[0].called
+
+    async def test_refusal_before_charging_frees_the_key(self, settings_factory, runpod, alice):
+        async with serve(settings_factory(signup_credits=3)) as client:
+            refused = await create(client, keyed(alice, "k"), durationSec=5)
+            assert_error(refused, 402, "INSUFFICIENT_CREDITS")
+            await client.app_state["store"].grant_credits("user_alice", 10, "test")
+            assert (await create(client, keyed(alice, "k"), durationSec=5)).status_code == 200
+
+    async def test_upstream_refusal_is_replayed(self, client, alice) -> None:
+        with respx.mock:
+            route = respx.post(f"{RUNPOD_URL}/run").respond(400, json={"error": "bad"})
+            first = await create(client, keyed(alice, "k"))
+            again = await create(client, keyed(alice, "k"))
+            assert route.call_count == 1
+        assert first.status_code == again.status_code == 502
+        assert again.json() == first.json()
+        assert await credits_of(client, alice) == 100
+
+    async def test_cancel_with_a_key(self, client, runpod, alice) -> None:
+        cancel = runpod.post(f"{RUNPOD_URL}/cancel/rp-1").respond(200, json={"id": "rp-1"})
+        job_id = (await create(client, alice)).json()["jobId"]
+        url = f"/jobs/{job_id}/cancel"
+        first = await client.post(url, headers=keyed(alice, "c1"))
+        again = await client.post(url, headers=keyed(alice, "c1"))
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json() and first.json()["status"] == "canceled"
+        assert cancel.call_count == 1
+        other_key = await client.post(url, headers=keyed(alice, "c2"))
+        assert_error(other_key, 409, "JOB_NOT_CANCELABLE")
+
+    async def test_key_of_a_create_cannot_cancel(self, client, runpod, alice) -> None:
+        job_id = (await create(client, keyed(alice, "k"))).json()["jobId"]
+        response = await client.post(f"/jobs/{job_id}/cancel", headers=keyed(alice, "k"))
+        assert_error(response, 409, "IDEMPOTENCY_KEY_REUSED")
+
+
+def quiet(settings_factory, **changes: Any):
+    """Settings under which a job is 'quiet' almost at once, so the reconciler looks at it."""
+    return serve(settings_factory(reconcile_after_seconds=0.01, **changes))
+
+
+async def reconcile(client) -> dict[str, int]:
+    await asyncio.sleep(0.02)
+    return await Reconciler(client.app_state["jobs"]).reconcile_once()
+
+
+class TestReconciler:
+    async def test_lost_webhook_is_recovered(self, settings_factory, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "COMPLETED"}
+        )
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            store_object(client, f"videos/user_alice/{job_id}.mp4")
+            assert await reconcile(client) == {"updated": 1}
+            assert status.call_count == 1
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert job["status"] == "done" and job["r2Url"]
+
+    async def test_runpod_forgot_it(self, settings_factory, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(404)
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            await reconcile(client)
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert (job["status"], job["error"]["code"]) == ("failed", "UPSTREAM_LOST")
+            assert await credits_of(client, alice) == 100
+
+    async def test_still_running_is_left_alone(self, settings_factory, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_PROGRESS"}
+        )
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            assert await reconcile(client) == {"updated": 1}
+            assert await reconcile(client) == {"unchanged": 1}
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert job["status"] == "running"
+            assert await credits_of(client, alice) == 95
+
+    async def test_uncertain_submission_waits_for_word(self, settings_factory, alice) -> None:
+        async with quiet(settings_factory) as client:
+            with respx.mock:
+                respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+                job_id = (await create(client, alice)).json()["jobId"]
+            assert await reconcile(client) == {"waiting": 1}
+            assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    async def test_past_the_deadline_is_cancelled_and_refunded(
+        self, settings_factory, runpod, alice
+    ) -> None:
+        cancel = runpod.post(f"{RUNPOD_URL}/cancel/rp-1").respond(200, json={"id": "rp-1"})
+        async with quiet(settings_factory) as client:
+            jobs = client.app_state["jobs"]
+            job_id = (await create(client, alice)).json()["jobId"]
+            job = await jobs.store.find_job(job_id)
+            # A job created long ago: its RunPod ttl has run out.
+            assert await jobs.settle(replace(job, created_at=job.created_at - 10**8)) == "expired"
+            assert cancel.called
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert (job["status"], job["error"]["code"]) == ("failed", "DEADLINE_EXCEEDED")
+            assert await credits_of(client, alice) == 100
+
+    async def test_runpod_down_is_retried_next_pass(self, settings_factory, runpod, alice):
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(503)
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            assert await reconcile(client) == {"error": 1}
+            assert await reconcile(client) == {"error": 1}
+            assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    async def test_instances_never_check_one_job_twice(
+        self, settings_factory, runpod, alice
+    ) -> None:
+        status = runpod.get(url__regex=rf"{RUNPOD_URL}/status/.*").respond(
+            200, json={"id": "rp-1", "status": "IN_QUEUE"}
+        )
+        async with quiet(settings_factory) as client:
+            for _ in range(4):
+                await create(client, alice, durationSec=1)
+            await asyncio.sleep(0.02)
+            jobs = client.app_state["jobs"]
+            passes = await asyncio.gather(*(Reconciler(jobs).reconcile_once() for _ in range(3)))
+            assert sum(sum(p.values()) for p in passes) == 4
+            assert status.call_count == 4
+
+    async def test_stale_poll_checks_once(self, settings_factory, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "COMPLETED"}
+        )
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            store_object(client, f"videos/user_alice/{job_id}.mp4")
+            await asyncio.sleep(0.02)
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert job["status"] == "done" and status.call_count == 1
+
+    async def test_stale_poll_with_runpod_down_still_answers(
+        self, settings_factory, runpod, alice
+    ) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(500)
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            await asyncio.sleep(0.02)
+            response = await client.get(f"/jobs/{job_id}", headers=alice)
+            assert response.status_code == 200 and response.json()["status"] == "queued"
+
+    async def test_fresh_poll_asks_nobody(self, client, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(200, json={})
+        job_id = (await create(client, alice)).json()["jobId"]
+        await client.get(f"/jobs/{job_id}", headers=alice)
+        assert not status.called
