@@ -10,8 +10,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import random
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,12 +43,29 @@ from store import Store
 
 log = logging.getLogger("gateway.jobs")
 
-DEADLINE_GRACE_SECONDS = 60  # RunPod's ttl is counted from its clock, not ours
+# RunPod counts ttl from when it received the job, a moment after we recorded it.
+DEADLINE_GRACE_SECONDS = 10
 STALE_POLL_TIMEOUT_SECONDS = 2.5  # a polling client waits at most this for a fresh answer
 SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
 # Reuse a download URL while more than an hour of it remains, so a browser that starts playing
 # it just before expiry can still finish the video.
 URL_REUSE_MARGIN_MS = 3_600_000
+
+
+# --- Crash points -----------------------------------------------------------------------------
+
+CRASH_POINT_ENV = "GATEWAY_CRASH_POINT"
+
+
+def crash_point(name: str) -> None:
+    """Test hook: `kill -9` this very process at a named step, when armed by the environment.
+
+    The crash tests arm one step, let a real gateway die there, restart it, and check that no
+    credit is lost. Never armed in production.
+    """
+    armed = os.environ.get(CRASH_POINT_ENV)
+    if armed == name and os.environ.get("GATEWAY_ENV", "local") != "production":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- Webhook proof ----------------------------------------------------------------------------
@@ -153,6 +172,7 @@ class JobService:
         job = await self.store.charge_and_create_job(
             new, self.settings.max_concurrent_jobs, idempotency_key
         )
+        crash_point("after_charge")
         return await self._submit(job)
 
     async def _submit(self, job: Job) -> Job:
@@ -173,6 +193,7 @@ class JobService:
                 job.job_id, StatusUpdate(JobStatus.FAILED, "SUBMIT_FAILED", exc.detail)
             )
             raise
+        crash_point("after_submit")
         return await self.store.record_runpod_id(job.job_id, runpod_id)
 
     def _worker_input(self, job: Job) -> dict[str, object]:

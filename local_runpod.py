@@ -376,6 +376,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"jobs": jobs, "workers": {"idle": 0 if busy else 1, "running": busy}})
 
 
+async def list_jobs(request: Request) -> JSONResponse:
+    """Test hook (RunPod has no such call): every job this stand-in was ever given."""
+    jobs = _runner(request).jobs.values()
+    listed = [{"id": job.id, "status": job.status, "jobId": job.input.get("jobId")} for job in jobs]
+    return JSONResponse(listed)
+
+
 def create_local_runpod_app(
     *,
     render_seconds: float = 3.0,
@@ -402,6 +409,7 @@ def create_local_runpod_app(
             Route("/v2/{endpoint_id}/status/{job_id}", job_status, methods=["GET"]),
             Route("/v2/{endpoint_id}/cancel/{job_id}", cancel_job, methods=["POST"]),
             Route("/v2/{endpoint_id}/health", health, methods=["GET"]),
+            Route("/v2/{endpoint_id}/_test/jobs", list_jobs, methods=["GET"]),
         ],
         middleware=[Middleware(RequireBearer)],
         lifespan=lifespan,

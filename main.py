@@ -35,7 +35,7 @@ from errors import (
     NotFound,
     Unauthorized,
 )
-from jobs import JobService, Reconciler, signature_is_valid, token_is_valid
+from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_is_valid
 from local_storage import LocalStorage, storage_router
 from models import (
     CreateJobRequest,
@@ -592,6 +592,7 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
     token = request.query_params.get("token", "")
     if not (job_id and token and token_is_valid(jobs.webhook_secret, job_id, token)):
         raise InvalidSignature()
+    crash_point("during_webhook")
     return await _apply_tokened(jobs, job_id, _parse_json(body))
 
 

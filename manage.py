@@ -1,8 +1,9 @@
-"""Operator commands: mint a dev token, grant credits, show a user's balance and jobs.
+"""Operator commands: mint a dev token, grant credits, show a user, audit the ledger.
 
     python manage.py mint-token user_alice
     python manage.py grant user_alice 50 --reason "support ticket 123"
     python manage.py show user_alice
+    python manage.py audit
 
 They use the same settings (`.env`, environment) and the same store as the gateway.
 """
@@ -62,12 +63,33 @@ async def _show(settings: Settings, user_id: str, limit: int) -> int:
     print(f"{user.user_id}: {user.credits} credits ({user.plan})")
     for job in page.jobs:
         view = JobResponse.from_job(job)
-        print(f"  {view.job_id}  {view.status.value:9} {view.cost:>4} credits  {view.created_at}")
+        runpod = job.runpod_id or "-"
+        print(
+            f"  {view.job_id}  {view.status.value:9} {view.cost:>4} credits"
+            f"  {view.created_at}  runpod={runpod}"
+        )
     return 0
 
 
 def show(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_show(settings, args.user_id, args.limit))
+
+
+async def _audit(settings: Settings) -> int:
+    store = _store(settings)
+    try:
+        problems = await store.audit()
+        users = len(await store.ledger_totals())
+    finally:
+        await store.close()
+    for problem in problems:
+        print(problem)
+    print(f"audit: {users} users, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def audit(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_audit(settings))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +111,13 @@ def parser() -> argparse.ArgumentParser:
     view.add_argument("user_id")
     view.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
     view.set_defaults(handler=show)
+
+    check = commands.add_parser(
+        "audit",
+        help="check that every balance equals grants - charges + refunds and that every"
+        " failed or canceled job was refunded exactly once (exit 1 on any problem)",
+    )
+    check.set_defaults(handler=audit)
     return root
 
 

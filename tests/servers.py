@@ -44,32 +44,85 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout: float 
     raise TimeoutError(f"gateway at {base_url} did not become healthy")
 
 
+class GatewayProcess:
+    """A real `uvicorn main:app` on a fixed loopback port, which tests may kill and restart."""
+
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.env = clean_env(
+            GATEWAY_ENV="local",
+            LOCAL_DATA_DIR=str(data_dir),
+            PUBLIC_BASE_URL=self.base_url,
+            **settings,
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self, **overrides: str) -> None:
+        data_dir = self.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, **overrides}
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
+        log = open(data_dir.parent / f"gateway-{self.port}.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_until_healthy(self.base_url, self.process)
+
+    def wait_dead(self, timeout: float = 10.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @contextmanager
 def running_gateway(data_dir: Path, **settings: str) -> Iterator[tuple[str, dict[str, str]]]:
     """Start `uvicorn main:app` as a real process; yields its base URL and environment."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = clean_env(
-        GATEWAY_ENV="local",
-        LOCAL_DATA_DIR=str(data_dir),
-        PUBLIC_BASE_URL=base_url,
-        **settings,
-    )
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
-    log = open(data_dir.parent / f"gateway-{port}.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    gateway = GatewayProcess(data_dir, **settings)
+    gateway.start()
     try:
-        wait_until_healthy(base_url, process)
-        yield base_url, env
+        yield gateway.base_url, gateway.env
+    finally:
+        gateway.stop()
+
+
+@contextmanager
+def running_standin(render_seconds: float, webhook_retry_delay: float) -> Iterator[str]:
+    """The RunPod stand-in in its own process, so it outlives a gateway that is killed."""
+    port = free_port()
+    command = [
+        sys.executable, "local_runpod.py", "--host", "127.0.0.1", "--port", str(port),
+        "--render-seconds", str(render_seconds), "--webhook-retry-delay", str(webhook_retry_delay),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=clean_env())
+    base = f"http://127.0.0.1:{port}/v2"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{base}/local/health", headers={"Authorization": "Bearer x"})
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base
     finally:
         process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        process.wait(timeout=10)
 
 
 def manage(env: dict[str, str], *args: str) -> str:

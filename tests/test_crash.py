@@ -1,0 +1,136 @@
+"""kill -9 at each step of a job's life, restart, and account for every credit.
+
+Real processes: the gateway under uvicorn (armed to SIGKILL itself at one named step), the
+RunPod stand-in in its own process (it outlives the gateway, as RunPod would), and the store
+(a SQLite file, or the Convex test server). After each scenario every job must be terminal
+within the reconcile window, every RunPod job must be tied to a gateway job, and the ledger
+audit must pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import GatewayProcess, manage, running_standin
+from tests.stores import CONVEX_TEST_KEY, reset_convex
+
+pytestmark = pytest.mark.e2e
+
+JOB = {"prompt": "crash test", "durationSec": 2}
+TERMINAL = {"done", "failed", "canceled"}
+
+
+@pytest.fixture(params=["sqlite", "convex"])
+def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("convex_server")
+    reset_convex(url)
+    return {"CONVEX_URL": url, "CONVEX_DEPLOY_KEY": CONVEX_TEST_KEY}
+
+
+@pytest.fixture
+def standin() -> Iterator[str]:
+    # Rendering takes long enough for a killed gateway to be back before the upload.
+    with running_standin(render_seconds=6, webhook_retry_delay=2) as base:
+        yield base
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, standin: str, store_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(
+        tmp_path / "data",
+        RUNPOD_API_BASE=standin,
+        RUNPOD_API_KEY="local",
+        RUNPOD_ENDPOINT_ID="local",
+        # Short windows so a lost job settles within the test: checked after 1 s of silence,
+        # expired 10 s + grace after creation.
+        RECONCILE_AFTER_SECONDS="1",
+        RECONCILE_INTERVAL_SECONDS="0.3",
+        RUNPOD_JOB_TTL_SECONDS="10",
+        **store_env,
+    )
+    yield process
+    process.stop()
+
+
+def headers(gateway: GatewayProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {manage(gateway.env, 'mint-token', 'user_crash')}"}
+
+
+def create_and_die(gateway: GatewayProcess, auth: dict[str, str]) -> None:
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{gateway.base_url}/jobs/create", json=JOB, headers=auth, timeout=30)
+    assert gateway.wait_dead() == -9
+
+
+def settled_jobs(gateway: GatewayProcess, auth: dict[str, str], timeout: float = 45) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = httpx.get(f"{gateway.base_url}/jobs", headers=auth).json()["jobs"]
+        if jobs and all(job["status"] in TERMINAL for job in jobs):
+            return jobs
+        time.sleep(0.3)
+    raise TimeoutError(f"jobs never settled: {jobs}")
+
+
+def credits(gateway: GatewayProcess, auth: dict[str, str]) -> int:
+    return httpx.get(f"{gateway.base_url}/credits", headers=auth).json()["credits"]
+
+
+def standin_jobs(standin: str) -> list[dict]:
+    return httpx.get(f"{standin}/local/_test/jobs", headers={"Authorization": "Bearer x"}).json()
+
+
+def assert_books_balance(gateway: GatewayProcess, standin: str) -> None:
+    assert "0 problems" in manage(gateway.env, "audit")
+    shown = manage(gateway.env, "show", "user_crash")
+    for runpod_job in standin_jobs(standin):
+        assert f"runpod={runpod_job['id']}" in shown, f"RunPod job without a record: {runpod_job}"
+
+
+class TestCrashDuringCreate:
+    def test_after_the_charge(self, gateway: GatewayProcess, standin: str) -> None:
+        gateway.start(GATEWAY_CRASH_POINT="after_charge")
+        auth = headers(gateway)
+        create_and_die(gateway, auth)
+        gateway.start()
+        # Nothing reached RunPod; the job cannot be shown safe to resubmit, so it is failed
+        # and refunded once it is past any deadline RunPod could still have run it by.
+        (job,) = settled_jobs(gateway, auth)
+        assert (job["status"], job["error"]["code"]) == ("failed", "DEADLINE_EXCEEDED")
+        assert credits(gateway, auth) == 100
+        assert standin_jobs(standin) == []
+        assert_books_balance(gateway, standin)
+
+    def test_after_runpod_accepted(self, gateway: GatewayProcess, standin: str) -> None:
+        gateway.start(GATEWAY_CRASH_POINT="after_submit")
+        auth = headers(gateway)
+        create_and_die(gateway, auth)
+        gateway.start()
+        # RunPod runs the job anyway; its webhook names our job, and the id gets recorded.
+        (job,) = settled_jobs(gateway, auth)
+        assert job["status"] == "done", job
+        assert credits(gateway, auth) == 100 - JOB["durationSec"]
+        video = httpx.get(job["r2Url"])
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+        assert_books_balance(gateway, standin)
+
+
+class TestCrashDuringWebhook:
+    def test_webhook_redelivered_after_restart(self, gateway: GatewayProcess, standin: str):
+        gateway.start(GATEWAY_CRASH_POINT="during_webhook")
+        auth = headers(gateway)
+        created = httpx.post(f"{gateway.base_url}/jobs/create", json=JOB, headers=auth)
+        assert created.status_code == 200
+        assert gateway.wait_dead(timeout=30) == -9
+        gateway.start()
+        (job,) = settled_jobs(gateway, auth)
+        assert job["jobId"] == created.json()["jobId"] and job["status"] == "done"
+        assert credits(gateway, auth) == 100 - JOB["durationSec"]
+        assert_books_balance(gateway, standin)
