@@ -239,11 +239,14 @@ class SQLiteStore:
     depends on it can never interleave with another writer, even from another process.
     """
 
-    def __init__(self, path: Path, signup_credits: int, default_plan: str) -> None:
+    def __init__(
+        self, path: Path, signup_credits: int, default_plan: str, busy_timeout_ms: int = 5000
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.signup_credits = signup_credits
         self.default_plan = default_plan
+        self.busy_timeout_ms = busy_timeout_ms
         # One thread owns the connection: sqlite3 connections are not safe to share across threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db = self._executor.submit(self._connect).result()
@@ -253,7 +256,7 @@ class SQLiteStore:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         # Other processes (a second local instance, an operator command) may hold the write lock.
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         return db
