@@ -20,4 +20,5 @@ COPY *.py ./
 USER gateway
 EXPOSE 8080
 # `exec` makes uvicorn PID 1, so Cloud Run's SIGTERM reaches it and the lifespan's shutdown runs.
-CMD ["sh", "-c", "exec uvicorn main:app --host 0.0.0.0 --port ${PORT:-8080} --proxy-headers --forwarded-allow-ips='*'"]
+# uvicorn's access log would print query strings (webhook tokens): the gateway logs its own.
+CMD ["sh", "-c", "exec uvicorn main:app --host 0.0.0.0 --port ${PORT:-8080} --proxy-headers --forwarded-allow-ips='*' --no-access-log"]

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=30, gt=0)
     reconciler_enabled: bool = True
 
+    # Operations
+    # Required as `Authorization: Bearer <token>` on /metrics; without it, production serves no
+    # /metrics at all (the service is public) and local mode serves it openly.
+    metrics_token: str | None = None
+    # Names the Cloud Trace project in log lines; Cloud Run does not set it by itself.
+    google_cloud_project: str | None = None
+
     # Local mode
     local_data_dir: Path = Path("./.data")
     # How long the RunPod stand-in "renders" a job before it completes.

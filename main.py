@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypedDict
 import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,6 +54,16 @@ from models import (
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
 from store import SQLiteStore, Store
+from telemetry import (
+    InstrumentedStorage,
+    InstrumentedStore,
+    InstrumentedTransport,
+    Metrics,
+    RequestTelemetryMiddleware,
+    configure_logging,
+    current_request_id,
+    metrics_route,
+)
 
 log = logging.getLogger("gateway")
 
@@ -122,11 +133,16 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
     return storage, f"local directory ({root})"
 
 
-def build_runpod_http(settings: Settings, stack: AsyncExitStack) -> tuple[httpx.AsyncClient, str]:
+def build_runpod_http(
+    settings: Settings, stack: AsyncExitStack, metrics: Metrics
+) -> tuple[httpx.AsyncClient, str]:
     if settings.uses_real_runpod:
         assert settings.runpod_endpoint_id and settings.runpod_api_key
         http = build_http_client(
-            settings.runpod_api_base, settings.runpod_endpoint_id, settings.runpod_api_key
+            settings.runpod_api_base,
+            settings.runpod_endpoint_id,
+            settings.runpod_api_key,
+            transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
         )
         return http, f"runpod ({settings.runpod_api_base})"
     # The stand-in runs in this process and is reached through httpx's ASGI transport, so
@@ -135,20 +151,20 @@ def build_runpod_http(settings: Settings, stack: AsyncExitStack) -> tuple[httpx.
 
     standin = create_local_runpod_app(render_seconds=settings.local_render_seconds)
     stack.push_async_callback(standin.state.runner.aclose)
-    http = build_http_client(
-        "http://local-runpod/v2", "local", "local", transport=httpx.ASGITransport(app=standin)
-    )
+    transport = InstrumentedTransport(httpx.ASGITransport(app=standin), metrics)
+    http = build_http_client("http://local-runpod/v2", "local", "local", transport=transport)
     return http, "local stand-in"
 
 
-async def _build_state(settings: Settings, stack: AsyncExitStack) -> State:
+async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> State:
     data_dir = settings.local_data_dir
     secret = settings.runpod_webhook_secret or _local_secret(data_dir, "webhook_secret")
-    store, store_name = build_store(settings)
+    bare_store, store_name = build_store(settings)
+    store = InstrumentedStore(bare_store, metrics)
     stack.push_async_callback(store.close)
     storage, storage_name = build_storage(settings, secret)
     stack.push_async_callback(storage.close)
-    runpod_http, runpod_name = build_runpod_http(settings, stack)
+    runpod_http, runpod_name = build_runpod_http(settings, stack, metrics)
     stack.push_async_callback(runpod_http.aclose)
     auth_http = await stack.enter_async_context(
         httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
@@ -159,7 +175,8 @@ async def _build_state(settings: Settings, stack: AsyncExitStack) -> State:
         settings=settings,
         store=store,
         runpod=RunPodClient(runpod_http),
-        storage=storage,
+        # The state keeps the bare storage: local_storage.py's routes check its type.
+        storage=InstrumentedStorage(storage, metrics),
         webhook_secret=secret,
         public_base_url=_public_base_url(settings),
     )
@@ -180,9 +197,11 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with AsyncExitStack() as stack:
-            state = await _build_state(settings, stack)
+            metrics: Metrics = app.state.metrics
+            state = await _build_state(settings, stack, metrics)
             if settings.reconciler_enabled:
-                task = asyncio.create_task(Reconciler(state["jobs"]).run_forever())
+                reconciler = Reconciler(state["jobs"], on_action=metrics.count_reconciler_action)
+                task = asyncio.create_task(reconciler.run_forever())
                 stack.callback(task.cancel)
             yield state
 
@@ -192,11 +211,12 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
 # --- Dependencies -----------------------------------------------------------------------------
 
 
-def get_store(request: Request) -> Store:
+# `async def`: FastAPI runs a plain `def` dependency in a worker thread, ~100 µs each.
+async def get_store(request: Request) -> Store:
     return request.state.store
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     return request.state.jobs
 
 
@@ -247,7 +267,9 @@ async def render_validation_error(request: Request, exc: Exception) -> JSONRespo
 async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
-        return await render_gateway_error(request, MethodNotAllowed())
+        # RFC 9110: a 405 names the methods the resource does support.
+        allow = (exc.headers or {}).get("Allow")
+        return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))
     if exc.status_code == 400:
@@ -259,7 +281,10 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
 async def render_internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     body = error_body("INTERNAL_ERROR", "Internal server error")
-    return JSONResponse(body, status_code=500)
+    # This handler runs outside the telemetry middleware, so it adds the request id itself.
+    request_id = current_request_id()
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return JSONResponse(body, status_code=500, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -373,7 +398,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/jobs/create",
         response_model=CreateJobResponse,
         summary="Create a video job",
-        responses=error_responses(400, 401, 402, 413, 429, 502, 503),
+        responses=error_responses(400, 401, 402, 409, 413, 429, 502, 503),
     )
     async def create_job(
         body: CreateJobRequest,
@@ -387,7 +412,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         (the same `jobId`) and is never charged or submitted twice.
         """
         check_limits(body, settings)
-        key = checked_idempotency_key(idempotency_key)
+        key = idempotency_key
         if key is None:
             job = await jobs.create(user.user_id, body)
             return CreateJobResponse(job_id=job.job_id)
@@ -450,7 +475,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     ) -> Any:
         """Cancel a queued or running job at RunPod and refund its credits."""
         job_id = checked_job_id(job_id)
-        key = checked_idempotency_key(idempotency_key)
+        key = idempotency_key
         if key is None:
             return JobResponse.from_job(await jobs.cancel(user.user_id, job_id))
 
@@ -505,27 +530,17 @@ IDEMPOTENCY_TTL_MS = 24 * 3_600_000  # keys are kept a day, like Stripe's
 IN_FLIGHT_STALE_MS = 60_000
 # A concurrent retry waits this long for the first request's answer before a 409.
 IN_FLIGHT_WAIT_SECONDS = 3.0
-_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 
 Answer = tuple[int, dict[str, Any]]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description="Up to 255 printable characters; a retry with the same key and body "
+        pattern=r"^[\x20-\x7e]{1,255}$",
+        description="Up to 255 printable ASCII characters; a retry with the same key and body "
         "returns the first answer for 24 h.",
     ),
 ]
-
-
-def checked_idempotency_key(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    if not _IDEMPOTENCY_KEY.fullmatch(raw):
-        exc = InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
-        exc.errors = [{"field": "Idempotency-Key", "message": "invalid"}]  # type: ignore
-        raise exc
-    return raw
 
 
 def request_fingerprint(operation: str, payload: Any) -> str:
@@ -582,15 +597,21 @@ def _parse_json(body: bytes) -> dict[str, Any] | None:
 
 
 async def receive_webhook(request: Request, jobs: JobService) -> Job:
+    metrics: Metrics = request.app.state.metrics
     body = await request.body()
     header = request.headers.get("x-runpod-signature")
     if header is not None:
         if not signature_is_valid(jobs.webhook_secret, header, body):
+            metrics.count_webhook_failure("bad_signature")
             raise InvalidSignature()
         return await _apply_signed(jobs, body)
     job_id = request.query_params.get("jobId", "")
     token = request.query_params.get("token", "")
-    if not (job_id and token and token_is_valid(jobs.webhook_secret, job_id, token)):
+    if not (job_id and token):
+        metrics.count_webhook_failure("missing")
+        raise InvalidSignature()
+    if not token_is_valid(jobs.webhook_secret, job_id, token):
+        metrics.count_webhook_failure("bad_token")
         raise InvalidSignature()
     crash_point("during_webhook")
     return await _apply_tokened(jobs, job_id, _parse_json(body))
@@ -627,6 +648,37 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
 # --- The app ----------------------------------------------------------------------------------
 
 
+_ERROR_RESPONSE = {
+    "description": "Invalid request",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """The schema as the gateway really answers: 400 not 422, and the configured limits."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", _ERROR_RESPONSE)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        duration = components["CreateJobRequest"]["properties"]["durationSec"]
+        duration.update(minimum=settings.min_duration_sec, maximum=settings.max_duration_sec)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -635,19 +687,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Turns prompts into videos on RunPod, paid for with credits.",
         lifespan=make_lifespan(settings),
     )
+    # Made here, not in the lifespan: the middleware needs it when the app is built.
+    app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     register_routes(app, settings)
+    install_openapi(app, settings)
+    if settings.metrics_token or not settings.is_production:
+        endpoint = metrics_route(metrics.registry, settings.metrics_token)
+        app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
     app.add_middleware(BodyLimitMiddleware)
+    # Added last, so it runs first: it also times and logs the 413s above.
+    app.add_middleware(RequestTelemetryMiddleware, metrics=metrics)
     return app
 
 
-def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        logging.basicConfig(level=logging.INFO, format=fmt)
+def _configure_logging(settings: Settings) -> None:
+    known = (
+        settings.runpod_api_key,
+        settings.runpod_webhook_secret,
+        settings.r2_secret_access_key,
+        settings.convex_deploy_key,
+        settings.metrics_token,
+    )
+    configure_logging(
+        json_logs=settings.is_production,
+        project_id=settings.google_cloud_project,
+        known_secrets=known,
+    )
 
 
-_configure_logging()
+_configure_logging(get_settings())
 app = create_app()
