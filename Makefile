@@ -47,3 +47,24 @@ test: lint vitest pytest
 
 clean:
 	rm -rf $(VENV) node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
+
+# --- Benchmarks: bench/, BENCHMARKS.md ---------------------------------------------------------
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: bench bench-smoke
+
+# matplotlib for the plot, on top of the dev venv; rebuilt when either changes.
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+## Measure the gateway against a bare FastAPI app (about 7 min): BENCHMARKS.md, bench/latency.png.
+bench: $(BENCH_STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
+	BENCH_COMMAND="make bench" $(BIN)/python -m bench.run
+
+## Prove the harness still works: 1 s runs at 1 connection, written to a temp dir (no timings asserted).
+bench-smoke: $(BENCH_STAMP)
+	out=$$(mktemp -d) && BENCH_COMMAND="make bench-smoke" \
+		$(BIN)/python -m bench.run --quick --output $$out/BENCHMARKS.md --plot $$out/latency.png \
+		--results $$out/results.json

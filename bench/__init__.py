@@ -1,0 +1,1 @@
+"""The load-test harness: the gateway measured as a ratio to a bare FastAPI app (`make bench`)."""

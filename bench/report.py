@@ -1,0 +1,230 @@
+"""BENCHMARKS.md: the machine, the results as ratios to the baseline, the goals, and the scale."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from bench.results import GOALS, Measurement, Results, ratio
+from bench.scale import scale_on_paper
+
+PERCENTILES = (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms"))
+# A run where more than this share of requests failed measured an error path, not the route.
+MAX_ERROR_SHARE = 0.01
+
+
+def machine() -> list[list[str]]:
+    """What the numbers were measured on."""
+    packages = _versions("fastapi", "starlette", "uvicorn", "uvloop", "httptools")
+    return [
+        ["CPUs (`nproc`)", str(len(os.sched_getaffinity(0)))],
+        ["CPU model", _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "?"],
+        ["memory", _memory()],
+        ["kernel", platform.release()],
+        ["Python", platform.python_version()],
+        ["packages", ", ".join(packages)],
+    ]
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _proc_field(path: str, name: str) -> str | None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def _memory() -> str:
+    total = _proc_field("/proc/meminfo", "MemTotal") or "0 kB"
+    return f"{int(total.split()[0]) / 1024**2:.1f} GiB"
+
+
+def _versions(*names: str) -> list[str]:
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _num(value: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _x(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}×"
+
+
+# --- Tables -------------------------------------------------------------------------------------
+
+
+def goals_table(results: Results) -> list[str]:
+    rows = ["| goal | target | measured (by connections) | met |", "| --- | --- | --- | --- |"]
+    for goal in GOALS:
+        values = goal.values(results)
+        measured = ", ".join(_x(v) if k == "all" else f"{k}: {_x(v)}" for k, v in values.items())
+        met = {True: "met", False: "**not met**", None: "not measured"}[goal.met(results)]
+        rows.append(f"| {goal.label} | {goal.target_text} | {measured or '-'} | {met} |")
+    return rows
+
+
+def load_table(results: Results) -> list[str]:
+    header = "| route | conns | gateway req/s | baseline req/s | req/s ratio |"
+    divider = "| --- | ---: | ---: | ---: | ---: |"
+    for name, _ in PERCENTILES:
+        header += f" {name} ms gateway / baseline (ratio) |"
+        divider += " ---: |"
+    rows = [header + " errors gateway / baseline |", divider + " ---: |"]
+    rows += [_load_row(m) for m in results.measurements]
+    return rows
+
+
+def _load_row(m: Measurement) -> str:
+    cells = [
+        m.label,
+        str(m.connections),
+        _num(m.gateway.rps),
+        _num(m.baseline.rps),
+        _x(m.rps_ratio),
+    ]
+    for _, field in PERCENTILES:
+        gateway, baseline = getattr(m.gateway, field), getattr(m.baseline, field)
+        cells.append(f"{gateway:.2f} / {baseline:.2f} ({_x(m.latency_ratio(field))})")
+    cells.append(f"{_errors(m.gateway.errors, m.gateway.requests)} / {m.baseline.errors}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def _errors(errors: int, requests: int) -> str:
+    suspect = requests and errors / requests > MAX_ERROR_SHARE
+    return f"**{errors}**" if suspect else str(errors)
+
+
+def process_table(results: Results) -> list[str]:
+    rows = ["| measure | gateway | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    if results.cold_start:
+        gateway, baseline = (results.median_cold_start(n) for n in ("gateway", "baseline"))
+        reps = len(results.cold_start["gateway"])
+        label = f"cold start to first 200 on /healthz, median of {reps} (ms)"
+        rows.append(_process_row(label, gateway * 1000, baseline * 1000, 0))
+    for label, values in (
+        ("RSS right after start, VmHWM (MiB)", results.start_rss),
+        ("peak RSS after the load, VmHWM (MiB)", results.peak_rss),
+    ):
+        if values:
+            rows.append(_process_row(label, values["gateway"] / 1024, values["baseline"] / 1024, 1))
+    return rows
+
+
+def _process_row(label: str, gateway: float, baseline: float, digits: int) -> str:
+    cells = (label, _num(gateway, digits), _num(baseline, digits), _x(ratio(gateway, baseline)))
+    return "| " + " | ".join(cells) + " |"
+
+
+# --- The document -------------------------------------------------------------------------------
+
+
+def render(results: Results, plot: Path | None, output: Path) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "The gateway as a ratio to the limit it runs on: a bare FastAPI app answering a constant",
+        "JSON body, both under uvicorn with the same settings, measured in the same run.",
+        "This file is written by `make bench` (`bench/run.py`); edit the harness, not this file.",
+        "The raw numbers land in `bench/out/results.json`; `.venv/bin/python -m bench.run",
+        "--render-only` writes this file and the plot again from them.",
+        "",
+        "## Run",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *(f"| {key} | {value} |" for key, value in results.machine),
+        f"| date | {results.date} |",
+        f"| command | {results.command} |",
+        f"| load generator | {results.generator} |",
+        f"| per run | {results.warmup} s warm-up, then {results.duration} s measured |",
+        f"| connections | {', '.join(map(str, results.connections))} |",
+        f"| load average (1 min) before / after | {_load(results.load_average)} |",
+        "",
+        "## Goals",
+        "",
+        *goals_table(results),
+        "",
+        "## Results",
+        "",
+        *load_table(results),
+        "",
+        *process_table(results),
+        "",
+    ]
+    if plot is not None:
+        lines += [f"![latency percentiles vs baseline]({_relative(plot, output)})", ""]
+    lines += METHOD + [""] + scale_on_paper(results)
+    return "\n".join(lines) + "\n"
+
+
+def _load(values: list[float]) -> str:
+    # Before the run it should be near 0; after, it includes the run's own ~2 busy processes.
+    return " / ".join(f"{value:.2f}" for value in values) or "n/a"
+
+
+def _relative(path: Path, output: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(output.resolve().parent))
+    except ValueError:
+        return str(path)
+
+
+METHOD = [
+    "## How it is measured",
+    "",
+    "- Three processes on 127.0.0.1, each on a free port, each in its own process group: the",
+    "  gateway (`uvicorn main:app`, 1 worker), the baseline (`uvicorn bench.baseline:app`), both",
+    "  with `--loop uvloop --http httptools --no-access-log --log-level warning`, and a RunPod",
+    "  stand-in (`bench/runpod_stub.py`, raw ASGI) that answers `/run` with `IN_QUEUE` at once and",
+    "  sends no webhooks, so RunPod's cost is next to nothing.",
+    "- The gateway runs in local mode: SQLite store, local video storage and the dev token issuer",
+    "  in a temporary `LOCAL_DATA_DIR`, in a scratch working directory (no `.env` is read).",
+    "  Its session tokens are minted with `auth.mint_dev_token` and verified once, then cached.",
+    "- Before the load, 20 jobs are created through the API and finished like real ones: the",
+    "  video file lands in `LOCAL_DATA_DIR/objects/videos/<user>/<job>.mp4` and a signed",
+    "  `COMPLETED` webhook marks each done. `GET /jobs` returns that page of 20 done jobs, and",
+    "  `GET /jobs/{id}` one of them with its download URL (already saved: the steady state).",
+    "- `POST /jobs/create` runs with `MAX_CONCURRENT_JOBS=1000000` and a billion credits per",
+    "  user, and goes round 256 users: with one user, the create transaction would count",
+    "  thousands of that user's queued jobs, which the production limit of 5 never allows.",
+    "  Each create costs one SQLite transaction to charge, one HTTP call to the stand-in and",
+    "  one transaction to record RunPod's id.",
+    "- `POST /webhooks/runpod` is signed (`X-RunPod-Signature` from `jobs.sign_body`, signed",
+    "  afresh before every run for the 300 s tolerance) and reports `IN_PROGRESS` for a job that",
+    "  is already done: verified, looked up, answered 200, nothing changed (the late-delivery",
+    "  path, not a state change).",
+    "- The baseline answers each route's method and path with that route's gateway answer,",
+    "  encoded once at start: the same bytes on the wire, and no work of its own. Requests to",
+    "  both carry the same headers and bodies.",
+    "- Every route and concurrency runs on the gateway and the baseline back to back, in",
+    "  alternating order (ABBA), each after its own warm-up, so drift hits both alike.",
+    "- wrk and the fallback are closed-loop: latency is per answered request at that",
+    "  concurrency. An answer of 400 or more counts as an error; a bold count means more than",
+    "  1% failed and the row measured an error path.",
+    "- Cold start: from spawning `python -m uvicorn` to the first 200 on `/healthz`, polled every",
+    "  5 ms, gateway and baseline alternating. RSS: `VmHWM` from `/proc/<pid>/status`.",
+    "- The load generator shares the machine with the server under test: on 2 cores, wrk's one",
+    "  thread takes one core while the server takes the other. A load average above ~0.5",
+    "  before the run means other work shared the machine too; compare ratios, not req/s.",
+    "- Where the gateway's time goes: `python -m bench.profile` samples it with py-spy under",
+    "  the same load; [bench/PROFILE.md](bench/PROFILE.md) has the latest findings.",
+]

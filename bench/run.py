@@ -1,0 +1,259 @@
+"""`make bench`: the gateway measured as a ratio to a bare FastAPI app, into BENCHMARKS.md.
+
+    .venv/bin/python -m bench.run                 # the full run: about 7 minutes
+    .venv/bin/python -m bench.run --quick --output /tmp/b.md --plot /tmp/b.png
+
+Starts a RunPod stand-in, the gateway (local mode, seeded) and the baseline on loopback, drives
+every route at each concurrency on both in alternating order, then measures cold starts, and
+writes the tables, the goals and a plot. Every process it starts is ended on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.fixtures import (
+    Fixtures,
+    Route,
+    gateway_answers,
+    gateway_settings,
+    prepare_store,
+    routes,
+    seed_done_jobs,
+)
+from bench.load import Generator, LoadResult, pick_generator
+from bench.plot import write_plot
+from bench.processes import ROOT, ProcessGroups, Server, free_port, minimal_env, peak_rss_kib
+from bench.report import goals_table, machine, now_utc, render
+from bench.results import Measurement, Results, results_from_json, results_to_json
+
+DEFAULT_DURATION = 10
+DEFAULT_WARMUP = 2
+DEFAULT_CONNECTIONS = (1, 16, 64)
+DEFAULT_COLD_STARTS = 5
+ROUTE_KEYS = ("credits", "job", "jobs", "create", "webhook")
+LOG_TAIL_LINES = 20
+# Above this 1-minute load average something else is using a core the measurement needs.
+BUSY_LOAD_AVERAGE = 0.5
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n")[0])
+    duration = int(os.environ.get("BENCH_DURATION", DEFAULT_DURATION))
+    parser.add_argument("--duration", type=int, default=duration, help="seconds measured per run")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="seconds, 0 for none")
+    parser.add_argument("--connections", type=_ints, default=list(DEFAULT_CONNECTIONS))
+    parser.add_argument("--routes", type=_route_keys, default=list(ROUTE_KEYS))
+    parser.add_argument("--cold-starts", type=int, default=DEFAULT_COLD_STARTS)
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 s per run, 1 connection, no warm-up: a smoke run"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "latency.png")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench" / "out" / "results.json",
+        help="where the raw numbers are kept (default bench/out/results.json, not committed)",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: write the report and plot again from --results",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.connections, args.cold_starts = 1, 0, [1], 1
+    if args.duration < 1 or args.warmup < 0 or args.cold_starts < 1:
+        parser.error("--duration and --cold-starts must be at least 1, --warmup at least 0")
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _route_keys(text: str) -> list[str]:
+    keys = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = set(keys) - set(ROUTE_KEYS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown routes {sorted(unknown)}; use {ROUTE_KEYS}")
+    return keys
+
+
+class Bench:
+    """One benchmark run in a scratch directory: the servers, the fixtures, the measurements."""
+
+    def __init__(self, procs: ProcessGroups, scratch: Path, args: argparse.Namespace) -> None:
+        self.procs, self.args = procs, args
+        self.data_dir = scratch / "data"
+        # Servers run here, not in the repo: the gateway must not read a developer's `.env`.
+        self.cwd = scratch / "cwd"
+        self.logs = scratch / "logs"
+        for directory in (self.data_dir, self.cwd, self.logs):
+            directory.mkdir()
+        self.bodies_file = scratch / "baseline_bodies.json"
+        self.generator: Generator = pick_generator(args.generator, procs, scratch)
+        self.runpod_port = 0
+
+    def run(self) -> Results:
+        load_before = os.getloadavg()[0]
+        if load_before > BUSY_LOAD_AVERAGE:
+            print(
+                f"warning: load average {load_before:.2f} before the run: other work will skew it"
+            )
+        fixtures = prepare_store(self.data_dir)
+        self.runpod_port = self.start("runpod", "bench.runpod_stub:app", minimal_env()).port
+        gateway = self.start_gateway(fixtures)
+        print("seeding: finished jobs through the API ...", flush=True)
+        seed_done_jobs(gateway.base_url, self.data_dir, fixtures)
+        self.bodies_file.write_text(json.dumps(gateway_answers(gateway.base_url, fixtures)))
+        baseline = self.start_baseline()
+        args = self.args
+        results = Results(self.generator.label, args.duration, args.warmup, args.connections)
+        print(f"load generator: {results.generator}", flush=True)
+        selected = [route for route in routes(fixtures) if route.key in args.routes]
+        results.measurements = self.measure_load(gateway, baseline, selected)
+        results.peak_rss = {
+            "gateway": peak_rss_kib(gateway.pid),
+            "baseline": peak_rss_kib(baseline.pid),
+        }
+        self.procs.stop(gateway.process)
+        self.procs.stop(baseline.process)
+        self.measure_cold_starts(results, fixtures)
+        results.load_average = [load_before, os.getloadavg()[0]]
+        return results
+
+    # --- servers ------------------------------------------------------------------------------
+
+    def start(self, name: str, app: str, env: dict[str, str], port: int | None = None) -> Server:
+        log = self.logs / f"{name}.log"
+        return self.procs.start_server(name, app, env, self.cwd, log, port=port)
+
+    def start_gateway(self, fixtures: Fixtures) -> Server:
+        port = free_port()
+        settings = gateway_settings(self.data_dir, port, self.runpod_port, fixtures.secret)
+        return self.start("gateway", "main:app", minimal_env(**settings), port)
+
+    def start_baseline(self) -> Server:
+        env = minimal_env(BENCH_BASELINE_BODIES=str(self.bodies_file))
+        return self.start("baseline", "bench.baseline:app", env)
+
+    # --- load ---------------------------------------------------------------------------------
+
+    def measure_load(
+        self, gateway: Server, baseline: Server, selected: list[Route]
+    ) -> list[Measurement]:
+        found = []
+        for route in selected:
+            for connections in self.args.connections:
+                # ABBA order: a slow drift of the machine falls on both servers alike.
+                pair = (gateway, baseline) if len(found) % 2 == 0 else (baseline, gateway)
+                measured = {server.name: self.drive(server, route, connections) for server in pair}
+                found.append(
+                    Measurement(
+                        route.key,
+                        route.label,
+                        connections,
+                        measured["gateway"],
+                        measured["baseline"],
+                    )
+                )
+                _print_pair(found[-1])
+        return found
+
+    def drive(self, server: Server, route: Route, connections: int) -> LoadResult:
+        if self.args.warmup:
+            self.generator.run(server.port, route.spec(), connections, self.args.warmup)
+        return self.generator.run(server.port, route.spec(), connections, self.args.duration)
+
+    # --- cold starts --------------------------------------------------------------------------
+
+    def measure_cold_starts(self, results: Results, fixtures: Fixtures) -> None:
+        print(f"cold starts: {self.args.cold_starts} of each ...", flush=True)
+        ready: dict[str, list[float]] = {"gateway": [], "baseline": []}
+        start_rss: dict[str, list[int]] = {"gateway": [], "baseline": []}
+        for repetition in range(self.args.cold_starts):
+            order = ("gateway", "baseline") if repetition % 2 == 0 else ("baseline", "gateway")
+            for name in order:
+                server = (
+                    self.start_gateway(fixtures) if name == "gateway" else self.start_baseline()
+                )
+                ready[name].append(server.ready_after)
+                start_rss[name].append(peak_rss_kib(server.pid))
+                self.procs.stop(server.process)
+        results.cold_start = ready
+        results.start_rss = {
+            name: sorted(values)[len(values) // 2] for name, values in start_rss.items()
+        }
+
+
+def _print_pair(m: Measurement) -> None:
+    for name, result in (("gateway", m.gateway), ("baseline", m.baseline)):
+        print(
+            f"  {m.label:32} c={m.connections:<3} {name:8} {result.rps:9,.0f} req/s"
+            f"  p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+            flush=True,
+        )
+    print(
+        f"  {'':32} ratio req/s {m.rps_ratio:.2f}  p99 {m.latency_ratio('p99_ms'):.2f}", flush=True
+    )
+
+
+def command_text(argv: Sequence[str]) -> str:
+    """The command as run, and the make target that ran it (the Makefile sets BENCH_COMMAND)."""
+    python = Path(sys.executable)
+    shown = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    command = f"`{shlex.join([str(shown), '-m', 'bench.run', *argv])}`"
+    target = os.environ.get("BENCH_COMMAND")
+    return f"`{target}`, which runs {command}" if target else command
+
+
+def _print_logs(logs: Path) -> None:
+    for log in sorted(logs.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print(f"--- {log.name} (last {LOG_TAIL_LINES} lines) ---", *tail, sep="\n", file=sys.stderr)
+
+
+def write_outputs(results: Results, args: argparse.Namespace) -> None:
+    plot = args.plot if write_plot(results, args.plot) else None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(results, plot, args.output))
+    print("\n".join(["", "Goals (ratios to the baseline):", *goals_table(results), ""]))
+    print(f"wrote {args.output}" + (f" and {plot}" if plot else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.render_only:
+        results = results_from_json(args.results.read_text())
+    else:
+        results = measure(args)
+        results.machine, results.date, results.command = machine(), now_utc(), command_text(argv)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(results_to_json(results))
+    write_outputs(results, args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> Results:
+    with ProcessGroups() as procs, tempfile.TemporaryDirectory(prefix="cineweave-bench-") as tmp:
+        scratch = Path(tmp)
+        try:
+            return Bench(procs, scratch, args).run()
+        except Exception:
+            _print_logs(scratch / "logs")
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
