@@ -73,6 +73,9 @@ class MethodNotAllowed(GatewayError):
     code = "METHOD_NOT_ALLOWED"
     detail = "Method not allowed"
 
+    def __init__(self, detail: str | None = None, headers_allow: str | None = None) -> None:
+        super().__init__(detail, headers={"Allow": headers_allow} if headers_allow else None)
+
 
 class JobNotCancelable(GatewayError):
     status_code = 409
