@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from config import Settings
 from main import create_app
 from tests.servers import running_convex_server
+from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 RUNPOD_BASE = "https://runpod.test/v2"
 RUNPOD_ENDPOINT = "ep123"
@@ -105,6 +106,16 @@ def convex_server() -> Iterator[str]:
     """One convex-test server for the session; each user resets it for isolation."""
     with running_convex_server() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "convex"])
+def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The same scenario on each store: SQLite, or the real Convex functions over HTTP."""
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("convex_server")
+    reset_convex(url)
+    return {"CONVEX_URL": url, "CONVEX_DEPLOY_KEY": CONVEX_TEST_KEY}
 
 
 @pytest.fixture

@@ -17,21 +17,11 @@ import httpx
 import pytest
 
 from tests.servers import GatewayProcess, manage, running_standin
-from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 pytestmark = pytest.mark.e2e
 
 JOB = {"prompt": "crash test", "durationSec": 2}
 TERMINAL = {"done", "failed", "canceled"}
-
-
-@pytest.fixture(params=["sqlite", "convex"])
-def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    url = request.getfixturevalue("convex_server")
-    reset_convex(url)
-    return {"CONVEX_URL": url, "CONVEX_DEPLOY_KEY": CONVEX_TEST_KEY}
 
 
 @pytest.fixture

@@ -11,19 +11,8 @@ import httpx
 import pytest
 
 from tests.servers import manage, running_gateway
-from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(params=["sqlite", "convex"])
-def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The same scenario on each store: SQLite, or the real Convex functions over HTTP."""
-    if request.param == "sqlite":
-        return {}
-    url = request.getfixturevalue("convex_server")
-    reset_convex(url)
-    return {"CONVEX_URL": url, "CONVEX_DEPLOY_KEY": CONVEX_TEST_KEY}
 
 
 def wait_for_status(client: httpx.Client, job_id: str, wanted: str, timeout: float = 60) -> dict:
