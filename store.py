@@ -250,6 +250,7 @@ class SQLiteStore:
         # One thread owns the connection: sqlite3 connections are not safe to share across threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db = self._executor.submit(self._connect).result()
+        self._reader = self._connect_reader()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -260,6 +261,24 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         return db
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        # Plain reads run on the event loop itself, on this second connection. In WAL mode a
+        # reader never waits for the writer, and an indexed lookup takes a few µs, while a hop
+        # to the store's thread and back costs 25-75 µs. It never waits for a lock either
+        # (busy_timeout 0): a read that finds the file busy goes to the store's thread instead.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=0")
+        db.execute("PRAGMA query_only=ON")
+        return db
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)`, a read: on the loop if the file lets it, else on the thread."""
+        try:
+            return fn(self._reader, *args)
+        except sqlite3.OperationalError:
+            return await self._run(fn, self._db, *args)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -326,6 +345,11 @@ class SQLiteStore:
         self._ledger(db, job.user_id, job.job_id, "refund", job.cost, reason)
 
     # --- the rules ------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_user(db: sqlite3.Connection, user_id: str) -> User | None:
+        row = db.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else _user_from_row(row)
 
     def _get_or_create_user(self, user_id: str) -> User:
         with self._transaction() as db:
@@ -446,16 +470,15 @@ class SQLiteStore:
             assert canceled is not None
             return canceled
 
-    def _find_job(self, job_id: str) -> Job | None:
-        return self._job_row(self._db, job_id)
-
-    def _find_job_by_runpod_id(self, runpod_id: str) -> Job | None:
-        row = self._db.execute(
+    @staticmethod
+    def _find_job_by_runpod_id(db: sqlite3.Connection, runpod_id: str) -> Job | None:
+        row = db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE runpod_id = ?", (runpod_id,)
         ).fetchone()
         return None if row is None else _job_from_row(row)
 
-    def _list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
+    @staticmethod
+    def _list_jobs(db: sqlite3.Connection, user_id: str, limit: int, cursor: str | None) -> JobPage:
         query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = ?"
         params: list[Any] = [user_id]
         if cursor is not None:
@@ -463,7 +486,7 @@ class SQLiteStore:
             query += " AND (created_at, job_id) < (?, ?)"
             params += [created_at, job_id]
         query += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
-        rows = self._db.execute(query, (*params, limit + 1)).fetchall()
+        rows = db.execute(query, (*params, limit + 1)).fetchall()
         jobs = [_job_from_row(row) for row in rows[:limit]]
         more = len(rows) > limit
         next_cursor = encode_cursor(jobs[-1].created_at, jobs[-1].job_id) if more else None
@@ -579,7 +602,9 @@ class SQLiteStore:
     # --- the async interface --------------------------------------------------------------
 
     async def get_or_create_user(self, user_id: str) -> User:
-        return await self._run(self._get_or_create_user, user_id)
+        # Nearly always a read: only a user's first request takes the write lock.
+        user = await self._read(self._find_user, user_id)
+        return user or await self._run(self._get_or_create_user, user_id)
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:
         return await self._run(self._grant_credits, user_id, amount, reason)
@@ -599,19 +624,19 @@ class SQLiteStore:
         return await self._run(self._cancel_job, user_id, job_id)
 
     async def get_job(self, user_id: str, job_id: str) -> Job:
-        job = await self._run(self._find_job, job_id)
+        job = await self._read(self._job_row, job_id)
         if job is None or job.user_id != user_id:
             raise NotFound("Job not found")
         return job
 
     async def find_job(self, job_id: str) -> Job | None:
-        return await self._run(self._find_job, job_id)
+        return await self._read(self._job_row, job_id)
 
     async def find_job_by_runpod_id(self, runpod_id: str) -> Job | None:
-        return await self._run(self._find_job_by_runpod_id, runpod_id)
+        return await self._read(self._find_job_by_runpod_id, runpod_id)
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
-        return await self._run(self._list_jobs, user_id, limit, cursor)
+        return await self._read(self._list_jobs, user_id, limit, cursor)
 
     async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
         await self._run(self._save_download_url, job_id, url, expires_at)
@@ -647,6 +672,7 @@ class SQLiteStore:
         await self._run(lambda: self._db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        self._reader.close()
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)
 
