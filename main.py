@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth import ClerkAuth, Principal, dev_jwks, ensure_dev_key
+from auth import ClerkAuth, dev_jwks, ensure_dev_key
 from config import Settings, get_settings
 from errors import (
     GatewayError,
@@ -211,25 +211,30 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
 # --- Dependencies -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A verified user and the services their routes use.
+
+    One dependency per route rather than one per service: FastAPI solves each dependency
+    separately on every request (a sub-solve that also parses the query, headers and cookies),
+    about 20 µs each on our machines.
+    """
+
+    user_id: str
+    store: Store
+    jobs: JobService
+
+
 # `async def`: FastAPI runs a plain `def` dependency in a worker thread, ~100 µs each.
-async def get_store(request: Request) -> Store:
-    return request.state.store
-
-
-async def get_jobs(request: Request) -> JobService:
-    return request.state.jobs
-
-
-async def current_user(request: Request) -> Principal:
-    principal = await request.state.auth.authenticate(request)
+async def current_user(request: Request) -> Caller:
+    state = request.state
+    principal = await state.auth.authenticate(request)
     if not _USER_ID.fullmatch(principal.user_id):
         raise Unauthorized("The token's subject is not a valid user id")
-    return principal
+    return Caller(principal.user_id, state.store, state.jobs)
 
 
-StoreDep = Annotated[Store, Depends(get_store)]
-JobsDep = Annotated[JobService, Depends(get_jobs)]
-CurrentUser = Annotated[Principal, Depends(current_user)]
+CurrentUser = Annotated[Caller, Depends(current_user)]
 
 
 # --- Errors -----------------------------------------------------------------------------------
@@ -403,7 +408,6 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     async def create_job(
         body: CreateJobRequest,
         user: CurrentUser,
-        jobs: JobsDep,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Any:
         """Charge `durationSec × CREDITS_PER_SECOND` credits and submit the job to RunPod.
@@ -412,7 +416,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         (the same `jobId`) and is never charged or submitted twice.
         """
         check_limits(body, settings)
-        key = idempotency_key
+        jobs, key = user.jobs, idempotency_key
         if key is None:
             job = await jobs.create(user.user_id, body)
             return CreateJobResponse(job_id=job.job_id)
@@ -437,14 +441,13 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     )
     async def list_jobs(
         user: CurrentUser,
-        store: StoreDep,
-        jobs: JobsDep,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
     ) -> JobListResponse:
         """The caller's jobs, newest first; pass `nextCursor` back as `cursor` for more."""
-        page = await store.list_jobs(user.user_id, limit, cursor)
-        listed = [JobResponse.from_job(await jobs.with_download_url(job)) for job in page.jobs]
+        page = await user.store.list_jobs(user.user_id, limit, cursor)
+        with_url = user.jobs.with_download_url
+        listed = [JobResponse.from_job(await with_url(job)) for job in page.jobs]
         return JobListResponse(jobs=listed, next_cursor=page.next_cursor)
 
     @app.get(
@@ -453,13 +456,11 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         summary="Get a job",
         responses=error_responses(401, 404, 503),
     )
-    async def get_job(
-        job_id: str, user: CurrentUser, store: StoreDep, jobs: JobsDep
-    ) -> JobResponse:
+    async def get_job(job_id: str, user: CurrentUser) -> JobResponse:
         """The job's status; a done job carries a presigned download URL and its expiry."""
-        job = await store.get_job(user.user_id, checked_job_id(job_id))
-        job = await jobs.check_if_stale(job)
-        return JobResponse.from_job(await jobs.with_download_url(job))
+        job = await user.store.get_job(user.user_id, checked_job_id(job_id))
+        job = await user.jobs.check_if_stale(job)
+        return JobResponse.from_job(await user.jobs.with_download_url(job))
 
     @app.post(
         "/jobs/{job_id}/cancel",
@@ -470,12 +471,11 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     async def cancel_job(
         job_id: str,
         user: CurrentUser,
-        jobs: JobsDep,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Any:
         """Cancel a queued or running job at RunPod and refund its credits."""
         job_id = checked_job_id(job_id)
-        key = idempotency_key
+        jobs, key = user.jobs, idempotency_key
         if key is None:
             return JobResponse.from_job(await jobs.cancel(user.user_id, job_id))
 
@@ -495,9 +495,9 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         summary="Your credits",
         responses=error_responses(401, 503),
     )
-    async def get_credits(user: CurrentUser, store: StoreDep) -> CreditsResponse:
+    async def get_credits(user: CurrentUser) -> CreditsResponse:
         """The caller's credit balance and plan."""
-        account = await store.get_or_create_user(user.user_id)
+        account = await user.store.get_or_create_user(user.user_id)
         return CreditsResponse(credits=account.credits, plan=account.plan)
 
     @app.post(
@@ -505,9 +505,10 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         summary="RunPod completion webhook",
         responses=error_responses(400, 401, 404, 413, 503),
     )
-    async def runpod_webhook(request: Request, jobs: JobsDep) -> dict[str, str]:
+    async def runpod_webhook(request: Request) -> dict[str, str]:
         """RunPod's job-finished call. Proof: `X-RunPod-Signature`, or the per-job URL token."""
-        job = await receive_webhook(request, jobs)
+        # The service straight from the state, not a dependency: see `Caller`.
+        job = await receive_webhook(request, request.state.jobs)
         return {"jobId": job.job_id, "status": job.status.public.value}
 
     @app.get("/healthz", summary="Liveness", include_in_schema=False)
