@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
 import socket
@@ -62,6 +63,8 @@ def now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
+# A job's timestamps are rendered again on every poll of it: remember the recent ones.
+@functools.lru_cache(maxsize=4096)
 def iso_from_ms(ms: int | None) -> str | None:
     if ms is None:
         return None
