@@ -50,7 +50,7 @@ fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz_api
 
 clean:
-	rm -rf $(VENV) node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-serve node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
 
 # --- Benchmarks: bench/, BENCHMARKS.md ---------------------------------------------------------
 BENCH_STAMP := $(VENV)/.bench-installed
@@ -62,13 +62,25 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
+# The servers under test run from a venv with requirements.txt only, as the container ships:
+# the dev venv's extra packages change what the gateway imports (httpx loads its command-line
+# tool's rich and click when they are installed), and so its cold start and memory.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+$(SERVE_STAMP): requirements.txt
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
 ## Measure the gateway against a bare FastAPI app (about 7 min): BENCHMARKS.md, bench/latency.png.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(SERVE_STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
-	BENCH_COMMAND="make bench" $(BIN)/python -m bench.run
+	BENCH_COMMAND="make bench" $(BIN)/python -m bench.run --server-python $(SERVE_VENV)/bin/python
 
 ## Prove the harness still works: 1 s runs at 1 connection, written to a temp dir (no timings asserted).
-bench-smoke: $(BENCH_STAMP)
+bench-smoke: $(BENCH_STAMP) $(SERVE_STAMP)
 	out=$$(mktemp -d) && BENCH_COMMAND="make bench-smoke" \
-		$(BIN)/python -m bench.run --quick --output $$out/BENCHMARKS.md --plot $$out/latency.png \
+		$(BIN)/python -m bench.run --quick --server-python $(SERVE_VENV)/bin/python \
+		--output $$out/BENCHMARKS.md --plot $$out/latency.png \
 		--results $$out/results.json

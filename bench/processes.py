@@ -62,9 +62,9 @@ def minimal_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def uvicorn_command(app: str, port: int) -> list[str]:
+def uvicorn_command(app: str, port: int, python: Path | None = None) -> list[str]:
     # `--app-dir` lets the process run in a scratch directory, where no `.env` is read.
-    command = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(ROOT)]
+    command = [str(python or sys.executable), "-m", "uvicorn", app, "--app-dir", str(ROOT)]
     return [*command, "--host", LOOPBACK, "--port", str(port), *SERVER_FLAGS]
 
 
@@ -89,7 +89,9 @@ class ProcessGroups:
     blocks (and `__exit__`) run when `make` or a CI runner stops the harness.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, server_python: Path | None = None) -> None:
+        # The interpreter (and so the venv) the servers run on; the harness's own by default.
+        self.server_python = server_python
         self._processes: list[subprocess.Popen[bytes]] = []
         self._logs: list[Path] = []
 
@@ -137,7 +139,8 @@ class ProcessGroups:
         """Start `uvicorn app` on `port` (or a free one); returns once `/healthz` answers 200."""
         port = port or free_port()
         started_at = time.perf_counter()
-        process = self.spawn(uvicorn_command(app, port), env, cwd, log)
+        command = uvicorn_command(app, port, self.server_python)
+        process = self.spawn(command, env, cwd, log)
         server = Server(name, process, port, started_at)
         server.ready_after = wait_until_healthy(server, log)
         return server

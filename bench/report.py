@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import subprocess
+import sys
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 from bench.results import GOALS, Measurement, Results, ratio
@@ -17,16 +18,20 @@ PERCENTILES = (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms"))
 MAX_ERROR_SHARE = 0.01
 
 
-def machine() -> list[list[str]]:
+SERVER_PACKAGES = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools")
+
+
+def machine(server_python: Path | None = None) -> list[list[str]]:
     """What the numbers were measured on."""
-    packages = _versions("fastapi", "starlette", "uvicorn", "uvloop", "httptools")
+    python = server_python or Path(sys.executable)
     return [
         ["CPUs (`nproc`)", str(len(os.sched_getaffinity(0)))],
         ["CPU model", _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "?"],
         ["memory", _memory()],
         ["kernel", platform.release()],
         ["Python", platform.python_version()],
-        ["packages", ", ".join(packages)],
+        ["servers' Python", _shown(python)],
+        ["packages", ", ".join(_versions(python, *SERVER_PACKAGES))],
     ]
 
 
@@ -51,14 +56,23 @@ def _memory() -> str:
     return f"{int(total.split()[0]) / 1024**2:.1f} GiB"
 
 
-def _versions(*names: str) -> list[str]:
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+def _versions(python: Path, *names: str) -> list[str]:
+    """The versions installed where `python` runs: the servers' venv, not the harness's."""
+    script = (
+        "import sys\nfrom importlib import metadata\nfor name in sys.argv[1:]:\n"
+        "    try: print(name, metadata.version(name))\n"
+        "    except metadata.PackageNotFoundError: pass"
+    )
+    out = subprocess.run(
+        [str(python), "-c", script, *names], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split("\n")[:-1]
+
+
+def _shown(python: Path) -> str:
+    root = Path(__file__).resolve().parent.parent
+    absolute = python.absolute()
+    return f"`{absolute.relative_to(root) if absolute.is_relative_to(root) else absolute}`"
 
 
 def _num(value: float, digits: int = 0) -> str:

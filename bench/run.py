@@ -54,6 +54,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cold-starts", type=int, default=DEFAULT_COLD_STARTS)
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
+        "--server-python",
+        # absolute(), not resolve(): a venv's python is a symlink out of the venv.
+        type=lambda text: Path(text).absolute(),
+        default=None,
+        help="the Python the servers run on (default: this one); `make bench` passes a venv "
+        "with requirements.txt only, as the container ships",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="1 s per run, 1 connection, no warm-up: a smoke run"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -238,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = results_from_json(args.results.read_text())
     else:
         results = measure(args)
-        results.machine, results.date, results.command = machine(), now_utc(), command_text(argv)
+        results.machine = machine(args.server_python)
+        results.date, results.command = now_utc(), command_text(argv)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(results_to_json(results))
     write_outputs(results, args)
@@ -246,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace) -> Results:
-    with ProcessGroups() as procs, tempfile.TemporaryDirectory(prefix="cineweave-bench-") as tmp:
+    with (
+        ProcessGroups(args.server_python) as procs,
+        tempfile.TemporaryDirectory(prefix="cineweave-bench-") as tmp,
+    ):
         scratch = Path(tmp)
         try:
             return Bench(procs, scratch, args).run()
