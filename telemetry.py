@@ -15,10 +15,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -475,7 +475,8 @@ class RequestTelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         caller = _CallerHeaders(scope["headers"])
-        request_id = valid_request_id(caller.request_id) or uuid.uuid4().hex
+        # The same 32 hex digits as uuid4().hex, without building a UUID object per request.
+        request_id = valid_request_id(caller.request_id) or os.urandom(16).hex()
         id_token = request_id_var.set(request_id)
         trace_token = trace_id_var.set(trace_id_from(caller.cloud_trace, caller.traceparent))
         id_header = (b"x-request-id", request_id.encode())
