@@ -19,8 +19,10 @@ from typing import Annotated, Any, TypedDict
 import httpx
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -645,6 +647,47 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     return await jobs.refresh_from_runpod(job, runpod_id)
 
 
+# --- API docs ---------------------------------------------------------------------------------
+
+DOCS_ASSETS_URL = "/docs-assets"
+# Swagger UI would send the schema's URL to validator.swagger.io for a badge: null turns it off.
+SWAGGER_UI_PARAMETERS: dict[str, Any] = {"validatorUrl": None}
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, from files the gateway serves itself.
+
+    FastAPI's own pages load them from a CDN, which fails behind a strict firewall; the
+    fastapi-offline package ships the same bundles, so nothing is fetched from another host.
+    """
+    assets = StaticFiles(packages=[("fastapi_offline", "static")])
+    app.mount(DOCS_ASSETS_URL, assets, name="docs-assets")
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
+        )
+
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+
+
 # --- The app ----------------------------------------------------------------------------------
 
 
@@ -686,12 +729,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description="Turns prompts into videos on RunPod, paid for with credits.",
         lifespan=make_lifespan(settings),
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN: install_docs serves them.
+        docs_url=None,
+        redoc_url=None,
     )
     # Made here, not in the lifespan: the middleware needs it when the app is built.
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     register_routes(app, settings)
     install_openapi(app, settings)
+    install_docs(app)
     if settings.metrics_token or not settings.is_production:
         endpoint = metrics_route(metrics.registry, settings.metrics_token)
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
