@@ -730,6 +730,14 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
 DOCS_ASSETS_URL = "/docs-assets"
 # Swagger UI would send the schema's URL to validator.swagger.io for a badge: null turns it off.
 SWAGGER_UI_PARAMETERS: dict[str, Any] = {"validatorUrl": None}
+# The browser may load nothing from another host. ReDoc always fetches its logo from a CDN;
+# this makes the browser refuse that (it then hides the logo), and whatever a newer bundle
+# might add. Swagger UI's start-up is an inline script; both pages inline styles, and
+# ReDoc's search runs in a worker made from a blob.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
+)
 
 
 def install_docs(app: FastAPI) -> None:
@@ -743,7 +751,7 @@ def install_docs(app: FastAPI) -> None:
 
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
@@ -751,16 +759,20 @@ def install_docs(app: FastAPI) -> None:
             swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
             swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
         )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
 
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
             redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
             with_google_fonts=False,
         )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
 
     app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
     app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)

@@ -141,6 +141,15 @@ class TestDocsPages:
         assert all(url.startswith("/") and not url.startswith("//") for url in urls), urls
         assert _ANY_ABSOLUTE_URL.findall(response.text) == []
 
+    @pytest.mark.parametrize("page", ["/docs", "/redoc"])
+    async def test_page_forbids_the_browser_other_hosts(self, client, page) -> None:
+        # ReDoc's bundle always asks cdn.redoc.ly for its logo: only this policy stops it.
+        policy = (await client.get(page)).headers["content-security-policy"]
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        assert directives["default-src"] == "'self'"
+        assert directives["img-src"] == "'self' data:"
+        assert all("http" not in sources and "*" not in sources for sources in directives.values())
+
     async def test_swagger_ui_asks_no_validator(self, client) -> None:
         # Left on, Swagger UI sends the schema's URL to validator.swagger.io for a badge.
         response = await client.get("/docs")
