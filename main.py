@@ -340,7 +340,8 @@ def error_responses(*errors: type[GatewayError]) -> dict[int | str, dict[str, An
 
 # Every user route checks the session token (401), with keys that may be unavailable (503).
 AUTH_ERRORS = (Unauthorized, AuthUnavailable)
-# Any route that touches the store; 502 and UPSTREAM_UNAVAILABLE come from the Convex store.
+# Any route that touches the store: SQLite's 503, or Convex's 502 and 503. RunPod's failures
+# are these same two upstream classes.
 STORE_ERRORS = (StoreUnavailable, UpstreamError, UpstreamUnavailable)
 
 
