@@ -45,6 +45,12 @@ vitest: $(NODE_STAMP)
 ## Install everything, then lint and run every test.
 test: lint vitest pytest
 
+## Render /docs and /redoc of a real gateway in headless Chromium (Debian's, installed if missing).
+.PHONY: test-browser
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pytest -m browser
+
 ## Fuzz the API with schemathesis (fixed seed, 90 s bound): no 5xx, every answer matches the schema.
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz_api

@@ -17,28 +17,42 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import httpx
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
 from config import Settings, get_settings
 from errors import (
+    AuthUnavailable,
     GatewayError,
     IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidCursor,
     InvalidRequest,
     InvalidSignature,
     JobNotCancelable,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    TooManyActiveJobs,
     Unauthorized,
+    UpstreamError,
+    UpstreamUnavailable,
 )
 from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_is_valid
 from local_storage import LocalStorage, storage_router
 from models import (
+    CREATE_JOB_EXAMPLES,
+    WEBHOOK_ANSWER_EXAMPLE,
+    WEBHOOK_EXAMPLES,
     CreateJobRequest,
     CreateJobResponse,
     CreditsResponse,
@@ -299,8 +313,41 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, render_internal_error)
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
+# The field errors in the docs' example of a 400, as a client would see them.
+_EXAMPLE_FIELD_ERRORS = [{"field": "durationSec", "message": "must be from 1 to 10"}]
+
+
+def error_example(error: type[GatewayError]) -> dict[str, Any]:
+    """An OpenAPI example of `error`'s body, exactly as `render_gateway_error` writes it."""
+    errors = _EXAMPLE_FIELD_ERRORS if error is InvalidRequest else None
+    return {"summary": error.detail, "value": error_body(error.code, error.detail, errors)}
+
+
+def error_responses(*errors: type[GatewayError]) -> dict[int | str, dict[str, Any]]:
+    """The statuses a route answers with these errors: the error schema, an example per code.
+
+    Built from the error classes the code raises, so the docs name the real codes.
+    """
+    responses: dict[int | str, dict[str, Any]] = {}
+    for error in errors:
+        content = {"application/json": {"examples": {}}}
+        response = responses.setdefault(
+            error.status_code, {"model": ErrorResponse, "content": content}
+        )
+        response["content"]["application/json"]["examples"][error.code] = error_example(error)
+    for response in responses.values():
+        codes = response["content"]["application/json"]["examples"]
+        response["description"] = "\n".join(
+            f"- `{code}`: {ex['summary']}" for code, ex in codes.items()
+        )
+    return responses
+
+
+# Every user route checks the session token (401), with keys that may be unavailable (503).
+AUTH_ERRORS = (Unauthorized, AuthUnavailable)
+# Any route that touches the store: SQLite's 503, or Convex's 502 and 503. RunPod's failures
+# are these same two upstream classes.
+STORE_ERRORS = (StoreUnavailable, UpstreamError, UpstreamUnavailable)
 
 
 # --- Body limits ------------------------------------------------------------------------------
@@ -403,10 +450,19 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/jobs/create",
         response_model=CreateJobResponse,
         summary="Create a video job",
-        responses=error_responses(400, 401, 402, 409, 413, 429, 502, 503),
+        responses=error_responses(
+            InvalidRequest,
+            *AUTH_ERRORS,
+            InsufficientCredits,
+            IdempotencyKeyReused,
+            IdempotencyKeyInUse,
+            PayloadTooLarge,
+            TooManyActiveJobs,
+            *STORE_ERRORS,
+        ),
     )
     async def create_job(
-        body: CreateJobRequest,
+        body: CreateJobBody,
         user: CurrentUser,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Any:
@@ -437,7 +493,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/jobs",
         response_model=JobListResponse,
         summary="List your jobs",
-        responses=error_responses(400, 401, 503),
+        responses=error_responses(InvalidRequest, InvalidCursor, *AUTH_ERRORS, *STORE_ERRORS),
     )
     async def list_jobs(
         user: CurrentUser,
@@ -454,7 +510,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/jobs/{job_id}",
         response_model=JobResponse,
         summary="Get a job",
-        responses=error_responses(401, 404, 503),
+        responses=error_responses(*AUTH_ERRORS, NotFound, *STORE_ERRORS),
     )
     async def get_job(job_id: str, user: CurrentUser) -> JobResponse:
         """The job's status; a done job carries a presigned download URL and its expiry."""
@@ -466,7 +522,15 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/jobs/{job_id}/cancel",
         response_model=JobResponse,
         summary="Cancel a job",
-        responses=error_responses(401, 404, 409, 502, 503),
+        responses=error_responses(
+            InvalidRequest,
+            *AUTH_ERRORS,
+            NotFound,
+            JobNotCancelable,
+            IdempotencyKeyReused,
+            IdempotencyKeyInUse,
+            *STORE_ERRORS,
+        ),
     )
     async def cancel_job(
         job_id: str,
@@ -493,7 +557,7 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         "/credits",
         response_model=CreditsResponse,
         summary="Your credits",
-        responses=error_responses(401, 503),
+        responses=error_responses(*AUTH_ERRORS, *STORE_ERRORS),
     )
     async def get_credits(user: CurrentUser) -> CreditsResponse:
         """The caller's credit balance and plan."""
@@ -503,7 +567,22 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
     @app.post(
         "/webhooks/runpod",
         summary="RunPod completion webhook",
-        responses=error_responses(400, 401, 404, 413, 503),
+        responses={
+            200: {"content": {"application/json": {"example": WEBHOOK_ANSWER_EXAMPLE}}},
+            **error_responses(
+                InvalidRequest, InvalidSignature, NotFound, PayloadTooLarge, *STORE_ERRORS
+            ),
+        },
+        # The route reads the raw body (its signature covers the bytes), so FastAPI cannot
+        # describe it: the docs show RunPod's payload here instead.
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {"schema": {"type": "object"}, "examples": WEBHOOK_EXAMPLES}
+                },
+            }
+        },
     )
     async def runpod_webhook(request: Request) -> dict[str, str]:
         """RunPod's job-finished call. Proof: `X-RunPod-Signature`, or the per-job URL token."""
@@ -533,6 +612,8 @@ IN_FLIGHT_STALE_MS = 60_000
 IN_FLIGHT_WAIT_SECONDS = 3.0
 
 Answer = tuple[int, dict[str, Any]]
+# The request examples live on the parameter, where Swagger UI offers them in a drop-down.
+CreateJobBody = Annotated[CreateJobRequest, Body(openapi_examples=CREATE_JOB_EXAMPLES)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -646,13 +727,88 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     return await jobs.refresh_from_runpod(job, runpod_id)
 
 
+# --- API docs ---------------------------------------------------------------------------------
+
+DOCS_ASSETS_URL = "/docs-assets"
+# Swagger UI would send the schema's URL to validator.swagger.io for a badge: null turns it off.
+SWAGGER_UI_PARAMETERS: dict[str, Any] = {"validatorUrl": None}
+# The browser may load nothing from another host. ReDoc always fetches its logo from a CDN;
+# this makes the browser refuse that (it then hides the logo), and whatever a newer bundle
+# might add. Swagger UI's start-up is an inline script; both pages inline styles, and
+# ReDoc's search runs in a worker made from a blob.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
+)
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, from files the gateway serves itself.
+
+    FastAPI's own pages load them from a CDN, which fails behind a strict firewall; the
+    fastapi-offline package ships the same bundles, so nothing is fetched from another host.
+    """
+    assets = StaticFiles(packages=[("fastapi_offline", "static")])
+    app.mount(DOCS_ASSETS_URL, assets, name="docs-assets")
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+
+
 # --- The app ----------------------------------------------------------------------------------
 
 
 _ERROR_RESPONSE = {
     "description": "Invalid request",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    "content": {
+        "application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+            "examples": {"INVALID_REQUEST": error_example(InvalidRequest)},
+        }
+    },
 }
+
+
+# The models whose examples /docs shows as request and answer bodies.
+EXAMPLE_MODELS = (
+    CreateJobRequest,
+    CreateJobResponse,
+    JobResponse,
+    JobListResponse,
+    CreditsResponse,
+    ErrorResponse,
+)
+
+
+def restore_examples(components: dict[str, Any]) -> None:
+    """Put the models' examples back whole: get_openapi drops every null, even inside them."""
+    for model in EXAMPLE_MODELS:
+        components[model.__name__]["examples"] = model.model_json_schema()["examples"]
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -674,6 +830,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             components.pop(name, None)
         duration = components["CreateJobRequest"]["properties"]["durationSec"]
         duration.update(minimum=settings.min_duration_sec, maximum=settings.max_duration_sec)
+        restore_examples(components)
         app.openapi_schema = schema
         return schema
 
@@ -687,12 +844,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description="Turns prompts into videos on RunPod, paid for with credits.",
         lifespan=make_lifespan(settings),
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN: install_docs serves them.
+        docs_url=None,
+        redoc_url=None,
     )
     # Made here, not in the lifespan: the middleware needs it when the app is built.
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     register_routes(app, settings)
     install_openapi(app, settings)
+    install_docs(app)
     if settings.metrics_token or not settings.is_production:
         endpoint = metrics_route(metrics.registry, settings.metrics_token)
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from fastapi.openapi.models import Example
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_PROMPT_CHARS = 2000
@@ -221,6 +222,77 @@ def image_url_host(url: str) -> str:
         raise ValueError("must name a valid host") from None
 
 
+# --- Examples for the API docs (/docs, /redoc): what a client really sends and gets ---------
+
+DONE_JOB_EXAMPLE: dict[str, Any] = {
+    "jobId": "job_Xk3v9QyL0aPz7wRt",
+    "status": "done",
+    "r2Url": "https://acct.r2.cloudflarestorage.com/cineweave-videos/videos/user_alice/"
+    "job_Xk3v9QyL0aPz7wRt.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=86400"
+    "&X-Amz-Signature=5d41402abc4b2a76b9719d911017c592",
+    "expiresAt": "2026-11-26T12:30:00.000Z",
+    "durationSec": 5,
+    "prompt": "A silver drone flies through neon skyline",
+    "imageUrl": None,
+    "seed": 42,
+    "cost": 5,
+    "createdAt": "2026-11-25T12:29:50.120Z",
+    "updatedAt": "2026-11-25T12:29:58.402Z",
+    "error": None,
+}
+FAILED_JOB_EXAMPLE: dict[str, Any] = DONE_JOB_EXAMPLE | {
+    "jobId": "job_Pq8s2LmN4bWc6dYe",
+    "status": "failed",
+    "r2Url": None,
+    "expiresAt": None,
+    "error": {"code": "WORKER_FAILED", "detail": "CUDA out of memory"},
+}
+# `openapi_examples` of POST /jobs/create: Swagger UI offers each in a drop-down.
+CREATE_JOB_EXAMPLES: dict[str, Example] = {
+    "prompt only": {
+        "summary": "A 5-second video from a prompt",
+        "value": {
+            "prompt": "A silver drone flies through neon skyline",
+            "imageUrl": None,
+            "durationSec": 5,
+            "seed": 42,
+        },
+    },
+    "from a start image": {
+        "summary": "Animate a public image; the gateway picks the seed",
+        "value": {
+            "prompt": "The paper boat drifts down the rainy street",
+            "imageUrl": "https://images.example.com/boat.png",
+            "durationSec": 3,
+        },
+    },
+}
+# RunPod's webhook body: its status payload plus the job's `input` (with our `jobId`).
+WEBHOOK_EXAMPLES: dict[str, Example] = {
+    "completed": {
+        "summary": "The worker finished and uploaded the video",
+        "value": {
+            "id": "3e1a7c52-9d4b-4f0e-8a61-2b7d9c0e5f13-u1",
+            "status": "COMPLETED",
+            "delayTime": 812,
+            "executionTime": 41230,
+            "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
+            "output": {"objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4"},
+        },
+    },
+    "failed": {
+        "summary": "The worker raised: the job fails and is refunded",
+        "value": {
+            "id": "3e1a7c52-9d4b-4f0e-8a61-2b7d9c0e5f13-u1",
+            "status": "FAILED",
+            "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
+            "error": "CUDA out of memory",
+        },
+    },
+}
+WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
+
+
 class CreateJobRequest(ApiModel):
     prompt: StrictStr = Field(description="What to render, 1-2000 characters after trimming.")
     image_url: StrictStr | None = Field(
@@ -260,6 +332,8 @@ class CreateJobRequest(ApiModel):
 class CreateJobResponse(ApiModel):
     job_id: str = Field(alias="jobId", examples=["job_Xk3v9QyL0aPz7wRt"])
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"jobId": "job_Xk3v9QyL0aPz7wRt"}]})
+
 
 class JobError(ApiModel):
     code: str
@@ -279,6 +353,10 @@ class JobResponse(ApiModel):
     created_at: str = Field(alias="createdAt")
     updated_at: str = Field(alias="updatedAt")
     error: JobError | None
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [DONE_JOB_EXAMPLE, FAILED_JOB_EXAMPLE]}
+    )
 
     @classmethod
     def from_job(cls, job: Job) -> JobResponse:
@@ -306,10 +384,23 @@ class JobListResponse(ApiModel):
     jobs: list[JobResponse]
     next_cursor: str | None = Field(alias="nextCursor")
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [DONE_JOB_EXAMPLE],
+                    "nextCursor": "WzE3NjQwNzM3OTAxMjAsImpvYl9QcThzMkxtTjRiV2M2ZFllIl0",
+                }
+            ]
+        }
+    )
+
 
 class CreditsResponse(ApiModel):
     credits: int
     plan: str
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"credits": 75, "plan": "starter"}]})
 
 
 class FieldError(ApiModel):
@@ -321,6 +412,12 @@ class ErrorResponse(ApiModel):
     detail: str
     code: str
     errors: list[FieldError] | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"detail": "Insufficient credits", "code": "INSUFFICIENT_CREDITS"}]
+        }
+    )
 
 
 def json_dump(model: BaseModel) -> dict[str, Any]:
