@@ -18,6 +18,7 @@ import re
 import secrets
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -117,9 +118,9 @@ class Scrape:
     def label_values(self, label: str) -> set[str]:
         return {labels[label] for _, labels, _ in self.samples if label in labels}
 
-    def upstream_calls(self, upstream: str, operation: str) -> int:
+    def upstream_calls(self, upstream: str, operation: str, outcome: str = "ok") -> int:
         name = "gateway_upstream_request_duration_seconds_count"
-        return int(self.value(name, upstream=upstream, operation=operation))
+        return int(self.value(name, upstream=upstream, operation=operation, outcome=outcome))
 
 
 class Scenario:
@@ -138,6 +139,7 @@ class Scenario:
         self.auth: dict[str, str] = {}
         self.granted = 0
         self.webhook_failures: Counter[str] = Counter()
+        self.hostile_call: Call | None = None
 
     def call(
         self, method: str, url: str, route: str, trace_id: str | None = None, **kwargs: Any
@@ -242,6 +244,7 @@ class Scenario:
     def list_with_a_hostile_request_id(self) -> None:
         headers = {**self.auth, "X-Request-ID": HOSTILE_REQUEST_ID}
         response = self.call("GET", "/jobs", "/jobs", headers=headers)
+        self.hostile_call = self.calls[-1]
         assert len(response.json()["jobs"]) == len(self.costs)
 
     def download(self, job_ids: list[str]) -> None:
@@ -284,6 +287,18 @@ class Scenario:
         response = self.call("POST", "/jobs/create", "/jobs/create", json=body, headers=self.auth)
         assert response.status_code == 402, response.text
 
+    def create_while_runpod_is_down(self) -> None:
+        """RunPod unreachable: a 503, and the job it was charged for failed and refunded."""
+        body = {"prompt": "Nobody home at RunPod", "durationSec": 1}
+        response = self.call("POST", "/jobs/create", "/jobs/create", json=body, headers=self.auth)
+        assert response.status_code == 503, response.text
+        listed = self.call("GET", "/jobs", "/jobs", headers=self.auth).json()["jobs"]
+        (job,) = [job for job in listed if job["jobId"] not in self.costs]
+        assert job["error"]["code"] == "SUBMIT_FAILED"
+        self.costs[job["jobId"]] = job["cost"]
+        self.final_jobs[job["jobId"]] = job
+        self.leakable.add(webhook_token(self.keys.webhook, job["jobId"]))
+
     # --- helpers ----------------------------------------------------------------------
 
     def credits(self) -> int:
@@ -325,14 +340,16 @@ class Scenario:
         assert len(jobs) == len(self.costs)
         return sum(job["status"] in ("COMPLETED", "FAILED") for job in jobs)
 
-    def final_scrape(self, standin_webhooks: int, timeout: float = 30) -> Scrape:
-        """Scrapes once the stand-in's webhooks have all been answered: they race the polls."""
+    def wait_for_runpod(self, timeout: float = 30) -> int:
+        """Waits until RunPod's webhooks have all been answered (they race the polls), and
+        returns how many it sent."""
+        sent = self.standin_webhooks()
         mine = sum(call.series == ("POST", WEBHOOK_ROUTE, "200") for call in self.calls)
         deadline = time.monotonic() + timeout
-        while self.scrape().requests()[("POST", WEBHOOK_ROUTE, "200")] < mine + standin_webhooks:
+        while self.scrape().requests()[("POST", WEBHOOK_ROUTE, "200")] < mine + sent:
             assert time.monotonic() < deadline, "RunPod's webhooks never arrived"
             time.sleep(0.2)
-        return self.scrape()
+        return sent
 
 
 # --- Running it -------------------------------------------------------------------------------
@@ -380,19 +397,20 @@ def gateway_settings(standin: str, keys: Secrets, store_env: dict[str, str]) -> 
 
 def observe(tmp: Path, store_env: dict[str, str]) -> Observed:
     keys = Secrets()
-    with running_standin(render_seconds=RENDER_SECONDS, webhook_retry_delay=1.0) as standin:
-        gateway = GatewayProcess(tmp / "data", **gateway_settings(standin, keys, store_env))
-        scenario = Scenario(gateway, standin, keys)
-        gateway.start()
-        try:
+    with ExitStack() as cleanup:
+        with running_standin(render_seconds=RENDER_SECONDS, webhook_retry_delay=1.0) as standin:
+            gateway = GatewayProcess(tmp / "data", **gateway_settings(standin, keys, store_env))
+            # Stopped on the way out, before the log is read, so its last lines are written.
+            cleanup.callback(gateway.stop)
+            scenario = Scenario(gateway, standin, keys)
+            cleanup.callback(scenario.http.close)
+            gateway.start()
             scenario.run()
-            final_credits = scenario.credits()
-            assert "0 problems" in manage(gateway.env, "audit")
-            standin_webhooks = scenario.standin_webhooks()
-            scrape = scenario.final_scrape(standin_webhooks)
-        finally:
-            scenario.http.close()
-            gateway.stop()  # before reading the log, so its last lines are written
+            standin_webhooks = scenario.wait_for_runpod()
+        scenario.create_while_runpod_is_down()  # the stand-in has stopped
+        final_credits = scenario.credits()
+        assert "0 problems" in manage(gateway.env, "audit")
+        scrape = scenario.scrape()
     if "CONVEX_DEPLOY_KEY" in store_env:
         scenario.leakable.add(store_env["CONVEX_DEPLOY_KEY"])
     return Observed(
@@ -451,13 +469,11 @@ class TestMetrics:
 
     def test_4xx_and_5xx(self, observed: Observed) -> None:
         statuses = [call.status for call in observed.calls]
-        for status in (401, 402, 403, 404):
-            assert status in statuses  # the scenario did meet each refusal
+        assert {401, 402, 403, 404, 503} <= set(statuses)  # the scenario met each refusal
         classes = Counter(f"{status // 100}xx" for status in statuses)
-        assert observed.scrape.value("gateway_http_responses_total", **{"class": "4xx"}) == (
-            classes["4xx"]
-        )
-        assert observed.scrape.value("gateway_http_responses_total", **{"class": "5xx"}) == 0
+        for name in ("4xx", "5xx"):
+            counted = observed.scrape.value("gateway_http_responses_total", **{"class": name})
+            assert counted == classes[name], name
 
     def test_job_outcomes(self, observed: Observed) -> None:
         expected = Counter(outcome_of(job) for job in observed.scenario.final_jobs.values())
@@ -490,18 +506,26 @@ class TestMetrics:
 
     def test_upstream_latency(self, observed: Observed) -> None:
         scrape, created = observed.scrape, len(observed.scenario.costs)
-        assert scrape.upstream_calls("runpod", "run") == created
+        jobs = observed.scenario.final_jobs.values()
+        unsubmitted = sum((job["error"] or {}).get("code") == "SUBMIT_FAILED" for job in jobs)
+        assert scrape.upstream_calls("runpod", "run") == created - unsubmitted
+        # A connection refused never left, so it is tried again: at least once per job.
+        assert scrape.upstream_calls("runpod", "run", "error") >= unsubmitted >= 1
         assert scrape.upstream_calls("runpod", "cancel") == 1
         assert scrape.upstream_calls("runpod", "status") >= 1  # tokened webhooks ask RunPod
         assert scrape.upstream_calls("r2", "presign_put") == created
         assert scrape.upstream_calls("r2", "presign_get") >= 1
-        done = sum(job["status"] == "done" for job in observed.scenario.final_jobs.values())
+        done = sum(job["status"] == "done" for job in jobs)
         assert scrape.upstream_calls("r2", "head") >= done
         # Each create, the refused one included, is one store transaction.
         assert scrape.upstream_calls("store", "charge_and_create_job") == created + 1
         assert scrape.upstream_calls("store", "get_job") >= 1
-        errors = [s for s in scrape.samples if s[1].get("outcome") == "error" and s[2]]
-        assert errors == []
+        failed = {
+            (labels["upstream"], labels["operation"])
+            for name, labels, value in scrape.samples
+            if name.endswith("_count") and labels.get("outcome") == "error" and value
+        }
+        assert failed == {("runpod", "run")}  # only while RunPod was down
         total = scrape.value("gateway_upstream_request_duration_seconds_sum")
         assert total > 0
 
@@ -578,8 +602,8 @@ class TestLogs:
         assert GIVEN_REQUEST_ID in ids
         assert observed.lines_of(GIVEN_REQUEST_ID), "the given request id was not logged"
         assert HOSTILE_REQUEST_ID not in ids
-        listed = [call for call in observed.calls if call.route == "/jobs"]
-        (hostile,) = listed
+        hostile = observed.scenario.hostile_call
+        assert hostile is not None
         assert re.fullmatch(r"[0-9a-f]{32}", hostile.request_id)
         assert observed.lines_of(hostile.request_id)
         assert not any("<script>" in line for line in observed.log_lines)
