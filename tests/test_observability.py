@@ -183,6 +183,12 @@ class Scenario:
         unknown = f"/jobs/job_{'x' * 16}"
         assert self.call("GET", unknown, JOB_ROUTE, headers=self.auth).status_code == 404
         assert self.call("GET", "/no/such/route", "unmatched").status_code == 404
+        # Refused by the body limit before routing: still counted under its route.
+        oversized = {"prompt": "x" * 70_000, "durationSec": 1}
+        response = self.call(
+            "POST", "/jobs/create", "/jobs/create", json=oversized, headers=self.auth
+        )
+        assert response.status_code == 413
         assert self.call("GET", "/metrics", "/metrics").status_code == 401
         wrong = {"Authorization": f"Bearer {self.keys.metrics[:-1]}"}
         assert self.call("GET", "/metrics", "/metrics", headers=wrong).status_code == 401
@@ -469,7 +475,7 @@ class TestMetrics:
 
     def test_4xx_and_5xx(self, observed: Observed) -> None:
         statuses = [call.status for call in observed.calls]
-        assert {401, 402, 403, 404, 503} <= set(statuses)  # the scenario met each refusal
+        assert {401, 402, 403, 404, 413, 503} <= set(statuses)  # the scenario met each refusal
         classes = Counter(f"{status // 100}xx" for status in statuses)
         for name in ("4xx", "5xx"):
             counted = observed.scrape.value("gateway_http_responses_total", **{"class": name})
