@@ -2,8 +2,9 @@
 
 One scenario runs over real HTTP against `uvicorn main:app`, with the RunPod stand-in in its own
 process (so the gateway calls RunPod over a socket, with a real API key): an operator grant, jobs
-that finish, fail, are canceled and time out, refusals (401, 402, 403, 404), forged, signed and
-tokened webhooks, downloads from presigned URLs, trace headers and request ids. Then:
+that finish, fail, are canceled and time out, refusals (401, 402, 403, 404, 413), forged, signed
+and tokened webhooks, downloads from presigned URLs, an idempotent retry, trace headers and request
+ids, and last a create while RunPod is down (503). Then:
 
 * `/metrics`, scraped and parsed as Prometheus would, must count exactly what happened. Every
   expected number is tallied from the scenario's own requests and the API's answers.
@@ -46,6 +47,8 @@ GIVEN_REQUEST_ID = "obs-e2e:create.1"
 # Quotes, spaces and a fake JSON field: echoed into a line built by hand, it would forge a record.
 HOSTILE_REQUEST_ID = 'x", "severity": "CRITICAL", "message": "<script>forged</script>'
 USER = "user_obs"
+FIRST_PROMPT, FIRST_SECONDS = "A silver drone over a neon skyline", 2
+IDEMPOTENCY_KEY = "obs-e2e-first-job"
 ENDPOINT = "obs"
 # Not 1, so a counter that counted seconds instead of credits would show.
 CREDITS_PER_SECOND = 2
@@ -160,6 +163,7 @@ class Scenario:
         self.settle(list(self.costs))
         self.list_with_a_hostile_request_id()
         self.download(finished)
+        self.retry_the_first_create(finished[0])
         self.webhook_repeats(finished)
         self.forged_webhooks(finished[0])
         self.insufficient_credits()
@@ -173,6 +177,9 @@ class Scenario:
         headers = {**self.auth, "X-Cloud-Trace-Context": f"{CLOUD_TRACE}/1;o=1"}
         response = self.call("GET", "/credits", "/credits", CLOUD_TRACE, headers=headers)
         assert response.json()["credits"] == self.granted
+        # The web app's way: the session token in Clerk's cookie.
+        cookie = {"Cookie": f"__session={token}"}
+        assert self.call("GET", "/credits", "/credits", headers=cookie).status_code == 200
 
     def refusals(self) -> None:
         token = self.auth["Authorization"].removeprefix("Bearer ")
@@ -226,8 +233,8 @@ class Scenario:
 
     def create_jobs_that_run(self) -> list[str]:
         """Two that finish, one whose worker fails; two ways of passing a trace."""
-        given_id = {"X-Request-ID": GIVEN_REQUEST_ID}
-        first = self.create("A silver drone over a neon skyline", 2, headers=given_id)
+        headers = {"X-Request-ID": GIVEN_REQUEST_ID, "Idempotency-Key": IDEMPOTENCY_KEY}
+        first = self.create(FIRST_PROMPT, FIRST_SECONDS, None, headers)
         traceparent = {"traceparent": f"00-{W3C_TRACE}-00f067aa0ba902b7-01"}
         second = self.create("A paper boat in the rain", 3, W3C_TRACE, traceparent)
         self.create("This one will [[fail]] at RunPod", 2)
@@ -264,6 +271,14 @@ class Scenario:
             tampered = url.replace("sig=", "sig=0")
             assert self.call("GET", tampered, STORAGE_ROUTE).status_code == 403
 
+    def retry_the_first_create(self, job_id: str) -> None:
+        """A client's retry with the same Idempotency-Key: the first answer, charged once."""
+        headers = self.auth | {"Idempotency-Key": IDEMPOTENCY_KEY}
+        body = {"prompt": FIRST_PROMPT, "durationSec": FIRST_SECONDS}
+        response = self.call("POST", "/jobs/create", "/jobs/create", json=body, headers=headers)
+        assert response.json() == {"jobId": job_id}
+        assert response.headers["idempotent-replayed"] == "true"
+
     def webhook_repeats(self, job_ids: list[str]) -> None:
         """Late deliveries of finished jobs, one per proof: 200, and nothing counted twice."""
         done, other = job_ids
@@ -276,13 +291,15 @@ class Scenario:
 
     def forged_webhooks(self, job_id: str) -> None:
         body = json.dumps({"id": self.runpod_id(job_id), "status": "FAILED"}).encode()
-        forgeries = {
-            "bad_signature": {"headers": {"X-RunPod-Signature": sign_body("guess", body)}},
-            "bad_token": {"params": {"jobId": job_id, "token": "0" * 64}},
-            "missing": {"params": {"jobId": job_id}},
+        forgeries = {  # reason: (headers, query)
+            "bad_signature": ({"X-RunPod-Signature": sign_body("guess", body)}, {}),
+            "bad_token": ({}, {"jobId": job_id, "token": "0" * 64}),
+            "missing": ({}, {"jobId": job_id}),
         }
-        for reason, proof in forgeries.items():
-            response = self.call("POST", WEBHOOK_ROUTE, WEBHOOK_ROUTE, content=body, **proof)
+        for reason, (headers, query) in forgeries.items():
+            response = self.call(
+                "POST", WEBHOOK_ROUTE, WEBHOOK_ROUTE, content=body, headers=headers, params=query
+            )
             assert response.status_code == 401, response.text
             self.webhook_failures[reason] += 1
 
@@ -295,13 +312,15 @@ class Scenario:
 
     def create_while_runpod_is_down(self) -> None:
         """RunPod unreachable: a 503, and the job it was charged for failed and refunded."""
-        body = {"prompt": "Nobody home at RunPod", "durationSec": 1}
+        seconds = 1
+        body = {"prompt": "Nobody home at RunPod", "durationSec": seconds}
         response = self.call("POST", "/jobs/create", "/jobs/create", json=body, headers=self.auth)
         assert response.status_code == 503, response.text
         listed = self.call("GET", "/jobs", "/jobs", headers=self.auth).json()["jobs"]
         (job,) = [job for job in listed if job["jobId"] not in self.costs]
         assert job["error"]["code"] == "SUBMIT_FAILED"
-        self.costs[job["jobId"]] = job["cost"]
+        self.costs[job["jobId"]] = seconds * CREDITS_PER_SECOND
+        assert job["cost"] == self.costs[job["jobId"]]
         self.final_jobs[job["jobId"]] = job
         self.leakable.add(webhook_token(self.keys.webhook, job["jobId"]))
 
@@ -645,5 +664,5 @@ class TestLogFormat:
     def test_json_in_production_text_locally_unless_told(
         self, values: dict[str, str], json_logs: bool
     ) -> None:
-        settings = Settings(_env_file=None, **values)  # type: ignore[arg-type]
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg, arg-type]
         assert settings.json_logs is json_logs
