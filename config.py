@@ -25,6 +25,11 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
 class Settings(BaseSettings):
     # Empty values in .env mean "not set", so an untouched copy of .env.example is valid locally.
     model_config = SettingsConfigDict(
@@ -83,6 +88,9 @@ class Settings(BaseSettings):
     metrics_token: str | None = None
     # Names the Cloud Trace project in log lines; Cloud Run does not set it by itself.
     google_cloud_project: str | None = None
+    # Unset: JSON for Cloud Logging in production, text for a terminal locally. Set `json` to
+    # see locally exactly the lines production writes.
+    log_format: LogFormat | None = None
 
     # Local mode
     local_data_dir: Path = Path("./.data")
@@ -120,6 +128,12 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.gateway_env is Environment.PRODUCTION
+
+    @property
+    def json_logs(self) -> bool:
+        if self.log_format is not None:
+            return self.log_format is LogFormat.JSON
+        return self.is_production
 
     @property
     def effective_signup_credits(self) -> int:

@@ -874,7 +874,7 @@ def _configure_logging(settings: Settings) -> None:
         settings.metrics_token,
     )
     configure_logging(
-        json_logs=settings.is_production,
+        json_logs=settings.json_logs,
         project_id=settings.google_cloud_project,
         known_secrets=known,
     )

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import GatewayError
@@ -535,7 +536,18 @@ class _CallerHeaders:
 def route_template(scope: Scope) -> str:
     """The matched route's template (`/jobs/{job_id}`), never the raw path: ids are unbounded."""
     route = scope.get("route")
-    return getattr(route, "path", None) or UNMATCHED_ROUTE
+    return getattr(route, "path", None) or _route_before_routing(scope) or UNMATCHED_ROUTE
+
+
+def _route_before_routing(scope: Scope) -> str | None:
+    """The template of a request refused before routing ran (a 413 from the body limit), so it
+    is not counted with unknown paths. Only unmatched requests pay for this second look."""
+    router = getattr(scope.get("app"), "router", None)
+    for route in getattr(router, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return getattr(route, "path", None)
+    return None
 
 
 def log_access(
