@@ -24,6 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
@@ -860,9 +861,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.uses_real_r2:
         app.include_router(storage_router())
     app.add_middleware(BodyLimitMiddleware)
+    install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
     app.add_middleware(RequestTelemetryMiddleware, metrics=metrics)
     return app
+
+
+def install_cors(app: FastAPI, settings: Settings) -> None:
+    """Lets the listed browser origins call the API; outside the body limit, so 413s carry it."""
+    if not settings.cors_allow_origins:
+        return  # no CORS headers at all: only same-origin pages may read answers
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+        # Without these a page cannot read a request id to report, or when to retry.
+        expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+        max_age=600,  # browsers cap preflight caching at 2 h (Chromium) anyway; 10 min is safe
+    )
 
 
 def _configure_logging(settings: Settings) -> None:
