@@ -1,6 +1,6 @@
-"""Readiness: may this instance take traffic? The store answers, Clerk keys are loaded, RunPod
-is reachable.
+"""Readiness: whether this instance may take traffic, checked part by part for `/readyz`.
 
+The store must answer, Clerk signing keys must be loaded, and RunPod must be reachable.
 `/healthz` says the process is alive; `/readyz` runs these checks. They run concurrently, each
 within `CHECK_TIMEOUT_SECONDS`, so a hung upstream makes the probe fail instead of hang. RunPod's
 `/health` is asked at most once per `RUNPOD_HEALTH_TTL_SECONDS` per instance: probes from every
