@@ -112,6 +112,15 @@ class ClerkAuth:
             return True
         return self._jwks is not None and self._jwks.loaded
 
+    async def ensure_keys(self) -> bool:
+        """`keys_loaded`, after one fetch of the JWKS if no key is cached (for /readyz).
+
+        The fetch keeps the JWKS rate limit (once per 30 s), so probes cannot hammer Clerk.
+        """
+        if not self.keys_loaded:
+            await self.load_keys()
+        return self.keys_loaded
+
     async def authenticate(self, request: Request) -> Principal:
         """The principal of the request's session token (Bearer first, then `__session`)."""
         token = token_from_request(request)

@@ -91,13 +91,18 @@ class Settings(BaseSettings):
     # Unset: JSON for Cloud Logging in production, text for a terminal locally. Set `json` to
     # see locally exactly the lines production writes.
     log_format: LogFormat | None = None
+    # Browser origins (scheme://host[:port]) the web app calls from. Empty sends no CORS headers,
+    # so only same-origin pages and non-browser clients can read answers.
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Local mode
     local_data_dir: Path = Path("./.data")
     # How long the RunPod stand-in "renders" a job before it completes.
     local_render_seconds: float = Field(default=3.0, ge=0)
 
-    @field_validator("clerk_authorized_parties", "image_url_allowed_hosts", mode="before")
+    @field_validator(
+        "clerk_authorized_parties", "image_url_allowed_hosts", "cors_allow_origins", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -114,6 +119,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_hosts(cls, value: list[str]) -> list[str]:
         return [host.lower().rstrip(".") for host in value]
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        return [cors_origin(origin) for origin in value]
 
     @model_validator(mode="after")
     def _check_complete(self) -> Settings:
@@ -188,6 +198,27 @@ REQUIRED_IN_PRODUCTION = (
 )
 
 
+def cors_origin(value: str) -> str:
+    """`value` as a browser sends it in `Origin` (lowercase, no trailing slash), or `*`."""
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    path = parts.path.rstrip("/")  # a pasted "https://app.example/" still names an origin
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"CORS_ALLOW_ORIGINS entry {value!r} is not an http(s) origin")
+    if path or parts.query or parts.fragment or "@" in parts.netloc or not _has_valid_port(value):
+        raise ValueError(f"CORS_ALLOW_ORIGINS entry {value!r} must be scheme://host[:port] only")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _has_valid_port(url: str) -> bool:
+    try:
+        port = urlsplit(url).port  # raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        return False
+    return port != 0
+
+
 def _is_placeholder(value: str) -> bool:
     lowered = value.lower()
     return any(marker in lowered for marker in PLACEHOLDER_MARKERS)
@@ -212,6 +243,9 @@ def production_problems(settings: Settings) -> list[str]:
     base = settings.public_base_url
     if base and urlsplit(base).scheme != "https":
         problems.append("PUBLIC_BASE_URL must be an https URL")
+    if "*" in settings.cors_allow_origins:
+        # Any site could then read answers to requests carrying a user's Authorization header.
+        problems.append("CORS_ALLOW_ORIGINS must name the web app's origins, not *")
     return problems
 
 

@@ -24,6 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
@@ -66,6 +67,7 @@ from models import (
     now_ms,
 )
 from r2_client import ObjectStorage, R2Storage, make_s3_client
+from readiness import Readiness, failed_parts
 from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
 from store import SQLiteStore, Store
 from telemetry import (
@@ -99,6 +101,7 @@ class State(TypedDict):
     auth: ClerkAuth
     jobs: JobService
     settings: Settings
+    readiness: Readiness
 
 
 @dataclass
@@ -196,7 +199,10 @@ async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metri
     )
     backends = Backends(store_name, auth_name, runpod_name, storage_name)
     log.info("gateway starting in %s mode: %s", settings.gateway_env.value, backends)
-    return State(store=store, storage=storage, auth=auth, jobs=jobs, settings=settings)
+    readiness = Readiness(store, auth, jobs.runpod)
+    return State(
+        store=store, storage=storage, auth=auth, jobs=jobs, settings=settings, readiness=readiness
+    )
 
 
 def _build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, str]:
@@ -218,6 +224,8 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
                 task = asyncio.create_task(reconciler.run_forever())
                 stack.callback(task.cancel)
             yield state
+        # uvicorn runs this after the requests in flight finished (or its graceful timeout).
+        log.info("shutdown complete: requests drained, clients closed")
 
     return lifespan
 
@@ -311,6 +319,14 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, render_validation_error)
     app.add_exception_handler(StarletteHTTPException, render_http_error)
     app.add_exception_handler(Exception, render_internal_error)
+
+
+def readiness_response(checks: dict[str, str]) -> JSONResponse:
+    failed = failed_parts(checks)
+    if not failed:
+        return JSONResponse({"status": "ready", "checks": checks})
+    detail = "Not ready: " + "; ".join(f"{name}: {why}" for name, why in failed.items())
+    return JSONResponse({**error_body("NOT_READY", detail), "checks": checks}, status_code=503)
 
 
 # The field errors in the docs' example of a 400, as a client would see them.
@@ -595,6 +611,11 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         """Answers while the process is alive."""
         return {"status": "ok"}
 
+    @app.get("/readyz", summary="Readiness", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """200 when the store, the Clerk keys and RunPod answer; else 503 naming what failed."""
+        return readiness_response(await request.state.readiness.check())
+
     if not settings.uses_real_clerk:
 
         @app.get("/.well-known/jwks.json", include_in_schema=False)
@@ -860,9 +881,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.uses_real_r2:
         app.include_router(storage_router())
     app.add_middleware(BodyLimitMiddleware)
+    install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
     app.add_middleware(RequestTelemetryMiddleware, metrics=metrics)
     return app
+
+
+def install_cors(app: FastAPI, settings: Settings) -> None:
+    """Lets the listed browser origins call the API; outside the body limit, so 413s carry it."""
+    if not settings.cors_allow_origins:
+        return  # no CORS headers at all: only same-origin pages may read answers
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+        # Without these a page cannot read a request id to report, or when to retry.
+        expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed"],
+        max_age=600,  # 10 min: few preflights, yet a removed origin stops working soon
+    )
 
 
 def _configure_logging(settings: Settings) -> None:

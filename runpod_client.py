@@ -179,8 +179,9 @@ class RunPodClient:
     async def cancel(self, runpod_id: str) -> None:
         await self._safe_request("POST", f"/cancel/{_checked_id(runpod_id)}")
 
-    async def health(self) -> dict[str, Any]:
-        body = _json_body(await self._safe_request("GET", "/health"))
+    async def health(self, *, attempts: int = SAFE_ATTEMPTS) -> dict[str, Any]:
+        """The endpoint's job and worker counts. A probe, retried by its caller, passes 1."""
+        body = _json_body(await self._safe_request("GET", "/health", attempts))
         if not isinstance(body, dict):
             raise RunPodRejected("RunPod sent a health report that is not a JSON object")
         return body
@@ -198,10 +199,12 @@ class RunPodClient:
             # The request may have reached RunPod: sending it again could start a second job.
             raise RunPodSubmitUncertain() from exc
 
-    async def _safe_request(self, method: str, path: str) -> httpx.Response:
+    async def _safe_request(
+        self, method: str, path: str, attempts: int = SAFE_ATTEMPTS
+    ) -> httpx.Response:
         """A request that may be repeated: retried on transient failures, then checked."""
-        for attempt in range(SAFE_ATTEMPTS):
-            last = attempt == SAFE_ATTEMPTS - 1
+        for attempt in range(max(1, attempts)):
+            last = attempt == max(1, attempts) - 1
             try:
                 response = await self._http.request(method, path)
             except httpx.RequestError as exc:

@@ -1,0 +1,99 @@
+"""Readiness: whether this instance may take traffic, checked part by part for `/readyz`.
+
+The store must answer, Clerk signing keys must be loaded, and RunPod must be reachable.
+`/healthz` says the process is alive; `/readyz` runs these checks. They run concurrently, each
+within `CHECK_TIMEOUT_SECONDS`, so a hung upstream makes the probe fail instead of hang. RunPod's
+`/health` is asked at most once per `RUNPOD_HEALTH_TTL_SECONDS` per instance: probes from every
+instance must not add up to load on RunPod's API. The cache is per instance on purpose: it holds
+no shared truth, only this instance's last view of RunPod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from auth import ClerkAuth
+from errors import AuthUnavailable, GatewayError
+from runpod_client import RunPodClient
+from store import Store
+
+log = logging.getLogger(__name__)
+
+# Cloud Run's probe waits `timeoutSeconds` (3 s in the README's service): answer before that.
+CHECK_TIMEOUT_SECONDS = 2.0
+RUNPOD_HEALTH_TTL_SECONDS = 10.0
+OK = "ok"
+
+Probe = Callable[[], Awaitable[object]]
+Clock = Callable[[], float]
+
+
+async def outcome(probe: Probe, timeout: float) -> str:
+    """`OK`, or why the probe failed, in words safe to show on a public endpoint."""
+    try:
+        async with asyncio.timeout(timeout):
+            await probe()
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except GatewayError as exc:  # our own errors carry a detail written for clients
+        return exc.detail
+    except Exception as exc:  # anything else may hold hosts or paths: log it, show its type
+        log.warning("readiness probe failed", exc_info=True)
+        return f"failed ({type(exc).__name__})"
+    return OK
+
+
+class CachedOutcome:
+    """A probe's outcome, kept for `ttl` seconds; concurrent callers share one probe in flight."""
+
+    def __init__(self, probe: Probe, ttl: float, timeout: float, clock: Clock) -> None:
+        self._probe, self._ttl, self._timeout, self._clock = probe, ttl, timeout, clock
+        self._value: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        async with self._lock:
+            if self._value is None or self._clock() >= self._expires_at:
+                # Failures are cached too: a RunPod outage must not turn probes into retries.
+                self._value = await outcome(self._probe, self._timeout)
+                self._expires_at = self._clock() + self._ttl
+            return self._value
+
+
+class Readiness:
+    """The checks behind `/readyz`, for one instance."""
+
+    def __init__(
+        self,
+        store: Store,
+        auth: ClerkAuth,
+        runpod: RunPodClient,
+        *,
+        timeout: float = CHECK_TIMEOUT_SECONDS,
+        runpod_ttl: float = RUNPOD_HEALTH_TTL_SECONDS,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._store, self._auth, self._timeout = store, auth, timeout
+        # One attempt: the probe is retried by Cloud Run, and the client's backoff would outlast it.
+        self._runpod = CachedOutcome(lambda: runpod.health(attempts=1), runpod_ttl, timeout, clock)
+
+    async def check(self) -> dict[str, str]:
+        """Each part's outcome by name: `"ok"`, or what is wrong with it."""
+        store, auth, runpod = await asyncio.gather(
+            outcome(self._store.ping, self._timeout),
+            outcome(self._signing_keys, self._timeout),
+            self._runpod.get(),
+        )
+        return {"store": store, "auth": auth, "runpod": runpod}
+
+    async def _signing_keys(self) -> None:
+        if not await self._auth.ensure_keys():
+            raise AuthUnavailable("no Clerk signing keys are loaded")
+
+
+def failed_parts(checks: dict[str, str]) -> dict[str, str]:
+    return {name: result for name, result in checks.items() if result != OK}
