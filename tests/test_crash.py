@@ -26,8 +26,10 @@ TERMINAL = {"done", "failed", "canceled"}
 
 @pytest.fixture
 def standin() -> Iterator[str]:
-    # Rendering takes long enough for a killed gateway to be back before the upload.
-    with running_standin(render_seconds=6, webhook_retry_delay=2) as base:
+    # Rendering takes long enough for a killed gateway to be back before the upload, even on a
+    # loaded machine (a restart there took over 6 s); the upload, the webhook and its retries
+    # (9 + 2 x 3 s) still end before a job's deadline (RUNPOD_JOB_TTL_SECONDS + 10 s = 20 s).
+    with running_standin(render_seconds=9, webhook_retry_delay=3) as base:
         yield base
 
 
