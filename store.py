@@ -688,7 +688,9 @@ class SQLiteStore:
         return await self._run(self._audit)
 
     async def ping(self) -> None:
-        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        # A read of a real table: `SELECT 1` never touches the file, so it would pass with the
+        # file gone or unreadable. On the store's thread, so a stuck writer shows too.
+        await self._run(lambda: self._db.execute("SELECT 1 FROM users LIMIT 1").fetchone())
 
     async def close(self) -> None:
         self._reader.close()
