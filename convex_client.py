@@ -89,6 +89,13 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _signup_grant(value: dict[str, Any]) -> int:
+    # Only the functions that may create the user answer with it (`getOrCreateUser`,
+    # `grantCredits`, `chargeAndCreateJob`). Absent means none granted: other answers, and
+    # functions deployed before the field, which must not break a gateway deployed first.
+    return int(value.get("signupGrant", 0))
+
+
 def _job(value: dict[str, Any]) -> Job:
     return Job(
         job_id=value["jobId"],
@@ -109,6 +116,7 @@ def _job(value: dict[str, Any]) -> Job:
         download_expires_at=_int_or_none(value.get("downloadExpiresAt")),
         checked_at=_int_or_none(value.get("checkedAt")),
         idempotency_key=value.get("idempotencyKey"),
+        signup_grant=_signup_grant(value),
     )
 
 
@@ -119,6 +127,7 @@ def _user(value: dict[str, Any]) -> User:
         plan=value["plan"],
         created_at=int(value["createdAt"]),
         updated_at=int(value["updatedAt"]),
+        signup_grant=_signup_grant(value),
     )
 
 

@@ -92,6 +92,10 @@ class User:
     plan: str
     created_at: int
     updated_at: int
+    # Not stored: the signup credits this very call granted, because it created the user. Only
+    # that one answer carries them, so telemetry counts each signup once. Not part of `==`:
+    # the same user read back later is still equal.
+    signup_grant: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,8 @@ class Job:
     download_expires_at: int | None = None
     checked_at: int | None = None
     idempotency_key: str | None = None
+    # Not stored, like `User.signup_grant`: set on the answer of the charge that created its user.
+    signup_grant: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -62,7 +63,14 @@ def job_problems(job_id: str, status: JobStatus, charges: int, refunds: int) -> 
 class Store(Protocol):
     """What the gateway needs from a store. Each method is atomic."""
 
-    async def get_or_create_user(self, user_id: str) -> User: ...
+    async def get_or_create_user(self, user_id: str) -> User:
+        """The user, created with the signup credits if new.
+
+        The answer's `signup_grant` is what this call granted: the signup credits if it created
+        the user, else 0. `grant_credits` and `charge_and_create_job` also create a new user,
+        and report it the same way, so telemetry can count every signup grant once.
+        """
+        ...
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User: ...
 
@@ -72,6 +80,7 @@ class Store(Protocol):
         """Check the balance (402), then the active jobs (429), insert, charge: all or nothing.
 
         With an idempotency key, the key's record is linked to the new job in the same step.
+        A refusal creates no user either, so only an accepted job can carry a `signup_grant`.
         """
         ...
 
@@ -329,7 +338,8 @@ class SQLiteStore:
         )
         if self.signup_credits:
             self._ledger(db, user_id, None, "grant", self.signup_credits, "signup")
-        return User(user_id, self.signup_credits, self.default_plan, now, now)
+        plan = self.default_plan
+        return User(user_id, self.signup_credits, plan, now, now, signup_grant=self.signup_credits)
 
     @staticmethod
     def _ledger(
@@ -376,10 +386,11 @@ class SQLiteStore:
 
     def _grant_credits(self, user_id: str, amount: int, reason: str) -> User:
         with self._durable_transaction() as db:
-            self._user_row(db, user_id)
+            before = self._user_row(db, user_id)
             self._add_credits(db, user_id, amount)
             self._ledger(db, user_id, None, "grant", amount, reason)
-            return self._user_row(db, user_id)
+            after = self._user_row(db, user_id)
+            return replace(after, signup_grant=before.signup_grant)
 
     def _charge_and_create_job(
         self, new: NewJob, max_active: int, idempotency_key: str | None
@@ -427,7 +438,7 @@ class SQLiteStore:
             self._ledger(db, new.user_id, new.job_id, "charge", new.cost, "job")
             job = self._job_row(db, new.job_id)
             assert job is not None
-            return job
+            return replace(job, signup_grant=user.signup_grant)
 
     def _record_runpod_id(self, job_id: str, runpod_id: str) -> Job:
         with self._transaction() as db:

@@ -603,12 +603,15 @@ class InstrumentedStore:
             return await call
 
     async def get_or_create_user(self, user_id: str) -> User:
-        return await self._timed("get_or_create_user", self._store.get_or_create_user(user_id))
+        user = await self._timed("get_or_create_user", self._store.get_or_create_user(user_id))
+        # Non-zero only on the one answer that created the user: each signup counts once.
+        self._metrics.count_credits("granted", user.signup_grant)
+        return user
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:
         call = self._store.grant_credits(user_id, amount, reason)
         user = await self._timed("grant_credits", call)
-        self._metrics.count_credits("granted", amount)
+        self._metrics.count_credits("granted", amount + user.signup_grant)
         return user
 
     async def charge_and_create_job(
@@ -616,6 +619,7 @@ class InstrumentedStore:
     ) -> Job:
         call = self._store.charge_and_create_job(new, max_active, idempotency_key)
         job = await self._timed("charge_and_create_job", call)
+        self._metrics.count_credits("granted", job.signup_grant)
         self._metrics.count_credits("charged", job.cost)
         return job
 

@@ -41,6 +41,13 @@ async function charge(jobId: string, overrides: Partial<{ userId: string; cost: 
   });
 }
 
+/** The job as stored, read back later: without `signupGrant`, which only the charge answers. */
+async function chargedRecord(jobId: string) {
+  const { signupGrant, ...job } = await charge(jobId);
+  expect(signupGrant).toBe(NEW_USER.signupCredits);
+  return job;
+}
+
 async function setStatus(jobId: string, status: JobStatus, more: object = {}) {
   return await t.mutation(internal.gateway.applyStatus, { jobId, status, ...more });
 }
@@ -115,6 +122,7 @@ describe("getOrCreateUser", () => {
       plan: "free",
       createdAt: expect.any(Number),
       updatedAt: user.createdAt,
+      signupGrant: 10,
     });
     const rows = await ledger();
     expect(rows).toHaveLength(1);
@@ -132,7 +140,8 @@ describe("getOrCreateUser", () => {
       signupCredits: 99,
       plan: "pro",
     });
-    expect(again).toEqual(first);
+    // Granted nothing this time: the gateway counts a signup grant once.
+    expect(again).toEqual({ ...first, signupGrant: 0 });
     expect(await ledger()).toHaveLength(1);
   });
 
@@ -142,7 +151,7 @@ describe("getOrCreateUser", () => {
       signupCredits: 0,
       plan: "free",
     });
-    expect(user.credits).toBe(0);
+    expect(user).toMatchObject({ credits: 0, signupGrant: 0 });
     expect(await ledger()).toEqual([]);
   });
 
@@ -164,7 +173,7 @@ describe("grantCredits", () => {
       reason: "purchase",
       ...NEW_USER,
     });
-    expect(user.credits).toBe(35);
+    expect(user).toMatchObject({ credits: 35, signupGrant: 0 });
     const grants = (await ledger()).filter((row) => row.reason === "purchase");
     expect(grants).toMatchObject([{ userId: ALICE, kind: "grant", amount: 25 }]);
   });
@@ -176,7 +185,7 @@ describe("grantCredits", () => {
       reason: "promo",
       ...NEW_USER,
     });
-    expect(user).toMatchObject({ userId: BOB, credits: 15, plan: "free" });
+    expect(user).toMatchObject({ userId: BOB, credits: 15, plan: "free", signupGrant: 10 });
     expect((await ledger()).map((row) => row.reason).sort()).toEqual(["promo", "signup"]);
   });
 
@@ -210,6 +219,7 @@ describe("chargeAndCreateJob", () => {
       createdAt: expect.any(Number),
       updatedAt: job.createdAt,
       checkedAt: job.createdAt,
+      signupGrant: 10,
     });
     expect(await credits(ALICE)).toBe(7);
     const charges = (await ledger()).filter((row) => row.kind === "charge");
@@ -249,6 +259,21 @@ describe("chargeAndCreateJob", () => {
     await refusal(charge("job_1", { cost: 11 }), "INSUFFICIENT_CREDITS");
     expect(await credits(ALICE)).toBeUndefined();
     expect(await ledger()).toEqual([]);
+    // So the signup grant is still to come, and the call that makes it reports it.
+    const user = await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    expect(user.signupGrant).toBe(10);
+  });
+
+  test("reports the signup grant on the charge that created the user only", async () => {
+    expect((await charge("job_1")).signupGrant).toBe(10);
+    expect((await charge("job_2")).signupGrant).toBe(0);
+    const user = await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    expect(user.signupGrant).toBe(0);
+  });
+
+  test("reports no signup grant for a user created before", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    expect((await charge("job_1")).signupGrant).toBe(0);
   });
 
   test("refuses the job past the active limit; finished jobs do not count", async () => {
@@ -515,7 +540,7 @@ describe("cancelJob", () => {
 
 describe("getJob", () => {
   test("returns the user's job", async () => {
-    const created = await charge("job_1");
+    const created = await chargedRecord("job_1");
     expect(await t.query(internal.gateway.getJob, { userId: ALICE, jobId: "job_1" })).toEqual(
       created,
     );
@@ -618,7 +643,7 @@ describe("listJobs", () => {
   });
 
   test("returns full job records", async () => {
-    const created = await charge("job_1");
+    const created = await chargedRecord("job_1");
     expect(await list(ALICE, 10, null)).toEqual({ jobs: [created], nextCursor: null });
   });
 

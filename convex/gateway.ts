@@ -35,6 +35,13 @@ type LedgerSums = { grant: number; charge: number; refund: number };
 // The gateway's settings decide what a new user starts with; Convex has no copy of them.
 const newUserArgs = { signupCredits: v.number(), plan: v.string() };
 
+// What a call that may create the user adds to its answer: the signup credits it granted (0 when
+// the user already existed), so the gateway can count each signup grant once. Never stored.
+const signupGrant = { signupGrant: v.number() };
+
+/** A user found or created here, and the signup credits its creation granted. */
+type UserOrCreated = { user: Doc<"users">; signupGrant: number };
+
 // --- helpers that run inside a transaction ----------------------------------------------------
 
 async function findUser(ctx: QueryCtx, userId: string): Promise<Doc<"users"> | null> {
@@ -49,10 +56,10 @@ async function userOrCreate(
   userId: string,
   signupCredits: number,
   plan: string,
-): Promise<Doc<"users">> {
+): Promise<UserOrCreated> {
   const existing = await findUser(ctx, userId);
   if (existing !== null) {
-    return existing;
+    return { user: existing, signupGrant: 0 };
   }
   requireWhole("signupCredits", signupCredits);
   const now = Date.now();
@@ -66,7 +73,7 @@ async function userOrCreate(
   if (signupCredits > 0) {
     await writeLedger(ctx, { userId, kind: "grant", amount: signupCredits, reason: "signup" });
   }
-  return (await ctx.db.get("users", id))!;
+  return { user: (await ctx.db.get("users", id))!, signupGrant: signupCredits };
 }
 
 async function writeLedger(
@@ -215,20 +222,22 @@ async function claimCheck(ctx: MutationCtx, job: Doc<"jobs">, now: number) {
 
 export const getOrCreateUser = internalMutation({
   args: { userId: v.string(), ...newUserArgs },
-  returns: userRecord,
-  handler: async (ctx, { userId, signupCredits, plan }) =>
-    toUser(await userOrCreate(ctx, userId, signupCredits, plan)),
+  returns: userRecord.extend(signupGrant),
+  handler: async (ctx, { userId, signupCredits, plan }) => {
+    const { user, signupGrant } = await userOrCreate(ctx, userId, signupCredits, plan);
+    return { ...toUser(user), signupGrant };
+  },
 });
 
 export const grantCredits = internalMutation({
   args: { userId: v.string(), amount: v.number(), reason: v.string(), ...newUserArgs },
-  returns: userRecord,
+  returns: userRecord.extend(signupGrant),
   handler: async (ctx, { userId, amount, reason, signupCredits, plan }) => {
     requireWhole("amount", amount);
-    await userOrCreate(ctx, userId, signupCredits, plan);
+    const { signupGrant } = await userOrCreate(ctx, userId, signupCredits, plan);
     await addCredits(ctx, userId, amount);
     await writeLedger(ctx, { userId, kind: "grant", amount, reason });
-    return toUser((await findUser(ctx, userId))!);
+    return { ...toUser((await findUser(ctx, userId))!), signupGrant };
   },
 });
 
@@ -252,12 +261,13 @@ export const chargeAndCreateJob = internalMutation({
     idempotencyKey: nullableString,
     ...newUserArgs,
   },
-  returns: jobRecord,
+  returns: jobRecord.extend(signupGrant),
   handler: async (ctx, { job, maxActive, idempotencyKey, signupCredits, plan }) => {
     requireWhole("cost", job.cost);
     requireWhole("maxActive", maxActive);
-    // Creating the user is part of this transaction: a refusal below rolls it back too.
-    const user = await userOrCreate(ctx, job.userId, signupCredits, plan);
+    // Creating the user is part of this transaction: a refusal below rolls it back too, so
+    // only an accepted job reports a signup grant.
+    const { user, signupGrant } = await userOrCreate(ctx, job.userId, signupCredits, plan);
     if (user.credits < job.cost) {
       throw fail(
         "INSUFFICIENT_CREDITS",
@@ -296,7 +306,7 @@ export const chargeAndCreateJob = internalMutation({
       amount: job.cost,
       reason: "job",
     });
-    return toJob((await ctx.db.get("jobs", id))!);
+    return { ...toJob((await ctx.db.get("jobs", id))!), signupGrant };
   },
 });
 

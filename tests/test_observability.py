@@ -566,11 +566,6 @@ class TestMetrics:
 
 
 class TestSignupGrant:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="signup credits are granted inside the store (get_or_create_user and the first "
-        "charge), which does not report that it created the user; telemetry cannot count them",
-    )
     async def test_signup_credits_are_counted_as_granted(
         self, settings: Settings, make_token: TokenFactory
     ) -> None:

@@ -63,6 +63,59 @@ class TestUsers:
         assert user.credits == SIGNUP + 25
 
 
+class TestSignupGrant:
+    """Each store says, on the answer of the one call that created a user, what it granted."""
+
+    async def test_get_or_create_reports_it_once(self, store: Store) -> None:
+        first = await store.get_or_create_user("user_new")
+        again = await store.get_or_create_user("user_new")
+        assert (first.signup_grant, again.signup_grant) == (SIGNUP, 0)
+
+    async def test_first_charge_reports_it(self, store: Store) -> None:
+        first = await store.charge_and_create_job(new_job("user_new"), max_active=5)
+        second = await store.charge_and_create_job(new_job("user_new"), max_active=5)
+        user = await store.get_or_create_user("user_new")
+        assert (first.signup_grant, second.signup_grant, user.signup_grant) == (SIGNUP, 0, 0)
+
+    async def test_charge_of_a_known_user_reports_none(self, store: Store) -> None:
+        assert (await store.get_or_create_user("user_a")).signup_grant == SIGNUP
+        job = await store.charge_and_create_job(new_job("user_a"), max_active=5)
+        assert job.signup_grant == 0
+
+    async def test_grant_to_a_new_user_reports_it(self, store: Store) -> None:
+        first = await store.grant_credits("user_new", 25, "promo")
+        again = await store.grant_credits("user_new", 25, "promo")
+        assert (first.signup_grant, again.signup_grant) == (SIGNUP, 0)
+
+    async def test_read_back_records_report_none(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_new"), max_active=5)
+        assert (await store.get_job("user_new", job.job_id)).signup_grant == 0
+        [listed] = (await store.list_jobs("user_new", 10, None)).jobs
+        assert listed.signup_grant == 0
+        assert listed == job  # not part of equality: the same job, whichever answer
+
+    @pytest.mark.parametrize(
+        ("cost", "max_active", "refusal"),
+        [(SIGNUP + 1, 5, InsufficientCredits), (1, 0, TooManyActiveJobs)],
+    )
+    async def test_refused_first_charge_creates_no_user(
+        self, store: Store, cost: int, max_active: int, refusal: type[Exception]
+    ) -> None:
+        """A refusal rolls the user's creation back with it: nothing granted, nothing to report."""
+        with pytest.raises(refusal):
+            await store.charge_and_create_job(new_job("user_new", cost=cost), max_active)
+        assert "user_new" not in await store.ledger_totals()
+        # The grant is still to come, and the call that makes it reports it.
+        assert (await store.get_or_create_user("user_new")).signup_grant == SIGNUP
+
+    async def test_concurrent_first_calls_report_it_once(self, store: Store) -> None:
+        calls = [store.get_or_create_user("user_new") for _ in range(5)]
+        calls += [store.charge_and_create_job(new_job("user_new", cost=1), 10) for _ in range(5)]
+        answers = await asyncio.gather(*calls)
+        assert sum(answer.signup_grant for answer in answers) == SIGNUP
+        assert (await store.ledger_totals())["user_new"]["grants"] == SIGNUP
+
+
 class TestCharge:
     async def test_charge_creates_submitting_job_and_deducts(self, store: Store) -> None:
         job = await store.charge_and_create_job(new_job("user_a", cost=30), max_active=5)

@@ -15,12 +15,14 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
+from config import Settings
 from errors import InsufficientCredits, JobNotCancelable, StoreUnavailable
 from local_storage import LocalStorage
 from models import JobStatus, NewJob, StatusUpdate
@@ -43,6 +45,7 @@ from telemetry import (
     runpod_operation,
     trace_id_from,
 )
+from tests.conftest import RUNPOD_URL, TokenFactory, bearer, serve
 
 PROJECT = "cineweave-prod"
 CLOUD_TRACE = "105445aa7843bc8bf206b12000100000"
@@ -670,9 +673,44 @@ class TestInstrumentedStore:
         assert upstream_count(metrics, "store", "cancel_job", "ok") == 2
 
     async def test_grant(self, store: InstrumentedStore, metrics: Metrics) -> None:
+        await store.get_or_create_user("user_alice")
+        granted = credits(metrics, "granted")
         user = await store.grant_credits("user_alice", 50, "support ticket 123")
         assert user.credits == 150
-        assert credits(metrics, "granted") == 50
+        assert credits(metrics, "granted") == granted + 50
+
+    async def test_grant_to_a_new_user_counts_its_signup_too(
+        self, store: InstrumentedStore, metrics: Metrics
+    ) -> None:
+        user = await store.grant_credits("user_alice", 50, "support ticket 123")
+        assert credits(metrics, "granted") == user.credits == 100 + 50
+
+    async def test_signup_counted_once_from_a_read(
+        self, store: InstrumentedStore, metrics: Metrics
+    ) -> None:
+        await store.get_or_create_user("user_alice")
+        await store.get_or_create_user("user_alice")
+        await store.charge_and_create_job(new_job("job_000000000001"), 5)
+        assert credits(metrics, "granted") == 100
+
+    async def test_signup_counted_once_from_a_charge(
+        self, store: InstrumentedStore, metrics: Metrics
+    ) -> None:
+        await store.charge_and_create_job(new_job("job_000000000001"), 5)
+        await store.charge_and_create_job(new_job("job_000000000002"), 5)
+        await store.get_or_create_user("user_alice")
+        assert credits(metrics, "granted") == 100
+        totals = await store.ledger_totals()
+        assert totals["user_alice"]["grants"] == credits(metrics, "granted")
+
+    async def test_refused_first_charge_grants_nothing(
+        self, store: InstrumentedStore, metrics: Metrics
+    ) -> None:
+        with pytest.raises(InsufficientCredits):
+            await store.charge_and_create_job(new_job("job_000000000001", cost=500), 5)
+        assert credits(metrics, "granted") == 0
+        await store.get_or_create_user("user_alice")  # the refusal left the signup to this call
+        assert credits(metrics, "granted") == 100
 
     async def test_reads_are_timed(self, store: InstrumentedStore, metrics: Metrics) -> None:
         job = await store.charge_and_create_job(new_job("job_000000000001"), 5)
@@ -736,6 +774,60 @@ class TestInstrumentedStore:
         with pytest.raises(StoreUnavailable):
             await store.ping()
         assert upstream_count(metrics, "store", "ping", "error") == 1
+
+
+class TestSignupGrantsOverHttp:
+    """The gateway counts a new user's signup credits as granted, whichever call creates them."""
+
+    JOB = {"prompt": "A silver drone", "durationSec": 5, "seed": 42}
+
+    @pytest.fixture
+    async def gateway(self, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+        with respx.mock(assert_all_called=False) as runpod:
+            runpod.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1", "status": "IN_QUEUE"})
+            async with serve(settings) as client:
+                yield client
+
+    @staticmethod
+    async def granted(gateway: httpx.AsyncClient) -> float:
+        text = (await gateway.get("/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for found in family.samples:
+                if found.name == "gateway_credits_total" and found.labels == {"kind": "granted"}:
+                    return found.value
+        raise AssertionError("gateway_credits_total{kind='granted'} is not served")
+
+    async def create(self, gateway: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        response = await gateway.post("/jobs/create", json=self.JOB, headers=headers)
+        assert response.status_code == 200, response.text
+
+    async def credits(self, gateway: httpx.AsyncClient, headers: dict[str, str]) -> int:
+        response = await gateway.get("/credits", headers=headers)
+        assert response.status_code == 200, response.text
+        return int(response.json()["credits"])
+
+    async def test_first_credits_then_create(
+        self, gateway: httpx.AsyncClient, settings: Settings, make_token: TokenFactory
+    ) -> None:
+        alice = bearer(make_token("user_alice"))
+        signup = settings.effective_signup_credits
+        assert signup > 0 and await self.granted(gateway) == 0
+        assert await self.credits(gateway, alice) == signup
+        assert await self.granted(gateway) == signup
+        await self.credits(gateway, alice)
+        await self.create(gateway, alice)
+        assert await self.granted(gateway) == signup
+
+    async def test_first_create_then_credits(
+        self, gateway: httpx.AsyncClient, settings: Settings, make_token: TokenFactory
+    ) -> None:
+        bob = bearer(make_token("user_bob"))
+        signup = settings.effective_signup_credits
+        await self.create(gateway, bob)
+        assert await self.granted(gateway) == signup
+        await self.create(gateway, bob)
+        await self.credits(gateway, bob)
+        assert await self.granted(gateway) == signup
 
 
 # --- Storage ----------------------------------------------------------------------------------
