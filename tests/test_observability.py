@@ -410,8 +410,8 @@ def gateway_settings(standin: str, keys: Secrets, store_env: dict[str, str]) -> 
         "RUNPOD_API_KEY": keys.runpod_key,
         "RUNPOD_ENDPOINT_ID": ENDPOINT,
         "CREDITS_PER_SECOND": str(CREDITS_PER_SECOND),
-        # Every credit the user holds is then the operator's grant. Signup credits are granted
-        # inside the store, where telemetry cannot see them (TestSignupGrant below).
+        # Every credit the user holds is then the operator's grant, made in manage.py's own
+        # process; signup grants are counted by this gateway (TestSignupGrant below).
         "SIGNUP_CREDITS": "0",
         # A reconciler that acts during the scenario, so its counts have something to match.
         "RECONCILE_AFTER_SECONDS": "1",
