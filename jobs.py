@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from config import Settings
-from errors import GatewayError, InvalidSignature
+from errors import (
+    GatewayError,
+    InvalidSignature,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from models import (
     MAX_SEED,
     CreateJobRequest,
@@ -45,6 +51,8 @@ log = logging.getLogger("gateway.jobs")
 
 # RunPod counts ttl from when it received the job, a moment after we recorded it.
 DEADLINE_GRACE_SECONDS = 10
+# How each store says it failed: SQLite locked or gone, Convex unreachable or answering nonsense.
+STORE_FAILURES = (StoreUnavailable, UpstreamUnavailable, UpstreamError)
 STALE_POLL_TIMEOUT_SECONDS = 2.5  # a polling client waits at most this for a fresh answer
 SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
 # Reuse a download URL while more than an hour of it remains, so a browser that starts playing
@@ -194,7 +202,14 @@ class JobService:
             )
             raise
         crash_point("after_submit")
-        return await self.store.record_runpod_id(job.job_id, runpod_id)
+        try:
+            return await self.store.record_runpod_id(job.job_id, runpod_id)
+        except STORE_FAILURES:
+            # RunPod has the job and will run it, charged: the answer is its id. An error here
+            # would invite a retry, and so a second job. The webhook names our job and records
+            # the id then, as after a crash at this point.
+            log.warning("runpod accepted job %s but its id was not recorded", job.job_id)
+            return job
 
     def _worker_input(self, job: Job) -> dict[str, object]:
         upload_ttl = (

@@ -83,3 +83,54 @@ class TestStorageDown:
                 job = (await client.get(f"/jobs/{job_id}", headers=headers)).json()
                 assert job["status"] == "queued"
                 assert (await client.get("/credits", headers=headers)).json()["credits"] == 98
+
+
+class TestRunpodIdNotRecorded:
+    """RunPod accepted the job, then the store failed: the client must get the job, not a 503."""
+
+    async def test_create_answers_with_the_job_that_runs(self, tmp_path: Path, settings_factory):
+        import httpx
+        import respx
+
+        from jobs import JobService
+        from local_storage import LocalStorage
+        from models import CreateJobRequest
+        from runpod_client import RunPodClient, build_http_client
+        from tests.conftest import PUBLIC_BASE, RUNPOD_BASE, RUNPOD_ENDPOINT, RUNPOD_URL
+
+        settings = settings_factory()
+        store = SQLiteStore(tmp_path / "gateway.db", 100, "starter", busy_timeout_ms=50)
+        held = []
+
+        def accept_then_lock(request: httpx.Request) -> httpx.Response:
+            # Between RunPod's answer and recording its id, another writer takes the lock.
+            other = sqlite3.connect(store.path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            held.append(other)
+            return httpx.Response(200, json={"id": "rp-1", "status": "IN_QUEUE"})
+
+        http = build_http_client(RUNPOD_BASE, RUNPOD_ENDPOINT, "rp-key")
+        jobs = JobService(
+            settings=settings,
+            store=store,
+            runpod=RunPodClient(http),
+            storage=LocalStorage(tmp_path / "objects", b"secret", PUBLIC_BASE),
+            webhook_secret="whsec",
+            public_base_url=PUBLIC_BASE,
+        )
+        request = CreateJobRequest.model_validate({"prompt": "a cat", "durationSec": 3})
+        try:
+            with respx.mock() as mock:
+                run = mock.post(f"{RUNPOD_URL}/run").mock(side_effect=accept_then_lock)
+                job = await jobs.create("user_a", request)
+        finally:
+            for connection in held:
+                connection.execute("ROLLBACK")
+                connection.close()
+            await http.aclose()
+        assert run.call_count == 1
+        stored = await store.get_job("user_a", job.job_id)
+        assert stored.runpod_id is None  # its webhook records it
+        assert (await store.get_or_create_user("user_a")).credits == 100 - stored.cost
+        assert await store.audit() == []
+        await store.close()
