@@ -1,7 +1,8 @@
 """The production store: Convex, called over its HTTP API with the deploy key.
 
-Each `Store` method is one Convex function in `convex/gateway.ts`; every rule about money or
-limits is one mutation, so Convex's serializable transactions keep many gateway instances honest.
+Each `Store` method is one Convex function in `convex/gateway.ts` (`get_or_create_user` reads
+first and creates only when the read finds nobody); every rule about money or limits is one
+mutation, so Convex's serializable transactions keep many gateway instances honest.
 
 Why HTTP and not the `convex` package's `ConvexClient`: that client wraps a Rust WebSocket client
 whose calls block the calling thread (holding the GIL) and retry forever on network errors. On
@@ -91,8 +92,9 @@ def _int_or_none(value: Any) -> int | None:
 
 def _signup_grant(value: dict[str, Any]) -> int:
     # Only the functions that may create the user answer with it (`getOrCreateUser`,
-    # `grantCredits`, `chargeAndCreateJob`). Absent means none granted: other answers, and
-    # functions deployed before the field, which must not break a gateway deployed first.
+    # `grantCredits`, `chargeAndCreateJob`). Absent means none granted: other answers (such as
+    # `getUser`'s), and functions deployed before the field, which must not break a gateway
+    # deployed first.
     return int(value.get("signupGrant", 0))
 
 
@@ -202,6 +204,12 @@ class ConvexStore:
     # --- the rules ----------------------------------------------------------------------------
 
     async def get_or_create_user(self, user_id: str) -> User:
+        # Nearly always a read: a query is cheaper than a mutation for Convex and safe to retry.
+        # Only a user's first call needs the mutation, which creates the user and grants the
+        # signup credits atomically (and finds the user if a concurrent call just created it).
+        found = await self._query("getUser", userId=user_id)
+        if found is not None:
+            return _user(found)
         return _user(await self._mutation("getOrCreateUser", userId=user_id, **self._new_user))
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:

@@ -40,9 +40,10 @@ CONVEX_SLOTS = {"Starter (S16)": 16, "Professional (S256)": 256}
 #   create: chargeAndCreateJob + recordRunpodId (2 mutations)
 #   signed webhook: findJob (query) + applyStatus (mutation), and an R2 HEAD when COMPLETED
 #   GET /jobs/{id}: getJob (query); saveDownloadUrl (mutation) once per done job per 23 h
-#   GET /credits: getOrCreateUser, which is a mutation in convex/gateway.ts
-MUTATIONS_PER_JOB = 2 + 1 + 1 + CREDITS_READS_PER_JOB
-QUERIES_PER_JOB = POLLS_PER_JOB + 1
+#   GET /credits: getUser (query); a user's very first call also runs getOrCreateUser, once per
+#   user rather than per job, so it is left out
+MUTATIONS_PER_JOB = 2 + 1 + 1
+QUERIES_PER_JOB = POLLS_PER_JOB + 1 + CREDITS_READS_PER_JOB
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,10 @@ ASSUMPTIONS = (
 PER_JOB = (
     f"Per job: {MUTATIONS_PER_JOB} Convex mutations (create = chargeAndCreateJob +"
     " recordRunpodId; webhook = applyStatus, after a findJob query, plus an R2 HEAD; one"
-    " saveDownloadUrl per done job per 23 h; `GET /credits` is getOrCreateUser, itself a"
-    f" mutation) and {QUERIES_PER_JOB:.0f} queries (one getJob per poll, and the webhook's"
-    " findJob). Instances are the larger of the CPU bound and the concurrency bound."
+    f" saveDownloadUrl per done job per 23 h) and {QUERIES_PER_JOB:.0f} queries (one getJob"
+    " per poll, the webhook's findJob, and `GET /credits`'s getUser; only a user's first"
+    " `GET /credits` adds a getOrCreateUser mutation, once per user, not counted here)."
+    " Instances are the larger of the CPU bound and the concurrency bound."
 )
 
 GPU_WORKERS = (

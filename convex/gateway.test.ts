@@ -164,6 +164,50 @@ describe("getOrCreateUser", () => {
   });
 });
 
+describe("getUser", () => {
+  test("returns an existing user as stored, without a signup grant", async () => {
+    const { signupGrant, ...created } = await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: ALICE,
+      ...NEW_USER,
+    });
+    expect(signupGrant).toBe(NEW_USER.signupCredits);
+    await t.mutation(internal.gateway.grantCredits, {
+      userId: ALICE,
+      amount: 5,
+      reason: "support",
+      ...NEW_USER,
+    });
+    const found = await t.query(internal.gateway.getUser, { userId: ALICE });
+    // The current balance, and no `signupGrant` key: a read grants nothing.
+    expect(found).toEqual({ ...created, credits: 15, updatedAt: expect.any(Number) });
+  });
+
+  test("returns null for a missing user and creates nothing", async () => {
+    expect(await t.query(internal.gateway.getUser, { userId: ALICE })).toBeNull();
+    expect(await credits(ALICE)).toBeUndefined();
+    expect(await ledger()).toEqual([]);
+  });
+
+  test("never answers with another user's record", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    expect(await t.query(internal.gateway.getUser, { userId: BOB })).toBeNull();
+    await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: BOB,
+      signupCredits: 3,
+      plan: "pro",
+    });
+    const bob = await t.query(internal.gateway.getUser, { userId: BOB });
+    expect(bob).toMatchObject({ userId: BOB, credits: 3, plan: "pro" });
+  });
+
+  test("matches the user id exactly", async () => {
+    await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });
+    for (const near of ["", "user_", "USER_ALICE", `${ALICE} `, `${ALICE}x`]) {
+      expect(await t.query(internal.gateway.getUser, { userId: near })).toBeNull();
+    }
+  });
+});
+
 describe("grantCredits", () => {
   test("adds credits to an existing user with a grant row", async () => {
     await t.mutation(internal.gateway.getOrCreateUser, { userId: ALICE, ...NEW_USER });

@@ -220,6 +220,20 @@ async function claimCheck(ctx: MutationCtx, job: Doc<"jobs">, now: number) {
 
 // --- users and credits ------------------------------------------------------------------------
 
+/**
+ * The user, or null if they have none yet. The gateway calls this before `getOrCreateUser`:
+ * nearly every call finds the user, and a query takes no mutation slot, runs no OCC and may be
+ * retried. It grants nothing, so it carries no `signupGrant`.
+ */
+export const getUser = internalQuery({
+  args: { userId: v.string() },
+  returns: v.union(userRecord, v.null()),
+  handler: async (ctx, { userId }) => {
+    const user = await findUser(ctx, userId);
+    return user === null ? null : toUser(user);
+  },
+});
+
 export const getOrCreateUser = internalMutation({
   args: { userId: v.string(), ...newUserArgs },
   returns: userRecord.extend(signupGrant),

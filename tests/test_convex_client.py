@@ -18,6 +18,7 @@ from convex_client import ConvexConflict, ConvexStore, error_from_response
 from errors import (
     InsufficientCredits,
     InvalidCursor,
+    InvalidRequest,
     JobNotCancelable,
     NotFound,
     TooManyActiveJobs,
@@ -43,19 +44,21 @@ def function_error(code: str, message: str = "nope") -> httpx.Response:
     return httpx.Response(560, json=body)
 
 
+def success(value: object) -> httpx.Response:
+    return httpx.Response(200, json={"status": "success", "value": value, "logLines": []})
+
+
 class TestWire:
     @respx.mock
     async def test_request_shape_and_auth(self, store: ConvexStore) -> None:
-        route = respx.post(f"{URL}/api/mutation").respond(
-            200, json={"status": "success", "value": USER, "logLines": []}
-        )
+        route = respx.post(f"{URL}/api/query").mock(return_value=success(USER))
         user = await store.get_or_create_user("user_a")
         assert (user.user_id, user.credits) == ("user_a", 100)
         sent = route.calls.last.request
         assert sent.headers["authorization"] == "Convex prod:secret-key"
         assert json.loads(sent.content) == {
-            "path": "gateway:getOrCreateUser",
-            "args": {"userId": "user_a", "signupCredits": 100.0, "plan": "starter"},
+            "path": "gateway:getUser",
+            "args": {"userId": "user_a"},
             "format": "json",
         }
 
@@ -64,6 +67,73 @@ class TestWire:
         respx.post(f"{URL}/api/query").respond(200, content=b"<html>")
         with pytest.raises(UpstreamError):
             await store.ping()
+
+
+class TestGetOrCreateUser:
+    """Reads first, like SQLiteStore: only a user's first call costs a mutation."""
+
+    @respx.mock
+    async def test_existing_user_costs_one_query(self, store: ConvexStore) -> None:
+        query = respx.post(f"{URL}/api/query").mock(return_value=success(USER))
+        mutation = respx.post(f"{URL}/api/mutation").mock(return_value=success(USER))
+        user = await store.get_or_create_user("user_a")
+        assert (user.user_id, user.credits, user.signup_grant) == ("user_a", 100, 0)
+        assert (query.call_count, mutation.call_count) == (1, 0)
+
+    @respx.mock
+    async def test_new_user_costs_one_query_then_one_mutation(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        created = {**USER, "signupGrant": 100}
+        respx.post(f"{URL}/api/mutation").mock(return_value=success(created))
+        user = await store.get_or_create_user("user_a")
+        assert (user.credits, user.signup_grant) == (100, 100)
+        sent = [(call.request.url.path, json.loads(call.request.content)) for call in respx.calls]
+        assert sent == [
+            (
+                "/api/query",
+                {"path": "gateway:getUser", "args": {"userId": "user_a"}, "format": "json"},
+            ),
+            (
+                "/api/mutation",
+                {
+                    "path": "gateway:getOrCreateUser",
+                    "args": {"userId": "user_a", "signupCredits": 100.0, "plan": "starter"},
+                    "format": "json",
+                },
+            ),
+        ]
+
+    @respx.mock
+    async def test_read_is_retried_and_still_needs_no_mutation(self, store: ConvexStore) -> None:
+        query = respx.post(f"{URL}/api/query").mock(
+            side_effect=[httpx.Response(503), httpx.ReadTimeout("slow"), success(USER)]
+        )
+        mutation = respx.post(f"{URL}/api/mutation").mock(return_value=success(USER))
+        assert (await store.get_or_create_user("user_a")).credits == 100
+        assert (query.call_count, mutation.call_count) == (3, 0)
+
+    @respx.mock
+    async def test_failed_read_creates_nothing(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/query").respond(502)
+        mutation = respx.post(f"{URL}/api/mutation").mock(return_value=success(USER))
+        with pytest.raises(UpstreamUnavailable):
+            await store.get_or_create_user("user_a")
+        assert mutation.call_count == 0
+
+    @respx.mock
+    async def test_create_is_not_retried_after_sending(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        mutation = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ReadTimeout("slow"))
+        with pytest.raises(UpstreamUnavailable):
+            await store.get_or_create_user("user_a")
+        assert mutation.call_count == 1
+
+    @respx.mock
+    async def test_create_maps_business_errors(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        respx.post(f"{URL}/api/mutation").mock(return_value=function_error("INVALID_REQUEST"))
+        with pytest.raises(InvalidRequest):
+            await store.get_or_create_user("user_a")
 
 
 class TestErrorMapping:
