@@ -181,10 +181,10 @@ def _cost_text(cost: CpuCost | None) -> str:
         "Gateway time per request, from this run's busiest concurrency (one process, 1 / req/s):"
         f" create {cost.create:.2f} ms, webhook {cost.webhook:.2f} ms, poll {cost.poll:.2f} ms,"
         f" credits {cost.credits:.2f} ms; one job with its {POLLS_PER_JOB:.0f} polls:"
-        f" {cost.per_job():.1f} ms. As CPU this errs high for create, which waits on SQLite's"
-        " two commits more than it computes, and low for production, where every store call is"
-        " an HTTP call to Convex (today about 0.3 ms more CPU each, see bench/PROFILE.md): read"
-        " the instance counts as good to 2× either way."
+        f" {cost.per_job():.1f} ms. As CPU this is close for create, most of which is its RunPod"
+        " call through httpx, and low for the other routes in production, where every store call"
+        " is an HTTP call to Convex through the same client (up to 1 ms of CPU each on this"
+        " machine, see bench/PROFILE.md): read the instance counts as good to 2× either way."
     )
 
 
