@@ -203,13 +203,17 @@ class ConvexStore:
 
     # --- the rules ----------------------------------------------------------------------------
 
+    async def find_user(self, user_id: str) -> User | None:
+        found = await self._query("getUser", userId=user_id)
+        return None if found is None else _user(found)
+
     async def get_or_create_user(self, user_id: str) -> User:
         # Nearly always a read: a query is cheaper than a mutation for Convex and safe to retry.
         # Only a user's first call needs the mutation, which creates the user and grants the
         # signup credits atomically (and finds the user if a concurrent call just created it).
-        found = await self._query("getUser", userId=user_id)
+        found = await self.find_user(user_id)
         if found is not None:
-            return _user(found)
+            return found
         return _user(await self._mutation("getOrCreateUser", userId=user_id, **self._new_user))
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:

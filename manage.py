@@ -56,10 +56,14 @@ def grant(args: argparse.Namespace, settings: Settings) -> int:
 async def _show(settings: Settings, user_id: str, limit: int) -> int:
     store = _store(settings)
     try:
-        user = await store.get_or_create_user(user_id)
+        # Looking must not create: an unknown id would otherwise get the signup credits.
+        user = await store.find_user(user_id)
         page = await store.list_jobs(user_id, limit, None)
     finally:
         await store.close()
+    if user is None:
+        print(f"{user_id}: no such user", file=sys.stderr)
+        return 1
     print(f"{user.user_id}: {user.credits} credits ({user.plan})")
     for job in page.jobs:
         view = JobResponse.from_job(job)

@@ -63,6 +63,10 @@ def job_problems(job_id: str, status: JobStatus, charges: int, refunds: int) -> 
 class Store(Protocol):
     """What the gateway needs from a store. Each method is atomic."""
 
+    async def find_user(self, user_id: str) -> User | None:
+        """The user if the store has seen them; creates nothing (for reads and operators)."""
+        ...
+
     async def get_or_create_user(self, user_id: str) -> User:
         """The user, created with the signup credits if new.
 
@@ -631,9 +635,12 @@ class SQLiteStore:
 
     # --- the async interface --------------------------------------------------------------
 
+    async def find_user(self, user_id: str) -> User | None:
+        return await self._read(self._find_user, user_id)
+
     async def get_or_create_user(self, user_id: str) -> User:
         # Nearly always a read: only a user's first request takes the write lock.
-        user = await self._read(self._find_user, user_id)
+        user = await self.find_user(user_id)
         return user or await self._run(self._get_or_create_user, user_id)
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:

@@ -602,6 +602,9 @@ class InstrumentedStore:
         with self._metrics.time_upstream("store", operation):
             return await call
 
+    async def find_user(self, user_id: str) -> User | None:
+        return await self._timed("find_user", self._store.find_user(user_id))
+
     async def get_or_create_user(self, user_id: str) -> User:
         user = await self._timed("get_or_create_user", self._store.get_or_create_user(user_id))
         # Non-zero only on the one answer that created the user: each signup counts once.

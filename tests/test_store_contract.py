@@ -62,6 +62,13 @@ class TestUsers:
         user = await store.grant_credits("user_fresh", 25, "promo")
         assert user.credits == SIGNUP + 25
 
+    async def test_find_user_creates_nothing(self, store: Store) -> None:
+        assert await store.find_user("user_ghost") is None
+        assert await store.find_user("user_ghost") is None  # still not created
+        assert "user_ghost" not in await store.ledger_totals()
+        created = await store.get_or_create_user("user_ghost")
+        assert await store.find_user("user_ghost") == created
+
 
 class TestSignupGrant:
     """Each store says, on the answer of the one call that created a user, what it granted."""
