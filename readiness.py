@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # Cloud Run's probe waits `timeoutSeconds` (3 s in the README's service): answer before that.
 CHECK_TIMEOUT_SECONDS = 2.0
 RUNPOD_HEALTH_TTL_SECONDS = 10.0
+# `/readyz` answers anyone: without this, every unauthenticated hit would cost a store call
+# (a billed Convex query in production). A good answer is reused for a second; a failure is
+# checked again at once, so an instance is back in rotation as soon as its store is.
+STORE_OK_TTL_SECONDS = 1.0
 OK = "ok"
 
 Probe = Callable[[], Awaitable[object]]
@@ -49,8 +53,17 @@ async def outcome(probe: Probe, timeout: float) -> str:
 class CachedOutcome:
     """A probe's outcome, kept for `ttl` seconds; concurrent callers share one probe in flight."""
 
-    def __init__(self, probe: Probe, ttl: float, timeout: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        probe: Probe,
+        ttl: float,
+        timeout: float,
+        clock: Clock,
+        *,
+        failure_ttl: float | None = None,
+    ) -> None:
         self._probe, self._ttl, self._timeout, self._clock = probe, ttl, timeout, clock
+        self._failure_ttl = ttl if failure_ttl is None else failure_ttl
         self._value: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
@@ -58,9 +71,9 @@ class CachedOutcome:
     async def get(self) -> str:
         async with self._lock:
             if self._value is None or self._clock() >= self._expires_at:
-                # Failures are cached too: a RunPod outage must not turn probes into retries.
                 self._value = await outcome(self._probe, self._timeout)
-                self._expires_at = self._clock() + self._ttl
+                ttl = self._ttl if self._value == OK else self._failure_ttl
+                self._expires_at = self._clock() + ttl
             return self._value
 
 
@@ -75,16 +88,19 @@ class Readiness:
         *,
         timeout: float = CHECK_TIMEOUT_SECONDS,
         runpod_ttl: float = RUNPOD_HEALTH_TTL_SECONDS,
+        store_ttl: float = STORE_OK_TTL_SECONDS,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._store, self._auth, self._timeout = store, auth, timeout
+        self._auth, self._timeout = auth, timeout
+        self._store = CachedOutcome(store.ping, store_ttl, timeout, clock, failure_ttl=0.0)
         # One attempt: the probe is retried by Cloud Run, and the client's backoff would outlast it.
+        # Failures are cached too: a RunPod outage must not turn probes into retries.
         self._runpod = CachedOutcome(lambda: runpod.health(attempts=1), runpod_ttl, timeout, clock)
 
     async def check(self) -> dict[str, str]:
         """Each part's outcome by name: `"ok"`, or what is wrong with it."""
         store, auth, runpod = await asyncio.gather(
-            outcome(self._store.ping, self._timeout),
+            self._store.get(),
             outcome(self._signing_keys, self._timeout),
             self._runpod.get(),
         )

@@ -16,6 +16,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from auth import ClerkAuth, mint_dev_token
 from config import Settings
+from errors import StoreUnavailable
 from readiness import Readiness
 from runpod_client import RunPodClient, build_http_client
 from store import SQLiteStore
@@ -237,3 +238,48 @@ class TestReadiness:
             "runpod": "no answer within 0.3 s",
         }
         assert elapsed < 0.55  # two hung parts, one timeout: they ran side by side
+
+
+class PingCounter:
+    """A store as `/readyz` sees it: only `ping`, counted, failing on demand."""
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.down = False
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self.down:
+            raise StoreUnavailable("The job store is unavailable: disk I/O error")
+
+
+class TestStoreCheck:
+    """Anyone may call /readyz: a good store answer is reused, so hits cannot become load."""
+
+    async def check(self, readiness: Readiness) -> str:
+        return (await readiness.check())["store"]
+
+    async def test_a_good_answer_is_reused_for_a_second(self, settings_factory, respx_mock) -> None:
+        respx_mock.get(f"{RUNPOD_URL}/health").respond(200, json=HEALTHY)
+        store, clock = PingCounter(), Clock()
+        async with httpx.AsyncClient() as http:
+            auth = ClerkAuth(settings_factory(), http)
+            readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
+            for _ in range(50):
+                assert await self.check(readiness) == "ok"
+            assert store.pings == 1
+            clock.now += 1.01
+            assert await self.check(readiness) == "ok"
+            assert store.pings == 2
+
+    async def test_a_failure_is_checked_again_at_once(self, settings_factory, respx_mock) -> None:
+        respx_mock.get(f"{RUNPOD_URL}/health").respond(200, json=HEALTHY)
+        store, clock = PingCounter(), Clock()
+        store.down = True
+        async with httpx.AsyncClient() as http:
+            auth = ClerkAuth(settings_factory(), http)
+            readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
+            assert "unavailable" in await self.check(readiness)
+            store.down = False  # back: the very next probe sees it, with no clock moved
+            assert await self.check(readiness) == "ok"
+            assert store.pings == 2
