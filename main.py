@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import Settings, get_settings
+from config import AccessLog, Settings, get_settings
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -883,7 +883,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
-    app.add_middleware(RequestTelemetryMiddleware, metrics=metrics)
+    quiet = settings.access_log is AccessLog.ERRORS
+    app.add_middleware(
+        RequestTelemetryMiddleware, metrics=metrics, min_logged_status=400 if quiet else 0
+    )
     return app
 
 

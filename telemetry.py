@@ -465,11 +465,18 @@ class RequestTelemetryMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, quiet_routes: Collection[str] = QUIET_ROUTES
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        quiet_routes: Collection[str] = QUIET_ROUTES,
+        *,
+        min_logged_status: int = 0,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.quiet_routes = quiet_routes
+        # 400 logs only refusals and failures; every request is still counted and timed.
+        self.min_logged_status = min_logged_status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -504,7 +511,7 @@ class RequestTelemetryMiddleware:
         method = _METHODS.get(scope["method"], "other")
         route = route_template(scope)
         self.metrics.observe_http(method, route, status, elapsed)
-        if status < 400 and route in self.quiet_routes:
+        if (status < 400 and route in self.quiet_routes) or status < self.min_logged_status:
             return
         level = logging.ERROR if status >= 500 else logging.INFO
         if access_log.isEnabledFor(level):

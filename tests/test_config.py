@@ -79,3 +79,14 @@ class TestProduction:
         assert problem in production_problems(bad)
         with pytest.raises(ValidationError):
             build(**{**COMPLETE, field: value})
+
+
+class TestEnvExample:
+    def test_every_setting_is_in_env_example_and_nothing_else(self) -> None:
+        """`.env.example` is the list of settings an operator reads: it must stay complete."""
+        import re
+        from pathlib import Path
+
+        text = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+        listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, re.MULTILINE))
+        assert listed == {name.upper() for name in Settings.model_fields}

@@ -97,7 +97,7 @@ def outcomes(metrics: Metrics) -> dict[str, float | None]:
     return {name: sample(metrics, "gateway_job_outcomes_total", outcome=name) for name in names}
 
 
-def build_app(metrics: Metrics, token: str | None = None) -> FastAPI:
+def build_app(metrics: Metrics, token: str | None = None, min_logged_status: int = 0) -> FastAPI:
     """A small app shaped like the gateway: a templated route, a failing one, probes, /metrics."""
     app = FastAPI()
 
@@ -122,7 +122,9 @@ def build_app(metrics: Metrics, token: str | None = None) -> FastAPI:
 
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/metrics", metrics_route(metrics.registry, token), include_in_schema=False)
-    app.add_middleware(RequestTelemetryMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestTelemetryMiddleware, metrics=metrics, min_logged_status=min_logged_status
+    )
     return app
 
 
@@ -163,6 +165,43 @@ def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def gateway_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The app's own lines, without the test client's httpx line that follows each request."""
     return [line for line in lines if line["logger"].startswith("gateway")]
+
+
+class TestAccessLogErrorsOnly:
+    """ACCESS_LOG=errors: lines for refusals and failures only; every request is still counted."""
+
+    async def test_only_answers_of_400_and_up_are_logged(
+        self, metrics: Metrics, json_logs: LogLines
+    ) -> None:
+        app = build_app(metrics, min_logged_status=400)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as c:
+            assert (await c.get("/jobs/job_1")).status_code == 200
+            assert (await c.get("/nowhere")).status_code == 404
+            assert (await c.get("/boom")).status_code == 500
+        logged = [
+            (line["httpRequest"]["status"], line["severity"]) for line in access_lines(json_logs())
+        ]
+        assert logged == [(404, "INFO"), (500, "ERROR")]
+        counted = metrics.registry.get_sample_value(
+            "gateway_http_request_duration_seconds_count",
+            {"method": "GET", "route": "/jobs/{job_id}", "status": "200"},
+        )
+        assert counted == 1
+
+    async def test_the_setting_reaches_the_gateway(
+        self, settings_factory, make_token, json_logs: LogLines
+    ) -> None:
+        from tests.conftest import bearer, serve
+
+        headers = bearer(make_token("user_quiet"))
+        async with serve(settings_factory(access_log="errors")) as client:
+            assert (await client.get("/credits", headers=headers)).status_code == 200
+            assert (
+                await client.get("/jobs/job_doesnotexist00", headers=headers)
+            ).status_code == 404
+        logged = [line["httpRequest"]["status"] for line in access_lines(json_logs())]
+        assert logged == [404]
 
 
 # --- Request ids ------------------------------------------------------------------------------
