@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -852,10 +853,43 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         duration = components["CreateJobRequest"]["properties"]["durationSec"]
         duration.update(minimum=settings.min_duration_sec, maximum=settings.max_duration_sec)
         restore_examples(components)
+        declare_security(schema, app)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# How `current_user` reads a session, for the docs: Swagger UI then offers "Authorize", and
+# clients generated from the schema send the token. Declared here rather than as a FastAPI
+# security dependency, which would add a dependency solve to every request.
+SECURITY_SCHEMES = {
+    "clerkBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A Clerk session token: `Authorization: Bearer <token>`.",
+    },
+    "clerkSessionCookie": {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "__session",
+        "description": "Clerk's session cookie, for same-site browser calls.",
+    },
+}
+
+
+def declare_security(schema: dict[str, Any], app: FastAPI) -> None:
+    """Mark each operation that depends on `current_user` as needing a session (either form)."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        if not any(dep.call is current_user for dep in route.dependant.dependencies):
+            continue
+        for method in route.methods:
+            operation = schema["paths"][route.path_format][method.lower()]
+            operation["security"] = [{"clerkBearer": []}, {"clerkSessionCookie": []}]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -30,6 +30,8 @@ CHECKS = ",".join(
         "response_headers_conformance",
         "negative_data_rejection",
         "unsupported_method",
+        # Every operation that declares a session must refuse a call without one.
+        "ignored_auth",
     ]
 )
 

@@ -118,6 +118,11 @@ class TestSwaggerUI:
         assert recorded.remote_requests() == []
         assert recorded.blocked == []  # Swagger UI needs nothing its CSP refuses
         assert recorded.errors == []
+        # The session schemes are declared: "Authorize" takes a token for "Try it out".
+        page.locator(".auth-wrapper .authorize").click()
+        dialog = page.locator(".dialog-ux .modal-ux")
+        dialog.wait_for()
+        assert "clerkBearer" in dialog.inner_text()
 
     def test_an_operation_shows_its_example_and_error_codes(self, gateway, browser) -> None:
         recorded = RecordedPage(browser)

@@ -72,6 +72,39 @@ class TestOperations:
             ("/webhooks/runpod", "post"),
         }
 
+    def test_user_routes_declare_the_session_and_the_webhook_does_not(self, schema) -> None:
+        schemes = schema["components"]["securitySchemes"]
+        assert schemes["clerkBearer"] == schemes["clerkBearer"] | {
+            "type": "http",
+            "scheme": "bearer",
+        }
+        assert schemes["clerkSessionCookie"]["in"] == "cookie"
+        assert schemes["clerkSessionCookie"]["name"] == "__session"
+        secured = {
+            (path, method)
+            for path, method, operation in operations(schema)
+            if operation.get("security") == [{"clerkBearer": []}, {"clerkSessionCookie": []}]
+        }
+        assert secured == {
+            ("/jobs/create", "post"),
+            ("/jobs", "get"),
+            ("/jobs/{job_id}", "get"),
+            ("/jobs/{job_id}/cancel", "post"),
+            ("/credits", "get"),
+        }
+        (webhook,) = schema["paths"]["/webhooks/runpod"].values()
+        assert "security" not in webhook  # its proof is a signature or a URL token, not a session
+
+    async def test_a_declared_route_refuses_a_call_without_a_session(self, client, schema) -> None:
+        """What the declaration promises: no session, 401 in the error shape."""
+        for path, method, operation in operations(schema):
+            if "security" not in operation:
+                continue
+            concrete = path.replace("{job_id}", "job_abcdefghijklmnop")
+            response = await client.request(method.upper(), concrete, json={})
+            assert response.status_code == 401, (method, path)
+            assert response.json()["code"] == "UNAUTHORIZED"
+
     def test_every_operation_has_a_summary_and_a_description(self, schema) -> None:
         for path, method, operation in operations(schema):
             assert operation.get("summary"), (method, path)
