@@ -845,7 +845,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         for operations in schema["paths"].values():
             for operation in operations.values():
                 responses = operation.get("responses", {})
-                if responses.pop("422", None) is not None:
+                if responses.pop("422", None) is not None and _validates_input(operation):
                     responses.setdefault("400", _ERROR_RESPONSE)
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
@@ -858,6 +858,16 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _validates_input(operation: dict[str, Any]) -> bool:
+    """Whether FastAPI can refuse this operation's input (a body, a query or a header).
+
+    FastAPI lists a 422 wherever there are parameters, but a path id is any string: an unknown
+    or malformed one is a 404, never a 400.
+    """
+    parameters = operation.get("parameters", [])
+    return "requestBody" in operation or any(p["in"] != "path" for p in parameters)
 
 
 # How `current_user` reads a session, for the docs: Swagger UI then offers "Authorize", and

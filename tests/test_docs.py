@@ -139,6 +139,12 @@ class TestOperations:
         assert error_codes(schema, "/jobs/{job_id}/cancel", "409") >= {"JOB_NOT_CANCELABLE"}
         assert error_codes(schema, "/webhooks/runpod", "401") == {"INVALID_SIGNATURE"}
 
+    def test_a_path_id_alone_cannot_be_a_400(self, schema) -> None:
+        (operation,) = schema["paths"]["/jobs/{job_id}"].values()
+        assert "400" not in operation["responses"]
+        (cancel,) = schema["paths"]["/jobs/{job_id}/cancel"].values()
+        assert "400" in cancel["responses"]  # its Idempotency-Key header can be refused
+
     def test_validation_errors_are_400_not_422(self, schema) -> None:
         for path, method, operation in operations(schema):
             assert "422" not in operation["responses"], (method, path)
