@@ -24,8 +24,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
@@ -934,12 +936,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+class GatewayCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in the gateway's error shape, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        detail = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        kept = {k: v for k, v in response.headers.items() if k not in _BODY_HEADERS}
+        return JSONResponse(error_body("CORS_REFUSED", detail), 400, headers=kept)
+
+
+_BODY_HEADERS = ("content-length", "content-type")
+
+
 def install_cors(app: FastAPI, settings: Settings) -> None:
     """Lets the listed browser origins call the API; outside the body limit, so 413s carry it."""
     if not settings.cors_allow_origins:
         return  # no CORS headers at all: only same-origin pages may read answers
     app.add_middleware(
-        CORSMiddleware,
+        GatewayCORSMiddleware,
         allow_origins=settings.cors_allow_origins,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],

@@ -82,10 +82,12 @@ class TestPreflight:
         response = await cors_client.options("/jobs/create", headers=preflight(OTHER))
         assert response.status_code == 400
         assert "access-control-allow-origin" not in response.headers
+        assert response.json() == {"detail": "Disallowed CORS origin", "code": "CORS_REFUSED"}
 
     async def test_disallowed_method(self, cors_client: httpx.AsyncClient) -> None:
         response = await cors_client.options("/jobs/create", headers=preflight(APP, "DELETE"))
         assert response.status_code == 400
+        assert response.json() == {"detail": "Disallowed CORS method", "code": "CORS_REFUSED"}
 
 
 class TestActualRequests:
