@@ -107,3 +107,20 @@ class TestDurability:
                 await store.grant_credits("user_a", 50, "purchase")
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1
         assert (await store.grant_credits("user_a", 50, "purchase")).credits == 150
+
+
+class TestReadFallback:
+    async def test_a_read_the_file_refuses_is_a_503_not_a_crash(self, store: SQLiteStore) -> None:
+        """A read that fails on the loop is tried on the store's thread, then answered as a 503."""
+        job = await store.charge_and_create_job(new_job("user_a", cost=10), 5)
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("ALTER TABLE jobs RENAME TO jobs_moved")  # an operator's botched migration
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.get_job("user_a", job.job_id)
+            with pytest.raises(StoreUnavailable):
+                await store.list_jobs("user_a", 10, None)
+        finally:
+            other.execute("ALTER TABLE jobs_moved RENAME TO jobs")
+            other.close()
+        assert (await store.get_job("user_a", job.job_id)).job_id == job.job_id
