@@ -332,9 +332,9 @@ class SQLiteStore:
     # --- helpers that run inside a transaction --------------------------------------------
 
     def _user_row(self, db: sqlite3.Connection, user_id: str) -> User:
-        row = db.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone()
-        if row is not None:
-            return _user_from_row(row)
+        found = self._find_user(db, user_id)
+        if found is not None:
+            return found
         now = now_ms()
         db.execute(
             "INSERT INTO users (user_id, credits, plan, created_at, updated_at) VALUES (?,?,?,?,?)",
