@@ -500,15 +500,10 @@ class ConvexStore:
         functions are not deployed (production redacts the message, so this is how we know)."""
         try:
             await self._query("ping")
-        except ConvexFunctionFailed as exc:
+        except (ConvexFunctionFailed, ConvexFunctionsOutOfDate) as exc:
             raise ConvexFunctionsOutOfDate(
                 "Convex could not run gateway:ping: the functions in convex/ are not deployed"
                 " or out of date"
-            ) from exc
-        except ConvexFunctionsOutOfDate as exc:
-            raise ConvexFunctionsOutOfDate(
-                "Convex has no gateway:ping as this gateway calls it: the functions in convex/"
-                " are not deployed or out of date"
             ) from exc
         self._raise_remembered()
 

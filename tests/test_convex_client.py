@@ -11,7 +11,7 @@ import base64
 import json
 import logging
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
@@ -30,7 +30,9 @@ from convex_client import (
 )
 from errors import GatewayError, UpstreamError, UpstreamUnavailable
 from tests import convex_fixtures as shapes
+from tests.conftest import RUNPOD_URL, serve
 from tests.convex_fixtures import Answer
+from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 URL = "https://happy-animal-123.convex.cloud"
 USER = {"userId": "user_a", "credits": 100, "plan": "starter", "createdAt": 1, "updatedAt": 2}
@@ -465,3 +467,105 @@ class TestProductionConfig:
         settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="k")
         assert settings.uses_convex
         assert not Settings(_env_file=None, convex_url=URL).uses_convex
+
+
+# --- through the gateway: what a user sees -----------------------------------------------------
+
+CREATE = {"prompt": "A silver drone flies through neon skyline", "durationSec": 2, "seed": 42}
+
+
+@pytest.fixture
+def runpod_and_convex() -> Iterator[respx.MockRouter]:
+    """RunPod through respx; the Convex test server on loopback is reached for real."""
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(host="127.0.0.1").pass_through()
+        mock.post(f"{RUNPOD_URL}/run", name="run").respond(
+            200, json={"id": "rp-1", "status": "IN_QUEUE"}
+        )
+        mock.post(url__regex=rf"{RUNPOD_URL}/cancel/.*").respond(
+            200, json={"id": "rp-1", "status": "CANCELLED"}
+        )
+        yield mock
+
+
+async def refusals(client: httpx.AsyncClient, user: dict[str, str]) -> list[tuple[int, dict]]:
+    """Every business refusal a user can meet, in one scenario: (status, body) for each."""
+    first = await client.post("/jobs/create", json=CREATE, headers={**user, "Idempotency-Key": "k"})
+    job_id = first.json()["jobId"]
+    answers = [
+        await client.post("/jobs/create", json=CREATE, headers=user),  # 1 active job: 429
+        await client.post(
+            "/jobs/create", json={**CREATE, "seed": 7}, headers={**user, "Idempotency-Key": "k"}
+        ),  # same key, other body: 409
+        await client.get("/jobs/job_doesnotexist0000", headers=user),  # 404
+        await client.get("/jobs?cursor=not-a-cursor", headers=user),  # 400
+    ]
+    assert (await client.post(f"/jobs/{job_id}/cancel", headers=user)).status_code == 200
+    answers.append(await client.post(f"/jobs/{job_id}/cancel", headers=user))  # canceled: 409
+    answers.append(
+        await client.post("/jobs/create", json={**CREATE, "durationSec": 6}, headers=user)
+    )  # 5 credits again after the refund: 402
+    return [(answer.status_code, answer.json()) for answer in answers]
+
+
+class TestUsersSeeWhatSQLiteShows:
+    """Every business error reaches the user with SQLite's status, code and detail."""
+
+    async def test_same_refusals_on_both_stores(
+        self,
+        settings_factory: Callable[..., Settings],
+        convex_server: str,
+        make_token: Callable[..., str],
+        runpod_and_convex: respx.MockRouter,
+    ) -> None:
+        user = {"Authorization": f"Bearer {make_token('user_alice')}"}
+        seen = {}
+        for kind, extra in [
+            ("sqlite", {}),
+            ("convex", {"convex_url": convex_server, "convex_deploy_key": CONVEX_TEST_KEY}),
+        ]:
+            reset_convex(convex_server)
+            settings = settings_factory(signup_credits=5, max_concurrent_jobs=1, **extra)
+            async with serve(settings) as client:
+                seen[kind] = await refusals(client, user)
+        assert [(status, body["code"]) for status, body in seen["convex"]] == [
+            (429, "TOO_MANY_ACTIVE_JOBS"),
+            (409, "IDEMPOTENCY_KEY_REUSED"),
+            (404, "NOT_FOUND"),
+            (400, "INVALID_CURSOR"),
+            (409, "JOB_NOT_CANCELABLE"),
+            (402, "INSUFFICIENT_CREDITS"),
+        ]
+        assert seen["convex"] == seen["sqlite"]
+
+    async def test_commit_conflict_is_503_and_charges_nothing(
+        self, settings_factory, convex_server: str, make_token, runpod_and_convex
+    ) -> None:
+        reset_convex(convex_server)
+        user = {"Authorization": f"Bearer {make_token('user_alice')}"}
+        settings = settings_factory(convex_url=convex_server, convex_deploy_key=CONVEX_TEST_KEY)
+        async with serve(settings) as client:
+            assert (await client.get("/credits", headers=user)).json()["credits"] == 100
+            occ = {"path": "gateway:chargeAndCreateJob"}  # every try, until the reset
+            httpx.post(f"{convex_server}/_test/occ", json=occ).raise_for_status()
+            refused = await client.post("/jobs/create", json=CREATE, headers=user)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "UPSTREAM_UNAVAILABLE"
+            assert (await client.get("/credits", headers=user)).json()["credits"] == 100
+            assert (await client.get("/jobs", headers=user)).json()["jobs"] == []
+            assert runpod_and_convex.routes["run"].call_count == 0  # nothing submitted
+
+    async def test_one_conflict_is_retried_and_charges_once(
+        self, settings_factory, convex_server: str, make_token, runpod_and_convex
+    ) -> None:
+        reset_convex(convex_server)
+        user = {"Authorization": f"Bearer {make_token('user_alice')}"}
+        settings = settings_factory(convex_url=convex_server, convex_deploy_key=CONVEX_TEST_KEY)
+        async with serve(settings) as client:
+            assert (await client.get("/credits", headers=user)).json()["credits"] == 100
+            occ = {"path": "gateway:chargeAndCreateJob", "times": 1}
+            httpx.post(f"{convex_server}/_test/occ", json=occ).raise_for_status()
+            created = await client.post("/jobs/create", json=CREATE, headers=user)
+            assert created.status_code == 200, created.text
+            assert (await client.get("/credits", headers=user)).json()["credits"] == 98
+            assert len((await client.get("/jobs", headers=user)).json()["jobs"]) == 1
