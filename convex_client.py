@@ -360,7 +360,8 @@ class ConvexStore:
         raise error_from_response(response, path)
 
     def _remember(self, path: str, error: GatewayError) -> None:
-        if isinstance(error, ConvexFunctionsOutOfDate | ConvexKeyRefused):
+        # A refused key needs no memory: `ping` itself meets it.
+        if isinstance(error, ConvexFunctionsOutOfDate):
             self._out_of_date[path] = (error.detail, self._clock())
 
     async def _query(self, path: str, **args: Any) -> Any:
