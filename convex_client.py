@@ -158,7 +158,7 @@ def function_error(path: str, body: dict[str, Any]) -> GatewayError:
     message = body.get("errorMessage")
     message = message if isinstance(message, str) else ""
     if "errorData" in body:
-        return _convex_error(path, _decode(body["errorData"]), message)
+        return _convex_error(path, _decode(body["errorData"]))
     if _OUT_OF_DATE.search(message):
         log.error(
             "Convex cannot run %s as this gateway calls it: the functions in convex/ are not"
@@ -177,7 +177,7 @@ def function_error(path: str, body: dict[str, Any]) -> GatewayError:
     return ConvexFunctionFailed()
 
 
-def _convex_error(path: str, data: Any, message: str) -> GatewayError:
+def _convex_error(path: str, data: Any) -> GatewayError:
     code = data.get("code") if isinstance(data, dict) else None
     if isinstance(code, str) and code in _BUSINESS_ERRORS:
         detail = data.get("message")
