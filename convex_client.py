@@ -8,19 +8,37 @@ Why HTTP and not the `convex` package's `ConvexClient`: that client wraps a Rust
 whose calls block the calling thread (holding the GIL) and retry forever on network errors. On
 an event loop that would stall every request; in a thread pool it would pin threads with no
 deadline. The HTTP API gives us the shared `httpx.AsyncClient`, explicit timeouts, and a clear
-rule for what is safe to retry. Values are still encoded with the package's own codec.
+rule for what is safe to retry. Values travel as `convex_encoded_json`, as convex-py and
+convex-js send them, and are decoded with the package's own codec (`convex.values`).
 
-Errors:
-    ConvexError codes in `errorData`  -> the gateway's own errors (402, 429, 404, 409, 400).
-    A timeout, 5xx or connect failure -> 503 UPSTREAM_UNAVAILABLE.
-    Any other refusal (bad key, unknown function, a function's own bug) -> 502 UPSTREAM_ERROR.
-Queries are retried on transient failures; mutations only when the request surely never left.
+How a deployment answers (get-convex/convex-backend, `crates/local_backend/src/public_api.rs`;
+the shapes, each with its source, are in `tests/convex_fixtures.py`):
+    200 {"status": "success", "value"}        -> the value.
+    200 {"status": "error", "errorData"}      -> a ConvexError: its `code` is the gateway's own
+                                                 error (402, 429, 404, 409, 400), as on SQLite.
+    200 {"status": "error"}, no errorData     -> a plain Error, 502 UPSTREAM_ERROR. Production
+                                                 redacts its message to "[Request ID: …] Server
+                                                 Error"; a dev deployment adds the cause, which
+                                                 tells a missing function, a wrong kind or bad
+                                                 arguments (functions not deployed, or out of
+                                                 date) from a bug.
+    560 with the same body                    -> the same (the status convex-js still accepts).
+    401/403 {"code", "message"}               -> the deploy key was refused: 502, and /readyz fails.
+    503 {"code": OCC}                         -> nothing committed: retried, then 503.
+    other 5xx, 429, timeouts                  -> 503 UPSTREAM_UNAVAILABLE.
+Queries are retried on transient failures. A mutation is retried only when it surely did not
+commit: its connection never opened, or Convex answered the OCC 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -41,15 +59,75 @@ from errors import (
 )
 from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, User
 
-FUNCTION_ERROR_STATUS = 560  # Convex's status for "your function threw"
+log = logging.getLogger("gateway.convex")
+
+# convex-js's `STATUS_CODE_UDF_FAILED` (npm-packages/convex/src/browser/http_client.ts): an
+# older backend's status for "the function threw". Today's answers 200; both carry the same body.
+LEGACY_FUNCTION_ERROR_STATUS = 560
+# `OCC_ERROR` in crates/errors/src/lib.rs: a mutation's commit kept conflicting after the
+# backend's own retries (UDF_EXECUTOR_OCC_MAX_RETRIES = 4, application_function_runner/mod.rs),
+# answered 503 and committed nothing, so sending it again cannot charge twice.
+OCC_CODE = "OptimisticConcurrencyControlFailure"
+# The codes `UDF_404_ON_BAD_PATH` turns a missing function or a wrong kind into (an emergency
+# knob, off by default: crates/common/src/knobs.rs, crates/udf/src/validation.rs).
+MISSING_FUNCTION_CODES = frozenset({"FunctionPathNotFound", "FunctionPathWrongType"})
+# What the backend says when this gateway and the deployed functions disagree. Visible only when
+# the deployment does not redact errors (dev deployments); production reads "Server Error".
+_OUT_OF_DATE = re.compile(
+    r"Could not find (?:public )?function for"  # crates/udf/src/validation.rs, application/lib.rs
+    r"|Trying to execute \S+ as \w+, but it is defined as"  # validation.rs: wrong kind
+    r"|ArgumentValidationError: "  # validation.rs: args refused by the function's validator
+    r"|ReturnsValidationError: "  # model/src/modules/function_validators.rs
+    r"|Expected to receive (?:a single object|an object) as the function's argument"
+    r"|Convex functions at or below version"  # validation.rs: `udf_version`
+)
+_REQUEST_ID = re.compile(r"\[Request ID: (\w+)\]")
+# RedactedJsError's Display (crates/application/src/redaction.rs): this prefix always, then the
+# error on the next line unless the deployment redacts it.
+_REDACTED = re.compile(r"^(?:\[Request ID: \w+\] )?Server Error")
+_SAFE_CODE = re.compile(r"[A-Za-z]{1,64}")
+
 QUERY_ATTEMPTS = 3
+# One try plus two more after an OCC 503: the backend already retried four times with backoff
+# (100 ms doubling to 2 s), so a conflict that outlives two more tries is contention to report.
+MUTATION_ATTEMPTS = 3
+BACKOFF_SECONDS = 0.05  # doubled each attempt, with full jitter so instances do not retry in step
+# A mismatch seen on a call keeps /readyz failing this long, unless that function then works.
+OUT_OF_DATE_MEMORY_SECONDS = 300.0
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
 
 
 class ConvexConflict(GatewayError):
     status_code = 409
     code = "CONFLICT"
     detail = "The record already exists"
+
+
+class ConvexFunctionFailed(UpstreamError):
+    """A function threw a plain Error (no errorData): a bug, a read/write limit, or a mismatch."""
+
+    detail = "The store rejected the call"
+
+
+class ConvexFunctionsOutOfDate(UpstreamError):
+    """The deployment lacks a function, or it has another kind or other arguments."""
+
+    detail = "The store's functions are not deployed or out of date"
+
+
+class ConvexKeyRefused(UpstreamError):
+    """Convex refused the deploy key (401/403): a configuration error, not an outage."""
+
+    detail = "Convex refused the deploy key"
+
+
+class ConvexCommitConflict(UpstreamUnavailable):
+    """OCC retries exhausted: the mutation committed nothing and may be sent again."""
+
+    detail = "The store is too busy to commit the change; nothing was changed"
 
 
 _BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
@@ -64,23 +142,101 @@ _BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
 }
 
 
-def error_from_response(response: httpx.Response) -> GatewayError:
-    """The gateway error a non-success Convex answer stands for."""
+def error_from_response(response: httpx.Response, path: str = "?") -> GatewayError:
+    """The gateway error a non-success Convex answer stands for; logs what the operator needs."""
     body = _json(response)
-    if response.status_code == FUNCTION_ERROR_STATUS:
-        data = body.get("errorData")
-        if isinstance(data, dict) and data.get("code") in _BUSINESS_ERRORS:
-            message = data.get("message")
-            return _BUSINESS_ERRORS[data["code"]](message if isinstance(message, str) else None)
-        return UpstreamError("The store rejected the call")
-    if response.status_code >= 500 or response.status_code == 429:
+    if response.status_code not in (200, LEGACY_FUNCTION_ERROR_STATUS):
+        return _http_error(path, response.status_code, body)
+    if body.get("status") == "error":
+        return function_error(path, body)
+    log.error("Convex answered %s in an unknown shape (HTTP %s)", path, response.status_code)
+    return UpstreamError("The store answered in an unknown shape")
+
+
+def function_error(path: str, body: dict[str, Any]) -> GatewayError:
+    """A `status: "error"` body: what the function threw, as the gateway's error."""
+    message = body.get("errorMessage")
+    message = message if isinstance(message, str) else ""
+    if "errorData" in body:
+        return _convex_error(path, _decode(body["errorData"]))
+    if _OUT_OF_DATE.search(message):
+        log.error(
+            "Convex cannot run %s as this gateway calls it: the functions in convex/ are not"
+            " deployed or out of date (run `npx convex deploy`). Convex said: %s",
+            path,
+            _cause(message),
+        )
+        return ConvexFunctionsOutOfDate()
+    log.error(
+        "Convex %s threw a plain Error (request %s): %s. A bug, a read or write limit, or"
+        " functions not deployed; the deployment's logs have the cause",
+        path,
+        _request_id(message),
+        _cause(message) or "its message is redacted",
+    )
+    return ConvexFunctionFailed()
+
+
+def _convex_error(path: str, data: Any) -> GatewayError:
+    code = data.get("code") if isinstance(data, dict) else None
+    if isinstance(code, str) and code in _BUSINESS_ERRORS:
+        detail = data.get("message")
+        return _BUSINESS_ERRORS[code](detail if isinstance(detail, str) else None)
+    log.error("Convex %s threw a ConvexError the gateway does not know: %r", path, data)
+    return ConvexFunctionFailed()
+
+
+def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
+    # Errors outside a function's run are `{code, message}` (HttpError::into_response in
+    # crates/common/src/http/mod.rs), with the status of the code's ErrorMetadata.
+    code = body.get("code") if isinstance(body.get("code"), str) else ""
+    shown = code if _SAFE_CODE.fullmatch(code) else "no code"
+    if status in (401, 403):
+        log.error("Convex refused the deploy key calling %s: HTTP %s %s", path, status, body)
+        return ConvexKeyRefused(f"Convex refused the deploy key (HTTP {status} {shown})")
+    if status == 404 and code in MISSING_FUNCTION_CODES:
+        log.error("Convex cannot run %s: %s (run `npx convex deploy`)", path, body)
+        return ConvexFunctionsOutOfDate()
+    if status == 503 and code == OCC_CODE:
+        log.warning("Convex %s kept conflicting and committed nothing: %s", path, body)
+        return ConvexCommitConflict()
+    if status >= 500 or status == 429:
+        log.warning("Convex is unavailable calling %s: HTTP %s %s", path, status, shown)
         return UpstreamUnavailable("The store is unavailable")
-    return UpstreamError(f"The store refused the call (HTTP {response.status_code})")
+    log.error("Convex refused %s: HTTP %s %s", path, status, body)
+    return UpstreamError(f"The store refused the call (HTTP {status})")
+
+
+def _may_retry(kind: str, error: GatewayError) -> bool:
+    """A query may always run again; a mutation only when it surely committed nothing."""
+    if kind == "query":
+        return isinstance(error, UpstreamUnavailable)
+    return isinstance(error, ConvexCommitConflict)
+
+
+def _decode(value: Any) -> Any:
+    try:
+        return json_to_convex(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def _cause(message: str) -> str:
+    """The part of `errorMessage` after "[Request ID: …] Server Error", if not redacted."""
+    cause = _REDACTED.sub("", message, count=1).strip()
+    return cause.splitlines()[0] if cause else ""
+
+
+def _request_id(message: str) -> str:
+    found = _REQUEST_ID.search(message)
+    return found.group(1) if found else "without an id"
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = response.json()
+        # Convex numbers are float64; the codec wants them as floats, as Convex's own clients
+        # parse them, and refuses Python ints.
+        body = json.loads(response.content, parse_int=float)
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
@@ -134,9 +290,20 @@ def _user(value: dict[str, Any]) -> User:
 
 
 class ConvexStore:
-    def __init__(self, http: httpx.AsyncClient, signup_credits: int, default_plan: str) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        signup_credits: int,
+        default_plan: str,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._http = http
         self._new_user = {"signupCredits": signup_credits, "plan": default_plan}
+        self._sleep, self._clock = sleep, clock
+        # Function path -> (why it cannot run as we call it, when seen): `ping` reports these.
+        self._out_of_date: dict[str, tuple[str, float]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConvexStore:
@@ -144,7 +311,8 @@ class ConvexStore:
         http = httpx.AsyncClient(
             base_url=settings.convex_url.rstrip("/"),
             headers={"Authorization": f"Convex {settings.convex_deploy_key}"},
-            # A mutation's user code may run 1 s; the rest is queueing and the network.
+            # A mutation's user code may run 1 s, and the backend retries an OCC conflict four
+            # times (100 ms doubling); the rest is queueing and the network.
             timeout=httpx.Timeout(10.0, connect=3.0),
         )
         return cls(http, settings.effective_signup_credits, settings.default_plan)
@@ -152,27 +320,28 @@ class ConvexStore:
     # --- transport --------------------------------------------------------------------------
 
     async def _call(self, kind: str, path: str, args: dict[str, Any]) -> Any:
-        body = {"path": path, "args": convex_to_json(args), "format": "json"}
-        attempts = QUERY_ATTEMPTS if kind == "query" else 1
+        # `convex_encoded_json` is what convex-py and convex-js send: the answer's `value` and
+        # `errorData` then round-trip every Convex value (`export_value` in public_api.rs);
+        # "json" would turn an int64 into a string. Arguments are read as this encoding
+        # whatever `format` says (`UdfArgsJson` in crates/udf/src/helpers.rs).
+        body = {"path": path, "args": convex_to_json(args), "format": "convex_encoded_json"}
+        attempts = QUERY_ATTEMPTS if kind == "query" else MUTATION_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
-                response = await self._post(kind, body)
-            except UpstreamUnavailable:
-                if attempt == attempts:
+                value = self._outcome(path, await self._post(kind, body))
+            except GatewayError as error:
+                if attempt == attempts or not _may_retry(kind, error):
+                    self._remember(path, error)
                     raise
-                await asyncio.sleep(0.05 * 2**attempt)
+                await self._sleep(random.uniform(0, BACKOFF_SECONDS * 2**attempt))
                 continue
-            if response.status_code == 200:
-                return self._value(response)
-            error = error_from_response(response)
-            if attempt == attempts or not isinstance(error, UpstreamUnavailable):
-                raise error
-            await asyncio.sleep(0.05 * 2**attempt)
+            self._out_of_date.pop(path, None)
+            return value
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, kind: str, body: dict[str, Any]) -> httpx.Response:
-        # A mutation whose request may have reached Convex is never repeated: it may have
-        # committed. Only a connection that never opened is safe to try again.
+        # A mutation whose request may have reached Convex is never repeated on a transport
+        # error: it may have committed. Only a connection that never opened is safe to retry.
         for attempt in range(2):
             try:
                 return await self._http.post(f"/api/{kind}", json=body)
@@ -184,16 +353,16 @@ class ConvexStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _value(response: httpx.Response) -> Any:
-        try:
-            # Convex numbers are float64; the codec wants them as floats, as Convex's own
-            # clients parse them, and refuses Python ints.
-            body = json.loads(response.content, parse_int=float)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or body.get("status") != "success":
-            raise UpstreamError("The store answered in an unknown shape")
-        return json_to_convex(body.get("value"))
+    def _outcome(path: str, response: httpx.Response) -> Any:
+        body = _json(response)
+        if response.status_code == 200 and body.get("status") == "success" and "value" in body:
+            return json_to_convex(body["value"])
+        raise error_from_response(response, path)
+
+    def _remember(self, path: str, error: GatewayError) -> None:
+        # A refused key needs no memory: `ping` itself meets it.
+        if isinstance(error, ConvexFunctionsOutOfDate):
+            self._out_of_date[path] = (error.detail, self._clock())
 
     async def _query(self, path: str, **args: Any) -> Any:
         return await self._call("query", f"gateway:{path}", args)
@@ -328,7 +497,23 @@ class ConvexStore:
         return list(await self._query("audit"))
 
     async def ping(self) -> None:
-        await self._query("ping")
+        """Calls `gateway:ping`, which cannot fail by itself: any function error means the
+        functions are not deployed (production redacts the message, so this is how we know)."""
+        try:
+            await self._query("ping")
+        except (ConvexFunctionFailed, ConvexFunctionsOutOfDate) as exc:
+            raise ConvexFunctionsOutOfDate(
+                "Convex could not run gateway:ping: the functions in convex/ are not deployed"
+                " or out of date"
+            ) from exc
+        self._raise_remembered()
+
+    def _raise_remembered(self) -> None:
+        horizon = self._clock() - OUT_OF_DATE_MEMORY_SECONDS
+        self._out_of_date = {p: seen for p, seen in self._out_of_date.items() if seen[1] > horizon}
+        if self._out_of_date:
+            path, (why, _) = next(iter(self._out_of_date.items()))
+            raise ConvexFunctionsOutOfDate(f"{path}: {why}")
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -6,6 +6,11 @@ within `CHECK_TIMEOUT_SECONDS`, so a hung upstream makes the probe fail instead 
 `/health` is asked at most once per `RUNPOD_HEALTH_TTL_SECONDS` per instance: probes from every
 instance must not add up to load on RunPod's API. The cache is per instance on purpose: it holds
 no shared truth, only this instance's last view of RunPod.
+
+On Convex the store check calls `gateway:ping`, a real function, so it fails with a reason when
+the deployment refuses the deploy key, or lacks the functions this gateway calls (not deployed,
+or out of date: `ConvexStore.ping` also reports a mismatch another call met). The reason is the
+error's `detail`, written to be safe on this public endpoint.
 """
 
 from __future__ import annotations

@@ -20,11 +20,13 @@ from errors import StoreUnavailable
 from readiness import Readiness
 from runpod_client import RunPodClient, build_http_client
 from store import SQLiteStore
+from tests import convex_fixtures as shapes
 from tests.conftest import RUNPOD_BASE, RUNPOD_ENDPOINT, RUNPOD_URL, bearer, serve
 from tests.servers import free_port
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 ISSUER = "https://clerk.cineweave.test"
+CONVEX_URL = "https://happy-animal-123.convex.cloud"
 JWKS_URL = f"{ISSUER}/.well-known/jwks.json"
 HEALTHY = {"jobs": {"inQueue": 0, "inProgress": 0}, "workers": {"idle": 1, "running": 0}}
 # Every embedded stand-in: the dev issuer, the in-process RunPod, SQLite.
@@ -87,6 +89,24 @@ class TestStoreDown:
         settings = settings_factory(**LOCAL, convex_url=dead, convex_deploy_key="k")
         response = await readyz(settings, audit=False)  # the store is down: nothing to audit
         assert_not_ready(response, "store", "The store could not be reached")
+
+    async def test_convex_refuses_the_deploy_key(self, settings_factory, convex_server) -> None:
+        """The real key check answers 401 BadAdminKey (see tests/convex_fixtures.py)."""
+        settings = settings_factory(**LOCAL, convex_url=convex_server, convex_deploy_key="old")
+        response = await readyz(settings, audit=False)
+        assert_not_ready(response, "store", "Convex refused the deploy key (HTTP 401 BadAdminKey)")
+
+    @pytest.mark.parametrize(
+        "answer",
+        [shapes.MISSING_FUNCTION_PROD, shapes.MISSING_FUNCTION_DEV, shapes.WRONG_KIND_404],
+        ids=lambda a: a.name,
+    )
+    async def test_convex_functions_not_deployed(self, settings_factory, respx_mock, answer):
+        respx_mock.post(f"{CONVEX_URL}/api/query").respond(answer.status, content=answer.content())
+        settings = settings_factory(**LOCAL, convex_url=CONVEX_URL, convex_deploy_key="k")
+        response = await readyz(settings, audit=False)
+        why = "Convex could not run gateway:ping: the functions in convex/ are not deployed"
+        assert_not_ready(response, "store", why)
 
     async def test_sqlite_held_by_another_process(self, settings_factory) -> None:
         """A write waiting on another process's lock holds the store's one thread: no answer."""

@@ -1,4 +1,5 @@
-// The local Convex server's HTTP contract: `npm run test:server` (node's test runner).
+// The local Convex server's HTTP contract: `npm run test:server` (node's test runner). Each
+// expectation is the real backend's answer shape, with its source in server.mjs.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
@@ -7,6 +8,7 @@ import { fileURLToPath } from "node:url";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const KEY = "smoke-key";
+const REDACTED = /^\[Request ID: [0-9a-f]{16}\] Server Error$/;
 let server;
 let baseUrl;
 
@@ -28,14 +30,21 @@ beforeEach(async () => {
   assert.equal((await fetch(`${baseUrl}/_test/reset`, { method: "POST" })).status, 200);
 });
 
-async function call(kind, path, args, key = KEY) {
-  const response = await fetch(`${baseUrl}/api/${kind}`, {
+async function post(url, body, headers = {}) {
+  const response = await fetch(url, {
     method: "POST",
-    headers: { Authorization: `Convex ${key}`, "Content-Type": "application/json" },
-    body: JSON.stringify({ path, args, format: "json" }),
+    headers: { "Content-Type": "application/json", ...headers },
+    body: typeof body === "string" ? body : JSON.stringify(body),
   });
   return { status: response.status, body: await response.json() };
 }
+
+function call(kind, path, args, { key = KEY, format = "convex_encoded_json" } = {}) {
+  const headers = key === null ? {} : { Authorization: `Convex ${key}` };
+  return post(`${baseUrl}/api/${kind}`, { path, args, format }, headers);
+}
+
+const admin = (route, body) => post(`${baseUrl}/_test/${route}`, body);
 
 const newUser = { signupCredits: 3, plan: "free" };
 const job = (jobId) => ({
@@ -54,54 +63,140 @@ describe("convex test server", () => {
     assert.equal((await fetch(`${baseUrl}/_test/health`)).status, 200);
   });
 
-  test("a success carries the value", async () => {
+  test("a success carries the value and no empty logLines", async () => {
     const { status, body } = await call("mutation", "gateway:getOrCreateUser", {
       userId: "user_a",
       ...newUser,
     });
     assert.equal(status, 200);
     assert.equal(body.status, "success");
-    assert.deepEqual(body.logLines, []);
+    assert.equal("logLines" in body, false);
     assert.equal(body.value.credits, 3);
   });
 
-  test("a ConvexError is a 560 with errorData", async () => {
+  test("a ConvexError is a 200 with errorData and a redacted message", async () => {
     const { status, body } = await call("query", "gateway:getJob", { userId: "u", jobId: "nope" });
-    assert.equal(status, 560);
+    assert.equal(status, 200);
+    assert.deepEqual(Object.keys(body).sort(), ["errorData", "errorMessage", "status"]);
     assert.equal(body.status, "error");
     assert.deepEqual(body.errorData, { code: "NOT_FOUND", message: "Job not found" });
-    assert.match(body.errorMessage, /NOT_FOUND/);
+    assert.match(body.errorMessage, REDACTED);
   });
 
-  test("any other error is a 560 without errorData", async () => {
+  test("a dev deployment shows the error under the redacted line", async () => {
+    await admin("redact", { redact: false });
+    const { body } = await call("query", "gateway:getJob", { userId: "u", jobId: "nope" });
+    const [head, cause] = body.errorMessage.split("\n");
+    assert.match(head, REDACTED);
+    assert.equal(cause, 'Uncaught ConvexError: {"code":"NOT_FOUND","message":"Job not found"}');
+  });
+
+  test("any other error is a 200 without errorData", async () => {
+    // A v.number() where the validator wants a string: argument validation fails.
     const { status, body } = await call("query", "gateway:findJob", { jobId: 1 });
-    assert.equal(status, 560);
-    assert.equal(body.status, "error");
-    assert.equal("errorData" in body, false);
+    assert.equal(status, 200);
+    assert.deepEqual(Object.keys(body).sort(), ["errorMessage", "status"]);
+    assert.match(body.errorMessage, REDACTED);
+    await admin("redact", { redact: false });
+    const dev = await call("query", "gateway:findJob", { jobId: 1 });
+    assert.match(dev.body.errorMessage, /\nArgumentValidationError: /);
   });
 
-  test("a wrong or missing key is a 401", async () => {
-    const { status, body } = await call("query", "gateway:findJob", { jobId: "x" }, "wrong");
+  test("a wrong or malformed key is a 401 BadAdminKey", async () => {
+    const { status, body } = await call("query", "gateway:ping", {}, { key: "wrong" });
     assert.equal(status, 401);
-    assert.equal(typeof body.code, "string");
+    assert.deepEqual(body, {
+      code: "BadAdminKey",
+      message: "The provided admin key was invalid for this instance",
+    });
   });
 
-  test("an unknown function is a 404 FunctionNotFound", async () => {
+  test("without a key, internal functions look missing", async () => {
+    await admin("redact", { redact: false });
+    const { status, body } = await call("query", "gateway:ping", {}, { key: null });
+    assert.equal(status, 200);
+    assert.match(body.errorMessage, /\nCould not find public function for 'gateway:ping'\.\n$/);
+  });
+
+  test("an unknown function is a 200 error naming it", async () => {
+    await admin("redact", { redact: false });
     for (const path of ["gateway:nope", "nomodule:fn", "_generated/api:api", "model:toJob"]) {
       const { status, body } = await call("query", path, {});
-      assert.equal(status, 404, path);
-      assert.equal(body.code, "FunctionNotFound");
+      assert.equal(status, 200, path);
+      assert.equal(body.status, "error");
+      assert.ok(body.errorMessage.includes(`Could not find public function for '${path}'.`));
     }
   });
 
-  test("malformed JSON is a 400 BadJsonBody", async () => {
+  test("a function of another kind is a 200 error", async () => {
+    await admin("redact", { redact: false });
+    const { status, body } = await call("mutation", "gateway:ping", {});
+    assert.equal(status, 200);
+    assert.ok(
+      body.errorMessage.includes(
+        "Trying to execute gateway.js:ping as Mutation, but it is defined as Query.",
+      ),
+    );
+  });
+
+  test("a malformed body is a 400 BadJsonBody, before the key is checked", async () => {
+    for (const text of ['{"path":', '{"args": {}}', "[]"]) {
+      const { status, body } = await post(`${baseUrl}/api/query`, text, {
+        Authorization: "Convex wrong",
+      });
+      assert.equal(status, 400, text);
+      assert.equal(body.code, "BadJsonBody");
+      assert.equal(typeof body.message, "string");
+    }
+  });
+
+  test("a body that is not declared JSON is a 400 BadJsonBody", async () => {
     const response = await fetch(`${baseUrl}/api/query`, {
       method: "POST",
       headers: { Authorization: `Convex ${KEY}` },
-      body: '{"path":',
+      body: JSON.stringify({ path: "gateway:ping", args: {} }),
     });
     assert.equal(response.status, 400);
     assert.equal((await response.json()).code, "BadJsonBody");
+  });
+
+  test("an unknown format is a 400 BadFormat, after a mutation committed", async () => {
+    const args = { userId: "user_a", amount: 5, reason: "r", ...newUser };
+    const refused = await call("mutation", "gateway:grantCredits", args, { format: "yaml" });
+    assert.equal(refused.status, 400);
+    assert.equal(refused.body.code, "BadFormat");
+    const user = await call("query", "gateway:getUser", { userId: "user_a" });
+    assert.equal(user.body.value.credits, 8);
+  });
+
+  test("json and convex_encoded_json agree on our values", async () => {
+    const args = { userId: "user_a", ...newUser };
+    await call("mutation", "gateway:getOrCreateUser", args);
+    const encoded = await call("query", "gateway:getUser", { userId: "user_a" });
+    const clean = await call("query", "gateway:getUser", { userId: "user_a" }, { format: "json" });
+    assert.deepEqual(encoded.body.value, clean.body.value);
+  });
+
+  test("the OCC switch answers 503 without running the mutation", async () => {
+    await admin("occ", { path: "gateway:grantCredits", times: 1 });
+    const args = { userId: "user_a", amount: 5, reason: "r", ...newUser };
+    const refused = await call("mutation", "gateway:grantCredits", args);
+    assert.equal(refused.status, 503);
+    assert.equal(refused.body.code, "OptimisticConcurrencyControlFailure");
+    assert.equal((await call("query", "gateway:getUser", { userId: "user_a" })).body.value, null);
+    const second = await call("mutation", "gateway:grantCredits", args);
+    assert.equal(second.status, 200);
+    assert.equal(second.body.value.credits, 8);
+  });
+
+  test("the OCC switch holds until reset without a count", async () => {
+    await admin("occ", { path: "gateway:grantCredits" });
+    const args = { userId: "user_a", amount: 5, reason: "r", ...newUser };
+    for (let i = 0; i < 3; i++) {
+      assert.equal((await call("mutation", "gateway:grantCredits", args)).status, 503);
+    }
+    await fetch(`${baseUrl}/_test/reset`, { method: "POST" });
+    assert.equal((await call("mutation", "gateway:grantCredits", args)).status, 200);
   });
 
   test("state persists across requests until reset", async () => {
@@ -125,9 +220,10 @@ describe("convex test server", () => {
         }),
       ),
     );
-    const statuses = results.map((result) => result.status).sort();
-    assert.deepEqual(statuses, [...Array(3).fill(200), ...Array(9).fill(560)]);
-    for (const result of results.filter((r) => r.status === 560)) {
+    const outcomes = results.map((result) => result.body.status).sort();
+    assert.deepEqual(outcomes, [...Array(9).fill("error"), ...Array(3).fill("success")]);
+    for (const result of results.filter((r) => r.body.status === "error")) {
+      assert.equal(result.status, 200);
       assert.equal(result.body.errorData.code, "INSUFFICIENT_CREDITS");
     }
     const totals = await call("query", "gateway:ledgerTotals", {});
