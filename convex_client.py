@@ -25,7 +25,7 @@ the shapes, each with its source, are in `tests/convex_fixtures.py`):
     560 with the same body                    -> the same (the status convex-js still accepts).
     401/403 {"code", "message"}               -> the deploy key was refused: 502, and /readyz fails.
     503 {"code": OCC}                         -> nothing committed: retried, then 503.
-    other 5xx, 429, timeouts                  -> 503 UPSTREAM_UNAVAILABLE.
+    other 5xx, 429, timeouts                  -> 503 STORE_UNAVAILABLE, as on SQLite.
 Queries are retried on transient failures. A mutation is retried only when it surely did not
 commit: its connection never opened, or Convex answered the OCC 503.
 """
@@ -53,9 +53,9 @@ from errors import (
     InvalidRequest,
     JobNotCancelable,
     NotFound,
+    StoreUnavailable,
     TooManyActiveJobs,
     UpstreamError,
-    UpstreamUnavailable,
 )
 from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, User
 
@@ -124,7 +124,17 @@ class ConvexKeyRefused(UpstreamError):
     detail = "Convex refused the deploy key"
 
 
-class ConvexCommitConflict(UpstreamUnavailable):
+class ConvexUnavailable(StoreUnavailable):
+    """Convex timed out, failed or rate-limited us: as on SQLite, the store is unavailable.
+
+    The code is SQLite's `STORE_UNAVAILABLE`, so a client sees one answer for "the store is
+    down" whichever store the deployment runs on (RunPod's outages stay UPSTREAM_UNAVAILABLE).
+    """
+
+    detail = "The store is unavailable"
+
+
+class ConvexCommitConflict(ConvexUnavailable):
     """OCC retries exhausted: the mutation committed nothing and may be sent again."""
 
     detail = "The store is too busy to commit the change; nothing was changed"
@@ -202,7 +212,7 @@ def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
         return ConvexCommitConflict()
     if status >= 500 or status == 429:
         log.warning("Convex is unavailable calling %s: HTTP %s %s", path, status, shown)
-        return UpstreamUnavailable("The store is unavailable")
+        return ConvexUnavailable()
     log.error("Convex refused %s: HTTP %s %s", path, status, body)
     return UpstreamError(f"The store refused the call (HTTP {status})")
 
@@ -210,7 +220,7 @@ def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
 def _may_retry(kind: str, error: GatewayError) -> bool:
     """A query may always run again; a mutation only when it surely committed nothing."""
     if kind == "query":
-        return isinstance(error, UpstreamUnavailable)
+        return isinstance(error, ConvexUnavailable)
     return isinstance(error, ConvexCommitConflict)
 
 
@@ -347,9 +357,9 @@ class ConvexStore:
                 return await self._http.post(f"/api/{kind}", json=body)
             except _NEVER_SENT as exc:
                 if attempt == 1:
-                    raise UpstreamUnavailable("The store could not be reached") from exc
+                    raise ConvexUnavailable("The store could not be reached") from exc
             except httpx.HTTPError as exc:
-                raise UpstreamUnavailable("The store did not answer in time") from exc
+                raise ConvexUnavailable("The store did not answer in time") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod

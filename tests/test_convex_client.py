@@ -28,7 +28,7 @@ from convex_client import (
     ConvexKeyRefused,
     ConvexStore,
 )
-from errors import GatewayError, UpstreamError, UpstreamUnavailable
+from errors import GatewayError, StoreUnavailable, UpstreamError
 from tests import convex_fixtures as shapes
 from tests.conftest import RUNPOD_URL, serve
 from tests.convex_fixtures import Answer
@@ -329,8 +329,8 @@ class TestCommitConflict:
         route = respx.post(f"{URL}/api/mutation").mock(return_value=respond(shapes.OCC))
         with pytest.raises(ConvexCommitConflict) as raised:
             await store.grant_credits("user_a", 5, "test")
-        assert_gateway_error(raised.value, 503, "UPSTREAM_UNAVAILABLE")
-        assert raised.value.headers["Retry-After"] == "5"
+        assert_gateway_error(raised.value, 503, "STORE_UNAVAILABLE")
+        assert raised.value.headers["Retry-After"] == "2"  # as SQLite answers a busy file
         assert route.call_count == MUTATION_ATTEMPTS
         assert len(time_source.sleeps) == MUTATION_ATTEMPTS - 1
         assert all(0 <= s <= 0.05 * 2**n for n, s in enumerate(time_source.sleeps, start=1))
@@ -341,9 +341,9 @@ class TestCommitConflict:
     @respx.mock
     async def test_other_5xx_may_have_committed_so_no_retry(self, store, answer) -> None:
         route = respx.post(f"{URL}/api/mutation").mock(return_value=respond(answer))
-        with pytest.raises(UpstreamUnavailable) as raised:
+        with pytest.raises(StoreUnavailable) as raised:
             await store.grant_credits("user_a", 5, "test")
-        assert_gateway_error(raised.value, 503, "UPSTREAM_UNAVAILABLE")
+        assert_gateway_error(raised.value, 503, "STORE_UNAVAILABLE")
         assert route.call_count == 1
 
 
@@ -408,7 +408,7 @@ class TestGetOrCreateUser:
     async def test_failed_read_creates_nothing(self, store: ConvexStore) -> None:
         respx.post(f"{URL}/api/query").respond(502)
         mutation = respx.post(f"{URL}/api/mutation").mock(return_value=success(USER))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.get_or_create_user("user_a")
         assert mutation.call_count == 0
 
@@ -416,7 +416,7 @@ class TestGetOrCreateUser:
     async def test_create_is_not_retried_after_sending(self, store: ConvexStore) -> None:
         respx.post(f"{URL}/api/query").mock(return_value=success(None))
         mutation = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ReadTimeout("slow"))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.get_or_create_user("user_a")
         assert mutation.call_count == 1
 
@@ -434,7 +434,7 @@ class TestRetries:
     @respx.mock
     async def test_query_gives_up_with_503(self, store: ConvexStore) -> None:
         route = respx.post(f"{URL}/api/query").respond(502)
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.ping()
         assert route.call_count == QUERY_ATTEMPTS
 
@@ -449,7 +449,7 @@ class TestRetries:
     @respx.mock
     async def test_mutation_is_not_retried_after_sending(self, store: ConvexStore) -> None:
         route = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ReadTimeout("slow"))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.grant_credits("user_a", 5, "test")
         assert route.call_count == 1
 
@@ -550,7 +550,7 @@ class TestUsersSeeWhatSQLiteShows:
             httpx.post(f"{convex_server}/_test/occ", json=occ).raise_for_status()
             refused = await client.post("/jobs/create", json=CREATE, headers=user)
             assert refused.status_code == 503, refused.text
-            assert refused.json()["code"] == "UPSTREAM_UNAVAILABLE"
+            assert refused.json()["code"] == "STORE_UNAVAILABLE"
             assert (await client.get("/credits", headers=user)).json()["credits"] == 100
             assert (await client.get("/jobs", headers=user)).json()["jobs"] == []
             assert runpod_and_convex.routes["run"].call_count == 0  # nothing submitted
