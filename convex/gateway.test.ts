@@ -16,7 +16,11 @@ const BOB = "user_bob";
 let t: ReturnType<typeof convexTest<typeof schema.tables>>;
 
 beforeEach(() => {
-  t = convexTest(schema, modules);
+  // The real backend's per-function limits, on (convex-test 0.0.60 `dist/transactionMetrics.js`
+  // DEFAULT_TRANSACTION_LIMITS: 32,000 documents and 16 MiB read, 4,096 index ranges). Only the
+  // options-object form takes them: `convexTest(schema, modules, {...})` has no third parameter
+  // (`dist/index.js` `convexTest(schemaOrOptions, modules)`), so it would silently run without.
+  t = convexTest({ schema, modules, transactionLimits: true });
 });
 
 function newJob(jobId: string, overrides: Partial<{ userId: string; cost: number }> = {}) {
