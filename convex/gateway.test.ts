@@ -83,6 +83,38 @@ async function ledger(): Promise<Doc<"ledger">[]> {
   return await t.run((ctx) => ctx.db.query("ledger").collect());
 }
 
+/** Every user's totals, walked across calls as `convex_client.py` walks them. */
+async function ledgerTotals(maxReads?: number) {
+  const totals = [];
+  let cursor: string | null = null;
+  do {
+    const page: { totals: unknown[]; cursor: string | null } = await t.query(
+      internal.gateway.ledgerTotals,
+      { cursor, maxReads },
+    );
+    totals.push(...page.totals);
+    cursor = page.cursor;
+  } while (cursor !== null);
+  return totals;
+}
+
+/** Every problem the audit finds, walked across calls; and how many calls it took. */
+async function auditWalk(maxReads?: number) {
+  const problems = [];
+  let cursor: string | null = null;
+  let calls = 0;
+  do {
+    const page: { problems: string[]; cursor: string | null } = await t.query(
+      internal.gateway.audit,
+      { cursor, maxReads },
+    );
+    problems.push(...page.problems);
+    cursor = page.cursor;
+    calls += 1;
+  } while (cursor !== null);
+  return { problems, calls };
+}
+
 async function jobCount(): Promise<number> {
   return (await t.run((ctx) => ctx.db.query("jobs").collect())).length;
 }
@@ -769,7 +801,7 @@ describe("ledgerTotals", () => {
       signupCredits: 0,
       plan: "free",
     });
-    expect(await t.query(internal.gateway.ledgerTotals, {})).toEqual([
+    expect(await ledgerTotals()).toEqual([
       { userId: ALICE, credits: 7, grants: 10, charges: 7, refunds: 4 },
       { userId: BOB, credits: 15, grants: 15, charges: 0, refunds: 0 },
       { userId: "user_carol", credits: 0, grants: 0, charges: 0, refunds: 0 },
@@ -782,8 +814,41 @@ describe("ledgerTotals", () => {
     await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "a2" });
     await charge("b1", { userId: BOB, cost: 10 });
     await setStatus("b1", "done");
-    for (const row of await t.query(internal.gateway.ledgerTotals, {})) {
+    for (const row of (await ledgerTotals()) as {
+      credits: number;
+      grants: number;
+      charges: number;
+      refunds: number;
+    }[]) {
       expect(row.credits).toBe(row.grants - row.charges + row.refunds);
+    }
+  });
+
+  test("gives the same totals however the calls are cut, even inside one user's rows", async () => {
+    await charge("a1");
+    await charge("a2", { cost: 4 });
+    await setStatus("a2", "failed");
+    await charge("b1", { userId: BOB });
+    await charge("c1", { userId: "user_carol" });
+    const whole = await ledgerTotals();
+    expect(whole.map((row) => (row as { userId: string }).userId)).toEqual([
+      ALICE,
+      BOB,
+      "user_carol",
+    ]);
+    // 3 users and 8 ledger rows: every budget from 2 cuts the walk somewhere else.
+    for (let maxReads = 2; maxReads <= 12; maxReads++) {
+      expect(await ledgerTotals(maxReads)).toEqual(whole);
+    }
+  });
+
+  test("refuses a cursor it did not hand out", async () => {
+    for (const cursor of [
+      "garbage",
+      "{}",
+      JSON.stringify({ phase: "jobs", after: null, inside: null }),
+    ]) {
+      await refusal(t.query(internal.gateway.ledgerTotals, { cursor }), "INVALID_CURSOR");
     }
   });
 });
@@ -1196,7 +1261,7 @@ describe("the reconciler's claims", () => {
 
 describe("audit", () => {
   async function audit() {
-    return await t.query(internal.gateway.audit, {});
+    return (await auditWalk()).problems;
   }
 
   async function addLedgerRow(jobId: string, kind: "charge" | "refund", amount = 0) {
@@ -1282,5 +1347,25 @@ describe("audit", () => {
       `${BOB}: balance 0 != grants 10 - charges 3 + refunds 0`,
       "job_failed (done): 1 refunds",
     ]);
+  });
+
+  test("finds the same problems however the calls are cut", async () => {
+    await addLedgerRow("job_done", "charge");
+    await addLedgerRow("job_running", "refund");
+    await patchJob("job_failed", { status: "done" });
+    const { problems, calls } = await auditWalk();
+    expect(calls).toBe(2); // the users, then the jobs
+    expect(problems).toEqual([
+      "job_done: 2 charges",
+      "job_failed (done): 1 refunds",
+      "job_running (running): 1 refunds",
+    ]);
+    for (let maxReads = 2; maxReads <= 20; maxReads++) {
+      expect((await auditWalk(maxReads)).problems).toEqual(problems);
+    }
+  });
+
+  test("refuses a cursor it did not hand out", async () => {
+    await refusal(t.query(internal.gateway.audit, { cursor: "[1]" }), "INVALID_CURSOR");
   });
 });

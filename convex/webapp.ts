@@ -11,7 +11,7 @@ import { paginationOptsValidator } from "convex/server";
 import { v } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { query, type QueryCtx } from "./_generated/server";
-import { fail, publicStatus } from "./model";
+import { clampPageSize, fail, isInvalidCursor, publicStatus } from "./model";
 import { jobStatus } from "./schema";
 
 async function callerId(ctx: QueryCtx): Promise<string | null> {
@@ -83,8 +83,11 @@ export const myJobs = query({
         .query("jobs")
         .withIndex("by_user_created", (q) => q.eq("userId", userId))
         .order("desc")
-        .paginate(paginationOpts);
-    } catch {
+        .paginate({ ...paginationOpts, numItems: clampPageSize(paginationOpts.numItems) });
+    } catch (error) {
+      if (!isInvalidCursor(error)) {
+        throw error; // a read limit or a bug must not pass for a bad cursor
+      }
       // "InvalidCursor" in the message makes `usePaginatedQuery` start over from the first page.
       throw fail("INVALID_CURSOR", "InvalidCursor: the cursor is malformed");
     }
