@@ -4,7 +4,7 @@ import { ConvexError } from "convex/values";
 import { beforeEach, describe, expect, test } from "vitest";
 import { internal } from "./_generated/api";
 import type { Doc } from "./_generated/dataModel";
-import type { ErrorCode, JobStatus } from "./model";
+import { isInvalidCursor, type ErrorCode, type JobStatus } from "./model";
 import schema from "./schema";
 
 const modules = import.meta.glob("./**/*.*s");
@@ -741,9 +741,47 @@ describe("listJobs", () => {
     expect(bobPage.jobs.every((job) => job.userId === BOB)).toBe(true);
   });
 
-  test.each(["not-a-cursor", "%%%", "[1,2"])("refuses the malformed cursor %s", async (cursor) => {
-    await insertJob("a1", ALICE, 1000);
-    await refusal(list(ALICE, 10, cursor), "INVALID_CURSOR");
+  test.each(["not-a-cursor", "%%%", "[1,2", "null", "123", "{}"])(
+    "refuses the malformed cursor %s",
+    async (cursor) => {
+      await insertJob("a1", ALICE, 1000);
+      await refusal(list(ALICE, 10, cursor), "INVALID_CURSOR");
+    },
+  );
+
+  test("a read limit is not reported as a bad cursor", async () => {
+    // The same functions with a 3-document read limit: the page of 5 jobs goes over it.
+    t = convexTest({ schema, modules, transactionLimits: { documentsRead: 3 } });
+    for (const jobId of ["a1", "a2", "a3", "a4", "a5"]) {
+      await insertJob(jobId, ALICE, 1000);
+    }
+    const error = await list(ALICE, 10, null).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(error).toBeInstanceOf(Error);
+    expect(error).not.toBeInstanceOf(ConvexError);
+    expect((error as Error).message).toMatch(/Scanned too many documents/);
+  });
+
+  test("serves at most 100 jobs a page, however many are asked for", async () => {
+    await t.run(async (ctx) => {
+      for (let i = 0; i < 101; i++) {
+        await ctx.db.insert("jobs", {
+          ...newJob(`j${i}`),
+          imageUrl: undefined,
+          status: "done",
+          createdAt: i,
+          updatedAt: i,
+          checkedAt: i,
+        });
+      }
+    });
+    const page = await list(ALICE, 1_000, null);
+    expect(page.jobs).toHaveLength(100);
+    expect((await list(ALICE, 1_000, page.nextCursor)).jobs.map((job) => job.jobId)).toEqual([
+      "j0",
+    ]);
   });
 
   test.each([0, -1, 2.5])("refuses limit %s", async (limit) => {
@@ -1367,5 +1405,41 @@ describe("audit", () => {
 
   test("refuses a cursor it did not hand out", async () => {
     await refusal(t.query(internal.gateway.audit, { cursor: "[1]" }), "INVALID_CURSOR");
+  });
+});
+
+describe("isInvalidCursor", () => {
+  // Errors as a deployment throws them into `paginate()`: each message and data is the backend's
+  // own (convex-backend `crates/database/src/query/mod.rs` `invalid_cursor`,
+  // `crates/keybroker/src/broker.rs`, `crates/database/src/reads.rs`).
+  const otherQuery = Object.assign(
+    new Error(
+      "InvalidCursor: Tried to run a query starting from a cursor, but it looks like this " +
+        "cursor is from a different query.",
+    ),
+    { data: { isConvexSystemError: true, paginationError: "InvalidCursor" } },
+  );
+
+  test.each([
+    ["a cursor of another query", otherQuery],
+    ["a cursor that does not decrypt", new Error("Failed to parse cursor")],
+    ["another deployment's cursor", new Error('Key is invalid for instance "other-123"')],
+    ["a cursor without a position", new Error("Missing position field")],
+  ])("recognizes %s", (_name, error) => {
+    expect(isInvalidCursor(error)).toBe(true);
+  });
+
+  test.each([
+    "Too many documents read in a single function execution (limit: 32000). Consider using smaller limits in your queries, paginating your queries, or using indexed queries with a selective index range expressions.",
+    "Too many bytes read in a single function execution (limit: 16777216 bytes).",
+    "Too many reads in a single function execution (limit: 4096).",
+    "Requested too many items: 100000",
+    "Server Error",
+  ])("passes over %s", (message) => {
+    expect(isInvalidCursor(new Error(message))).toBe(false);
+  });
+
+  test("passes over what is not an Error", () => {
+    expect(isInvalidCursor("InvalidCursor")).toBe(false);
   });
 });
