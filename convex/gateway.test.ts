@@ -1443,3 +1443,47 @@ describe("isInvalidCursor", () => {
     expect(isInvalidCursor("InvalidCursor")).toBe(false);
   });
 });
+
+describe("the audit walk's byte budget", () => {
+  test("pages large documents so that no call reads more than the limit", async () => {
+    // 40 jobs and 40 ledger rows of about 400 KB each: 32 MB, twice what one call may read.
+    const big = "x".repeat(400_000);
+    await t.run(async (ctx) => {
+      await ctx.db.insert("users", {
+        userId: ALICE,
+        credits: 0,
+        plan: "free",
+        createdAt: 0,
+        updatedAt: 0,
+      });
+    });
+    for (let i = 0; i < 40; i++) {
+      const jobId = `job_${String(i).padStart(2, "0")}`;
+      await t.run(async (ctx) => {
+        await ctx.db.insert("jobs", {
+          ...newJob(jobId, { cost: 0 }),
+          imageUrl: undefined,
+          prompt: big,
+          status: "done",
+          createdAt: i,
+          updatedAt: i,
+          checkedAt: i,
+        });
+        await ctx.db.insert("ledger", {
+          userId: ALICE,
+          jobId,
+          kind: "charge",
+          amount: 0,
+          reason: big,
+          createdAt: i,
+        });
+      });
+    }
+    const { problems, calls } = await auditWalk();
+    expect(problems).toEqual([]);
+    expect(calls).toBeGreaterThanOrEqual(6); // 8 MiB a call: 2+ for the users, 4+ for the jobs
+    expect(await ledgerTotals()).toEqual([
+      { userId: ALICE, credits: 0, grants: 0, charges: 0, refunds: 0 },
+    ]);
+  });
+});

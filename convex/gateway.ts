@@ -6,7 +6,7 @@
  * serializable transaction, and a throw commits nothing. All are internal: browsers cannot call
  * them, only holders of a deploy key.
  */
-import { v } from "convex/values";
+import { getDocumentSize, v, type Value } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import {
   internalMutation,
@@ -627,15 +627,22 @@ export const ping = internalQuery({
 //
 // `manage.py audit` must work on any deployment, but one function may read at most 32,000
 // documents, 16 MiB and 4,096 index ranges (convex-backend `npm-packages/docs/docs/production/
-// state/limits.mdx`). So the audit and the totals are walks: each call reads at most `maxReads`
-// documents through at most four index ranges, and hands back a cursor to continue from. Each
+// state/limits.mdx`). So the audit and the totals are walks: each call reads within a budget of
+// documents and bytes, through at most four index ranges, and hands back a cursor. Each
 // walk is a merge of two streams in the same key order: users with their ledger rows by user,
 // jobs with their ledger rows by job. One call is one snapshot: a user whose balance and ledger
 // rows are read in one call (every user with fewer rows than a call's budget) and every job with
 // its rows are checked consistently, whatever runs meanwhile.
 
-/** Documents one call reads at most: a quarter of the limit, leaving room for read-ahead. */
-const WALK_MAX_READS = 8_000;
+/**
+ * What one call reads at most: half of each limit (32,000 documents, 16 MiB). The budget is
+ * checked after a read, a document may be 1 MiB (limits.mdx), and the merge reads one ledger
+ * row ahead. The backend counts a document when the function receives it, not when it
+ * prefetches it (convex-backend `crates/database/src/query/index_range.rs`,
+ * `record_read_document`); sizes are `getDocumentSize`'s, convex/values' copy of its accounting.
+ */
+const WALK_MAX_READS = 16_000;
+const WALK_MAX_BYTES = 8 * 1024 * 1024;
 
 /** Where a walk stopped: after a key, or inside one user's ledger rows (their sums so far). */
 type WalkCursor = {
@@ -673,25 +680,32 @@ function decodeCursor(text: string | null): WalkCursor {
   throw fail("INVALID_CURSOR", "The cursor is malformed");
 }
 
-function readBudget(maxReads: number | undefined): number {
-  // Two reads at least, so every call gets past one user or one ledger row.
-  return Math.min(Math.max(Math.floor(maxReads ?? WALK_MAX_READS) || 2, 2), WALK_MAX_READS);
-}
+/** Counts what a call has read, against its budget of documents and bytes. */
+class Reader {
+  private reads = 0;
+  private bytes = 0;
+  private readonly budget: number;
 
-/** The next value of a stream, counting it as a read. */
-class Reader<T> {
-  reads = 0;
-  constructor(private readonly budget: number) {}
-  async next(stream: AsyncIterator<T>): Promise<T | undefined> {
-    const { value, done } = await stream.next();
-    if (done) {
-      return undefined;
-    }
-    this.reads += 1;
-    return value;
+  constructor(maxReads: number | undefined) {
+    // Two reads at least, so every call gets past one user or one ledger row.
+    const asked = Math.floor(maxReads ?? WALK_MAX_READS) || 2;
+    this.budget = Math.min(Math.max(asked, 2), WALK_MAX_READS);
   }
+
+  count<T extends Record<string, Value>>(doc: T): T {
+    this.reads += 1;
+    this.bytes += getDocumentSize(doc);
+    return doc;
+  }
+
+  /** The next value of a stream, counted. */
+  async next<T extends Record<string, Value>>(stream: AsyncIterator<T>): Promise<T | undefined> {
+    const { value, done } = await stream.next();
+    return done ? undefined : this.count(value);
+  }
+
   get spent(): boolean {
-    return this.reads >= this.budget;
+    return this.reads >= this.budget || this.bytes >= WALK_MAX_BYTES;
   }
 }
 
@@ -735,15 +749,15 @@ function userTotal(user: Doc<"users">, sums: LedgerSums): UserTotal {
 async function walkBalances(
   ctx: QueryCtx,
   cursor: WalkCursor,
-  budget: number,
+  maxReads: number | undefined,
 ): Promise<{ totals: UserTotal[]; next: WalkCursor | null }> {
-  const reader = new Reader<Doc<"ledger">>(budget);
+  const reader = new Reader(maxReads);
   const rows = ledgerByUser(ctx, cursor);
   let row = await reader.next(rows);
   let carried = cursor.inside;
   const totals: UserTotal[] = [];
   for await (const user of usersFrom(ctx, cursor)) {
-    reader.reads += 1;
+    reader.count(user);
     const sums =
       carried?.userId === user.userId ? carried.sums : { grant: 0, charge: 0, refund: 0 };
     carried = null;
@@ -777,9 +791,9 @@ async function walkBalances(
 async function walkJobs(
   ctx: QueryCtx,
   after: string | null,
-  budget: number,
+  maxReads: number | undefined,
 ): Promise<{ problems: string[]; next: WalkCursor | null }> {
-  const reader = new Reader<Doc<"ledger">>(budget);
+  const reader = new Reader(maxReads);
   // Rows without a job (grants) sort first in the index, before every string: skip them.
   const rows = ctx.db
     .query("ledger")
@@ -791,7 +805,7 @@ async function walkJobs(
   let row = await reader.next(rows);
   const problems: string[] = [];
   for await (const job of jobs) {
-    reader.reads += 1;
+    reader.count(job);
     const counts = { grant: 0, charge: 0, refund: 0 };
     while (row !== undefined && row.jobId! < job.jobId) {
       row = await reader.next(rows);
@@ -856,7 +870,7 @@ export const ledgerTotals = internalQuery({
     if (from.phase !== "users") {
       throw fail("INVALID_CURSOR", "The cursor is not a totals cursor");
     }
-    const { totals, next } = await walkBalances(ctx, from, readBudget(maxReads));
+    const { totals, next } = await walkBalances(ctx, from, maxReads);
     return { totals, cursor: encodeCursor(next) };
   },
 });
@@ -873,12 +887,11 @@ export const audit = internalQuery({
   returns: v.object({ problems: v.array(v.string()), cursor: v.union(v.string(), v.null()) }),
   handler: async (ctx, { cursor, maxReads }) => {
     const from = decodeCursor(cursor);
-    const budget = readBudget(maxReads);
     if (from.phase === "jobs") {
-      const { problems, next } = await walkJobs(ctx, from.after, budget);
+      const { problems, next } = await walkJobs(ctx, from.after, maxReads);
       return { problems, cursor: encodeCursor(next) };
     }
-    const { totals, next } = await walkBalances(ctx, from, budget);
+    const { totals, next } = await walkBalances(ctx, from, maxReads);
     const jobsNext: WalkCursor = { phase: "jobs", after: null, inside: null };
     return { problems: totals.flatMap(balanceProblem), cursor: encodeCursor(next ?? jobsNext) };
   },
