@@ -27,7 +27,7 @@ export function isTerminal(status: JobStatus): boolean {
 }
 
 /** `submitting` is internal: the public API shows it as `queued`. */
-export function publicStatus(status: JobStatus): JobStatus {
+export function publicStatus(status: JobStatus): Exclude<JobStatus, "submitting"> {
   return status === "submitting" ? "queued" : status;
 }
 
