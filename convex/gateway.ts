@@ -183,6 +183,14 @@ async function findIdempotencyRecord(
     .unique();
 }
 
+/**
+ * The most documents one batch call (reconciler claims, purge) handles, whatever it asks for:
+ * 3 ranges of 1,000 read and 1,000 written stay far within the 32,000 read and 16,000 written
+ * per function (limits.mdx). The gateway asks for 50 and 500 (`jobs.py`). Both calls promise
+ * "up to `limit`", so fewer is an honest answer.
+ */
+const MAX_BATCH = 1_000;
+
 /** The active jobs last checked before `staleBefore`, least recently checked first. */
 async function staleActiveJobs(
   ctx: QueryCtx,
@@ -191,7 +199,8 @@ async function staleActiveJobs(
 ): Promise<Doc<"jobs">[]> {
   const candidates: Doc<"jobs">[] = [];
   for (const status of ACTIVE_STATUSES) {
-    // Each status's range is already in `checkedAt` order, so `limit` from each is enough.
+    // Each status's range is already in `checkedAt` order, so `limit` from each is enough;
+    // bounded by `take`, however many jobs are stale.
     const jobs = await ctx.db
       .query("jobs")
       .withIndex("by_status_checked", (q) => q.eq("status", status).lt("checkedAt", staleBefore))
@@ -508,10 +517,11 @@ export const purgeIdempotencyKeys = internalMutation({
   returns: v.number(),
   handler: async (ctx, { before, limit }) => {
     requireWhole("limit", limit, 1);
+    // Bounded by `take`, however many keys have expired: the next call deletes the rest.
     const expired = await ctx.db
       .query("idempotency")
       .withIndex("by_expires", (q) => q.lt("expiresAt", before))
-      .take(limit);
+      .take(Math.min(limit, MAX_BATCH));
     for (const record of expired) {
       await ctx.db.delete("idempotency", record._id);
     }
@@ -533,7 +543,7 @@ export const claimStaleJobs = internalMutation({
   handler: async (ctx, { staleBefore, now, limit }) => {
     requireWhole("limit", limit, 1);
     const claimed = [];
-    for (const job of await staleActiveJobs(ctx, staleBefore, limit)) {
+    for (const job of await staleActiveJobs(ctx, staleBefore, Math.min(limit, MAX_BATCH))) {
       claimed.push(await claimCheck(ctx, job, now));
     }
     return claimed;

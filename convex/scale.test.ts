@@ -245,9 +245,12 @@ describe("a deployment of 10,000 users and 50,000 jobs, with the limits on", () 
     await t.mutation(internal.gateway.claimIdempotencyKey, { ...claim, key: "k2" });
     await t.mutation(internal.gateway.releaseIdempotencyKey, { userId: HEAVY, key: "k2" });
     // The gateway purges 500 at a time: far more are waiting, and each call stays bounded.
-    expect(
-      await t.mutation(internal.gateway.purgeIdempotencyKeys, { before: NOW, limit: 500 }),
-    ).toBe(500);
+    const purge = (limit: number) =>
+      t.mutation(internal.gateway.purgeIdempotencyKeys, { before: NOW, limit });
+    expect(await purge(500)).toBe(500);
+    // Asking for everything at once still deletes at most 1,000 a call; the next takes the rest.
+    expect(await purge(1_000_000)).toBe(1_000);
+    expect(await purge(1_000_000)).toBe(400);
   }, 300_000);
 
   test("the reconciler claims stale jobs among a thousand, bounded by its limit", async () => {
@@ -269,6 +272,13 @@ describe("a deployment of 10,000 users and 50,000 jobs, with the limits on", () 
       now: NOW + 2,
     });
     expect(check?.jobId).toBe(active!.jobId);
+    // The other 951 stale jobs in one call: far more than the gateway's 50, still bounded.
+    const rest = await t.mutation(internal.gateway.claimStaleJobs, {
+      staleBefore: NOW,
+      now: NOW + 3,
+      limit: 1_000_000,
+    });
+    expect(rest).toHaveLength(1_002 - 50 - 1);
   }, 300_000);
 
   test("the web app's queries for the heavy user", async () => {
