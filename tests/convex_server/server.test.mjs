@@ -130,9 +130,10 @@ describe("convex test server", () => {
     for (const result of results.filter((r) => r.status === 560)) {
       assert.equal(result.body.errorData.code, "INSUFFICIENT_CREDITS");
     }
-    const totals = await call("query", "gateway:ledgerTotals", {});
-    assert.deepEqual(totals.body.value, [
-      { userId: "user_a", credits: 0, grants: 3, charges: 3, refunds: 0 },
-    ]);
+    const totals = await call("query", "gateway:ledgerTotals", { cursor: null });
+    assert.deepEqual(totals.body.value, {
+      totals: [{ userId: "user_a", credits: 0, grants: 3, charges: 3, refunds: 0 }],
+      cursor: null,
+    });
   });
 });
