@@ -719,7 +719,14 @@ class Reader {
   }
 }
 
-/** Ledger rows in `by_user` order from where the cursor stopped (one or two index ranges). */
+/**
+ * Ledger rows in `by_user` order from where the cursor stopped (one or two index ranges).
+ *
+ * Resuming after `lastRow` skips nothing: one user's rows never share a `_creationTime`, since
+ * each is written with a change to that user's document, so their transactions serialize, and
+ * one transaction's creation times increase (convex-backend `crates/database/src/transaction.rs`,
+ * `next_creation_time`).
+ */
 async function* ledgerByUser(ctx: QueryCtx, cursor: WalkCursor): AsyncGenerator<Doc<"ledger">> {
   const rows = () => ctx.db.query("ledger");
   if (cursor.inside !== null) {

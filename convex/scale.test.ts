@@ -213,6 +213,11 @@ describe("a deployment of 10,000 users and 50,000 jobs, with the limits on", () 
       ...newUser,
     });
     expect(granted.credits).toBe(1_099 + 5); // the new job was charged, then refunded
+    const newcomer = await t.mutation(internal.gateway.getOrCreateUser, {
+      userId: "user_newcomer",
+      ...newUser,
+    });
+    expect(newcomer.signupGrant).toBe(SIGNUP);
     expect(await t.query(internal.gateway.ping, {})).toBeNull();
   }, 300_000);
 
