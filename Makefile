@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PORT ?= 8000
 
-.PHONY: run test lint pytest vitest setup clean token fuzz
+.PHONY: run test lint pytest vitest setup clean token fuzz convex-deploy convex-deploy-check
 
 # The venv is rebuilt whenever a requirements file changes.
 $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
@@ -54,6 +54,30 @@ test-browser: $(STAMP)
 ## Fuzz the API with schemathesis (fixed seed, 90 s bound): no 5xx, every answer matches the schema.
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz_api
+
+## Push the Convex side to production: CONVEX_DEPLOY_KEY (prod:...) and CLERK_ISSUER must be set.
+# The issuer goes on the deployment first: a push whose auth.config.ts reads an unset variable
+# is refused (convex-backend crates/isolate/src/environment/auth_config.rs). With a deployment's
+# deploy key in CONVEX_DEPLOY_KEY, `env set` and `deploy` both act on that deployment, and
+# --prod is ignored (convex npm package, src/cli/lib/deploymentSelection.ts).
+convex-deploy: convex-deploy-check $(NODE_STAMP)
+	npx convex env set CLERK_JWT_ISSUER_DOMAIN "$$CLERK_ISSUER"
+	npx convex deploy
+
+# Refuse before touching anything, naming every missing setting at once.
+convex-deploy-check:
+	@missing=""; \
+	case "$$CONVEX_DEPLOY_KEY" in \
+	  prod:*\|*) ;; \
+	  "") missing="$$missing\n  CONVEX_DEPLOY_KEY: the production deploy key (Dashboard -> Settings -> Deploy keys)";; \
+	  *) missing="$$missing\n  CONVEX_DEPLOY_KEY: not a production deploy key (prod:<deployment>|...)";; \
+	esac; \
+	case "$$CLERK_ISSUER" in \
+	  https://*) ;; \
+	  "") missing="$$missing\n  CLERK_ISSUER: Clerk's Frontend API URL, e.g. https://clerk.cineweave.ai";; \
+	  *) missing="$$missing\n  CLERK_ISSUER: must be an https URL";; \
+	esac; \
+	if [ -n "$$missing" ]; then printf "convex-deploy: nothing done; set:$$missing\n" >&2; exit 2; fi
 
 clean:
 	rm -rf $(VENV) .venv-serve node_modules .data .coverage htmlcov .pytest_cache .ruff_cache

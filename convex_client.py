@@ -458,8 +458,20 @@ class ConvexStore:
     async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
         await self._mutation("saveDownloadUrl", jobId=job_id, url=url, expiresAt=expires_at)
 
+    async def _walk(self, path: str, field: str) -> list[Any]:
+        # An operator view of the whole deployment comes in pages, each within one function's
+        # read limits (`convex/gateway.ts`); the last page's cursor is null.
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = await self._query(path, cursor=cursor)
+            items.extend(page[field])
+            cursor = page["cursor"]
+            if cursor is None:
+                return items
+
     async def ledger_totals(self) -> dict[str, dict[str, int]]:
-        rows = await self._query("ledgerTotals")
+        rows = await self._walk("ledgerTotals", "totals")
         return {row["userId"]: {k: int(v) for k, v in row.items() if k != "userId"} for row in rows}
 
     async def claim_idempotency_key(
@@ -504,7 +516,7 @@ class ConvexStore:
         return None if value is None else _job(value)
 
     async def audit(self) -> list[str]:
-        return list(await self._query("audit"))
+        return [str(problem) for problem in await self._walk("audit", "problems")]
 
     async def ping(self) -> None:
         """Calls `gateway:ping`, which cannot fail by itself: any function error means the
