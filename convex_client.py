@@ -81,7 +81,7 @@ def error_from_response(response: httpx.Response) -> GatewayError:
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -185,15 +185,17 @@ class ConvexStore:
 
     @staticmethod
     def _value(response: httpx.Response) -> Any:
+        unknown = UpstreamError("The store answered in an unknown shape")
         try:
             # Convex numbers are float64; the codec wants them as floats, as Convex's own
             # clients parse them, and refuses Python ints.
             body = json.loads(response.content, parse_int=float)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or body.get("status") != "success":
-            raise UpstreamError("The store answered in an unknown shape")
-        return json_to_convex(body.get("value"))
+            if not isinstance(body, dict) or body.get("status") != "success":
+                raise unknown
+            return json_to_convex(body.get("value"))
+        # RecursionError: nested deeper than the parser or the (recursive) codec can follow.
+        except (ValueError, TypeError, RecursionError):
+            raise unknown from None
 
     async def _query(self, path: str, **args: Any) -> Any:
         return await self._call("query", f"gateway:{path}", args)
@@ -273,6 +275,10 @@ class ConvexStore:
         return None if value is None else _job(value)
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
+        # Convex's cursors are printable text; anything else (control characters, a lone
+        # surrogate httpx cannot encode) was never one, so it need not cost a call.
+        if cursor is not None and not cursor.isprintable():
+            raise InvalidCursor()
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
 

@@ -71,7 +71,13 @@ from models import (
 )
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness, failed_parts
-from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
+from runpod_client import (
+    RUNPOD_ID_PATTERN,
+    RunPodClient,
+    RunPodError,
+    RunPodStatus,
+    build_http_client,
+)
 from store import SQLiteStore, Store
 from telemetry import (
     InstrumentedStorage,
@@ -697,9 +703,52 @@ async def answer_once(
 def _parse_json(body: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    # RecursionError: a body nested deeper than the parser goes (`[[[[...`, 10,000 deep).
+    except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+# RunPod's statuses are upper-case words (IN_QUEUE, COMPLETED): room for new ones, no more.
+_RUNPOD_STATUS = re.compile(r"[A-Za-z_]{1,64}")
+
+
+def webhook_payload(body: bytes, *, signed: bool) -> dict[str, Any]:
+    """The proven webhook's body, refused (400) unless it has the shape RunPod sends.
+
+    Checked before any of it reaches the store or a RunPod URL. A signed body must name
+    RunPod's job (`id`) and its `status`; a tokened one only hints at the id, since RunPod's
+    own `/status` decides, so either may be missing, but never malformed.
+    """
+    payload = _parse_json(body)
+    if payload is None:
+        raise InvalidRequest("The webhook body is not a JSON object")
+    errors = _webhook_field_errors(payload, required=signed)
+    if errors:
+        exc = InvalidRequest("The webhook body is not what RunPod sends")
+        exc.errors = errors  # type: ignore[attr-defined]
+        raise exc
+    return payload
+
+
+def _webhook_field_errors(payload: dict[str, Any], *, required: bool) -> list[dict[str, str]]:
+    runpod_id, status, job_input = payload.get("id"), payload.get("status"), payload.get("input")
+    errors = []
+    if (runpod_id is not None or required) and not _matches(RUNPOD_ID_PATTERN, runpod_id):
+        message = "must be RunPod's job id: 1 to 128 letters, digits, '-' or '_'"
+        errors.append({"field": "id", "message": message})
+    if (status is not None or required) and not _matches(_RUNPOD_STATUS, status):
+        errors.append({"field": "status", "message": "must be a RunPod status, such as COMPLETED"})
+    if job_input is not None and not isinstance(job_input, dict):
+        errors.append({"field": "input", "message": "must be an object"})
+    job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
+    if job_id is not None and not _matches(_JOB_ID, job_id):
+        errors.append({"field": "input.jobId", "message": "must be a job id from this gateway"})
+    return errors
+
+
+def _matches(pattern: re.Pattern[str], value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 async def receive_webhook(request: Request, jobs: JobService) -> Job:
@@ -710,7 +759,7 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         if not signature_is_valid(jobs.webhook_secret, header, body):
             metrics.count_webhook_failure("bad_signature")
             raise InvalidSignature()
-        return await _apply_signed(jobs, body)
+        return await _apply_signed(jobs, webhook_payload(body, signed=True))
     job_id = request.query_params.get("jobId", "")
     token = request.query_params.get("token", "")
     if not (job_id and token):
@@ -720,13 +769,10 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         metrics.count_webhook_failure("bad_token")
         raise InvalidSignature()
     crash_point("during_webhook")
-    return await _apply_tokened(jobs, job_id, _parse_json(body))
+    return await _apply_tokened(jobs, job_id, webhook_payload(body, signed=False))
 
 
-async def _apply_signed(jobs: JobService, body: bytes) -> Job:
-    payload = _parse_json(body)
-    if payload is None:
-        raise InvalidRequest("The webhook body is not a JSON object")
+async def _apply_signed(jobs: JobService, payload: dict[str, Any]) -> Job:
     status = RunPodStatus.from_payload(payload)
     job_input = payload.get("input")
     job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
