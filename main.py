@@ -305,6 +305,8 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 405:
         # RFC 9110: a 405 names the methods the resource does support.
         allow = (exc.headers or {}).get("Allow")
+        if allow and "GET" in allow.split(", "):
+            allow += ", HEAD"  # HeadAsGetMiddleware answers HEAD wherever GET is allowed
         return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))
@@ -444,6 +446,34 @@ async def _send_too_large(send: Send, limit: int) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# --- HEAD -------------------------------------------------------------------------------------
+
+
+class HeadAsGetMiddleware:
+    """HEAD answers as GET would, headers and all, without the body (RFC 9110 §9.3.2).
+
+    FastAPI's routes answer only the methods they name, and naming HEAD on each would list a
+    HEAD operation per route in the OpenAPI schema. Routes that have no GET still refuse it
+    (405, with their `Allow`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                # Content-Length stays as GET's: it says what a GET would send (§8.6).
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 # --- Routes -----------------------------------------------------------------------------------
@@ -977,6 +1007,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
