@@ -105,11 +105,12 @@ async def assert_books_balance(client: httpx.AsyncClient) -> None:
 
 
 async def assert_nothing_charged(
-    client: httpx.AsyncClient, response: httpx.Response, before: int
+    client: httpx.AsyncClient, response: httpx.Response, before: int, cost: Any = None
 ) -> None:
     """A refused request moved no credit; an accepted create cost exactly its price, once."""
     assert_refusal_shape(response)
-    charged = JOB["durationSec"] if response.status_code == 200 and _created(response) else 0
+    cost = JOB["durationSec"] if cost is None else cost
+    charged = cost if response.status_code == 200 and _created(response) else 0
     assert await balance(client) == before - charged
     await assert_books_balance(client)
 
@@ -314,6 +315,8 @@ NASTY_STRINGS = [
     "${jndi:ldap://x}",
     "{{7*7}}",
     "1e400",
+    "²",  # a digit to str.isdigit(), not to int()
+    "9999999999²",
     str(10**30),
     "NaN",
     "é" * 3000,
@@ -397,7 +400,8 @@ class TestGeneratedBodies:
         before = await balance(app)
         headers = {**alice, "content-type": "application/json"}
         response = await app.post("/jobs/create", content=encode(body), headers=headers)
-        await assert_nothing_charged(app, response, before)
+        # 1 credit a second: an accepted body cost its own durationSec.
+        await assert_nothing_charged(app, response, before, cost=body.get("durationSec"))
 
     @HOSTILE
     @given(
@@ -506,6 +510,40 @@ class TestGeneratedHeaders:
             fresh = set()  # k1 again in a later example: the first answer, replayed
         assert await balance(app) == before - JOB["durationSec"] * len(fresh)
         await assert_books_balance(app)
+
+
+class TestGeneratedStorageUrls:
+    """The local stand-in for R2 serves signed URLs on the gateway itself (local mode)."""
+
+    @HOSTILE
+    @given(
+        key=nasty_text,
+        # A far-future expiry half the time, so the signature check itself is reached.
+        expires=st.one_of(query_bytes, st.just(b"99999999999")),
+        sig=query_bytes,
+        method=st.sampled_from(["GET", "PUT"]),
+    )
+    async def test_signed_url(self, app, key, expires, sig, method) -> None:
+        path = quote(key.encode("utf-8", "surrogatepass"), safe="/")
+        url = f"/_local/storage/videos/{path}.mp4?{query(expires=expires, sig=sig)}"
+        response = await app.request(method, url, content=b"mp4" if method == "PUT" else None)
+        assert response.status_code in (403, 404), response.text
+        assert_refusal_shape(response)
+
+
+class TestGeneratedPreflights:
+    @HOSTILE
+    @given(origin=header_bytes, method=header_bytes, headers=header_bytes)
+    async def test_preflight(self, app, origin, method, headers) -> None:
+        response = await app.options(
+            "/jobs/create",
+            headers=[
+                (b"origin", origin),
+                (b"access-control-request-method", method),
+                (b"access-control-request-headers", headers),
+            ],
+        )
+        assert_refusal_shape(response)
 
 
 class TestGeneratedQueries:
