@@ -68,6 +68,35 @@ class TestWire:
         with pytest.raises(UpstreamError):
             await store.ping()
 
+    @respx.mock
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"[" * 10_000 + b"]" * 10_000,  # deeper than json.loads goes: a RecursionError
+            b'{"status":"success","value":' + b"[" * 900 + b"]" * 900 + b"}",  # and the codec
+        ],
+    )
+    async def test_deeply_nested_answer_is_502(self, store: ConvexStore, content: bytes) -> None:
+        respx.post(f"{URL}/api/query").respond(200, content=content)
+        with pytest.raises(UpstreamError):
+            await store.ping()
+
+    @respx.mock
+    async def test_deeply_nested_error_is_still_an_error(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/mutation").respond(401, content=b"[" * 10_000)
+        with pytest.raises(UpstreamError, match="HTTP 401"):
+            await store.grant_credits("user_a", 1, "test")
+
+    @respx.mock
+    @pytest.mark.parametrize("cursor", ["\ud800", "a\nb", "\x00"])
+    async def test_an_unprintable_cursor_costs_no_call(
+        self, store: ConvexStore, cursor: str
+    ) -> None:
+        route = respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_a", 10, cursor)
+        assert not route.called
+
 
 class TestGetOrCreateUser:
     """Reads first, like SQLiteStore: only a user's first call costs a mutation."""
