@@ -472,8 +472,19 @@ class TestGeneratedHeaders:
 
     @HOSTILE
     @given(
+        # Every other header the gateway or its telemetry reads.
         name=st.sampled_from(
-            [b"idempotency-key", b"x-request-id", b"origin", b"content-type", b"cookie"]
+            [
+                b"idempotency-key",
+                b"x-request-id",
+                b"origin",
+                b"content-type",
+                b"cookie",
+                b"user-agent",
+                b"x-cloud-trace-context",
+                b"traceparent",
+                b"accept",
+            ]
         ),
         value=header_bytes,
     )
@@ -544,6 +555,24 @@ class TestGeneratedPreflights:
             ],
         )
         assert_refusal_shape(response)
+
+
+class TestGeneratedCancels:
+    @HOSTILE
+    @given(key=st.one_of(header_bytes, st.sampled_from([b"c1", b"c2"])))
+    async def test_idempotency_key(self, app, alice, key) -> None:
+        job_id = await a_job(app, alice)
+        before = await balance(app)
+        headers = [(k.encode(), v.encode()) for k, v in alice.items()]
+        headers.append((b"idempotency-key", key))
+        first = await app.post(f"/jobs/{job_id}/cancel", headers=headers)
+        again = await app.post(f"/jobs/{job_id}/cancel", headers=headers)
+        for response in (first, again):
+            assert_refusal_shape(response)
+        # A key reused from an earlier example on another job is a 409, and refunds nothing.
+        refunded = JOB["durationSec"] if first.status_code == 200 else 0
+        assert await balance(app) == before + refunded  # refunded once, whatever the retries
+        await assert_books_balance(app)
 
 
 class TestGeneratedQueries:
