@@ -55,6 +55,7 @@ from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_
 from local_storage import LocalStorage, storage_router
 from models import (
     CREATE_JOB_EXAMPLES,
+    JOB_ID_PATTERN,
     WEBHOOK_ANSWER_EXAMPLE,
     WEBHOOK_EXAMPLES,
     CreateJobRequest,
@@ -96,7 +97,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
 # A worker's upload to the local storage stand-in: a 10 s 320x180 clip is well under 5 MiB.
 MAX_LOCAL_UPLOAD_BYTES = 512 * 1024 * 1024
-_JOB_ID = re.compile(r"^job_[A-Za-z0-9_\-]{12,64}$")
+_JOB_ID = JOB_ID_PATTERN  # what `new_job_id` makes: one definition, in models.py
 # Clerk user ids are `user_<base62>`; the id becomes part of an object key, so allow no more.
 _USER_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
