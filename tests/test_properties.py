@@ -458,6 +458,23 @@ class TestGeneratedWebhooks:
         assert await balance(app) >= before
         await assert_books_balance(app)
 
+    @HOSTILE
+    @given(runpod_id=st.one_of(json_values, st.sampled_from(["rp-2", "../../v2/x", "a?b", "%2e"])))
+    async def test_tokened_before_the_runpod_id_is_known(self, app, alice, runpod_id) -> None:
+        """The one case where the body's id reaches a RunPod URL: it must be checked first."""
+        with respx.mock(assert_all_called=False) as lost:
+            lost.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("lost"))
+            status = lost.get(url__regex=rf"{re.escape(RUNPOD_URL)}/status/.*")
+            status.mock(side_effect=_status_answer)
+            job_id = (await app.post("/jobs/create", json=JOB, headers=alice)).json()["jobId"]
+            before = await balance(app)
+            response = await app.post(tokened_url(job_id), content=encode({"id": runpod_id}))
+        assert_refusal_shape(response)
+        for call in status.calls:
+            assert call.request.url.path.rsplit("/", 1)[-1] == runpod_id  # only a clean id
+        assert await balance(app) >= before
+        await assert_books_balance(app)
+
 
 class TestGeneratedHeaders:
     @HOSTILE
