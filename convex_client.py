@@ -276,8 +276,9 @@ class ConvexStore:
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         # Convex's cursors are printable text; anything else (control characters, a lone
-        # surrogate httpx cannot encode) was never one, so it need not cost a call.
-        if cursor is not None and not cursor.isprintable():
+        # surrogate httpx cannot encode) was never one, so it need not cost a call. Convex
+        # would read "" as the first page; SQLite refuses it, and so does this.
+        if cursor is not None and (not cursor or not cursor.isprintable()):
             raise InvalidCursor()
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])

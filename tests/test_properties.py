@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from jobs import sign_body, webhook_token
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from tests.stores import CONVEX_TEST_KEY, reset_convex
 
 JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 1, "seed": 42}
 START_CREDITS = 10_000
@@ -58,6 +59,7 @@ def runpod() -> Any:
         mock.post(url__regex=rf"{re.escape(RUNPOD_URL)}/cancel/.*").respond(
             200, json={"id": "rp-1", "status": "CANCELLED"}
         )
+        mock.route(host="127.0.0.1").pass_through()  # the Convex test server is real
         yield mock
 
 
@@ -66,6 +68,19 @@ async def app(settings_factory, runpod) -> AsyncIterator[httpx.AsyncClient]:
     # Room for every generated create: the limits are not what these tests probe.
     settings_ = settings_factory(
         max_concurrent_jobs=1000, cors_allow_origins=["https://app.example.com"]
+    )
+    async with serve(settings_) as client:
+        store = client.app_state["store"]  # type: ignore[attr-defined]
+        await store.grant_credits("user_alice", START_CREDITS - 100, "hostile-input tests")
+        yield client
+
+
+@pytest.fixture
+async def convex_app(settings_factory, runpod, convex_server) -> AsyncIterator[httpx.AsyncClient]:
+    """The same app on the real Convex functions (convex-test), for what reaches the store."""
+    reset_convex(convex_server)
+    settings_ = settings_factory(
+        max_concurrent_jobs=1000, convex_url=convex_server, convex_deploy_key=CONVEX_TEST_KEY
     )
     async with serve(settings_) as client:
         store = client.app_state["store"]  # type: ignore[attr-defined]
@@ -631,3 +646,32 @@ class TestGeneratedQueries:
         assert response.status_code in (307, 400, 404, 405), response.text
         if method != "HEAD":
             await assert_nothing_charged(app, response, before)
+
+
+# Fewer examples: each one is several Convex calls over HTTP.
+ON_CONVEX = settings(HOSTILE, max_examples=15)
+
+
+class TestOnConvex:
+    """What reaches the store, on the production store's real functions too."""
+
+    @ON_CONVEX
+    @given(cursor=query_bytes)
+    async def test_cursor(self, convex_app, alice, cursor) -> None:
+        response = await convex_app.get(f"/jobs?{query(cursor=cursor)}", headers=alice)
+        assert_refusal_shape(response)
+        # 200 only for bytes that happen to be a convex-test cursor (its cursors are JSON text).
+        assert response.status_code in (200, 400), response.text
+
+    async def test_huge_integer_cursor(self, convex_app, alice) -> None:
+        cursor = b64(json.dumps([10**30, "job_x"]).encode())
+        response = await convex_app.get("/jobs", params={"cursor": cursor}, headers=alice)
+        assert response.status_code == 400 and response.json()["code"] == "INVALID_CURSOR"
+
+    @ON_CONVEX
+    @given(body=create_bodies)
+    async def test_create_json(self, convex_app, alice, body) -> None:
+        before = await balance(convex_app)
+        headers = {**alice, "content-type": "application/json"}
+        response = await convex_app.post("/jobs/create", content=encode(body), headers=headers)
+        await assert_nothing_charged(convex_app, response, before, cost=body.get("durationSec"))
