@@ -363,7 +363,7 @@ deep_json = st.integers(min_value=500, max_value=DEEP).flatmap(
 
 
 def encode(value: Any) -> bytes:
-    # allow_nan: JSON has no NaN, but Python's parser takes it, and clients send it.
+    # Infinity included: JSON has none, but Python writes and reads it, and so may a client.
     return json.dumps(value).encode()
 
 
@@ -381,8 +381,8 @@ create_bodies = st.fixed_dictionaries(
 )
 # Header values as the server hands them over: any byte but CR and LF (the framing).
 header_bytes = st.one_of(
-    st.binary(max_size=300).filter(lambda b: b"\r" not in b and b"\n" not in b),
-    st.sampled_from([s.encode("utf-8", "surrogatepass") for s in NASTY_STRINGS if s != "\n"]),
+    st.binary(max_size=300),
+    st.sampled_from([s.encode("utf-8", "surrogatepass") for s in NASTY_STRINGS]),
 ).filter(lambda b: b"\r" not in b and b"\n" not in b)
 
 
