@@ -138,7 +138,16 @@ def error_message(error: object) -> str | None:
     if isinstance(error, dict):
         message = error.get("error_message") or error.get("message") or error.get("error_type")
         error = message if isinstance(message, str) and message else "The worker failed"
-    return _without_lone_surrogates(str(error)[:MAX_ERROR_MESSAGE_CHARS])
+    text = _scalar_text(error, "The worker failed")
+    return _without_lone_surrogates(text[:MAX_ERROR_MESSAGE_CHARS])
+
+
+def _scalar_text(value: object, otherwise: str) -> str:
+    """`value` as text when it is text or a number; a list or an object is not a message, and
+    one nested deep enough (a parsed `[[[[...`) could not even be printed: RecursionError."""
+    if isinstance(value, str | int | float):
+        return str(value)
+    return otherwise
 
 
 # A lone UTF-16 surrogate (JSON's "\ud800") is not Unicode text: UTF-8, and so the store, cannot
@@ -317,7 +326,7 @@ def _short_reason(response: httpx.Response) -> str:
         body = response.text
     if isinstance(body, dict):
         body = body.get("error") or body.get("message") or body.get("detail") or ""
-    text = _without_lone_surrogates(" ".join(str(body).split()))
+    text = _without_lone_surrogates(" ".join(_scalar_text(body, "").split()))
     api_key = _api_key_of(response)
     if api_key:
         text = text.replace(api_key, "[redacted]")

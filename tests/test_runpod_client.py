@@ -482,3 +482,15 @@ class TestHostileAnswers:
         parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
         assert parsed.error == "CUDA \ufffd out of memory"
         assert parsed.error.encode("utf-8")  # what the store must be able to do with it
+
+    @pytest.mark.parametrize("error", [[1, 2], {"nested": [[]]}, [[[]]] * 3])
+    def test_an_error_that_is_not_text_is_not_printed(self, error: object) -> None:
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == "The worker failed"
+
+    def test_an_error_nested_past_the_repr_limit(self) -> None:
+        error: list = []
+        for _ in range(5000):  # deeper than str() can go: a RecursionError before
+            error = [error]
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == "The worker failed"
