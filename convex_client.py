@@ -69,9 +69,11 @@ def error_from_response(response: httpx.Response) -> GatewayError:
     body = _json(response)
     if response.status_code == FUNCTION_ERROR_STATUS:
         data = body.get("errorData")
-        if isinstance(data, dict) and data.get("code") in _BUSINESS_ERRORS:
+        code = data.get("code") if isinstance(data, dict) else None
+        # isinstance first: a list is unhashable, and `in` a dict would raise TypeError.
+        if isinstance(code, str) and code in _BUSINESS_ERRORS:
             message = data.get("message")
-            return _BUSINESS_ERRORS[data["code"]](message if isinstance(message, str) else None)
+            return _BUSINESS_ERRORS[code](message if isinstance(message, str) else None)
         return UpstreamError("The store rejected the call")
     if response.status_code >= 500 or response.status_code == 429:
         return UpstreamUnavailable("The store is unavailable")

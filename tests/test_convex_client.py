@@ -182,6 +182,12 @@ class TestErrorMapping:
         assert isinstance(mapped, error) and mapped.status_code == status
         assert mapped.detail == "why"
 
+    @pytest.mark.parametrize("code", [["INSUFFICIENT_CREDITS"], {"a": 1}, 7, None])
+    def test_a_code_that_is_not_text_is_an_upstream_error(self, code: object) -> None:
+        body = {"status": "error", "errorMessage": "x", "errorData": {"code": code}}
+        mapped = error_from_response(httpx.Response(560, json=body))
+        assert type(mapped) is UpstreamError and mapped.status_code == 502
+
     def test_too_many_active_jobs_keeps_retry_after(self) -> None:
         mapped = error_from_response(function_error("TOO_MANY_ACTIVE_JOBS"))
         assert "Retry-After" in mapped.headers
