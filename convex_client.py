@@ -227,7 +227,7 @@ def _may_retry(kind: str, error: GatewayError) -> bool:
 def _decode(value: Any) -> Any:
     try:
         return json_to_convex(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return value
 
 
@@ -247,7 +247,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
         # Convex numbers are float64; the codec wants them as floats, as Convex's own clients
         # parse them, and refuses Python ints.
         body = json.loads(response.content, parse_int=float)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -366,7 +366,12 @@ class ConvexStore:
     def _outcome(path: str, response: httpx.Response) -> Any:
         body = _json(response)
         if response.status_code == 200 and body.get("status") == "success" and "value" in body:
-            return json_to_convex(body["value"])
+            try:
+                return json_to_convex(body["value"])
+            # RecursionError: nested deeper than the (recursive) codec can follow.
+            except (ValueError, TypeError, RecursionError):
+                log.error("Convex answered %s with a value the codec cannot read", path)
+                raise UpstreamError("The store answered in an unknown shape") from None
         raise error_from_response(response, path)
 
     def _remember(self, path: str, error: GatewayError) -> None:
@@ -452,6 +457,11 @@ class ConvexStore:
         return None if value is None else _job(value)
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
+        # Convex's cursors are printable text; anything else (control characters, a lone
+        # surrogate httpx cannot encode) was never one, so it need not cost a call. Convex
+        # would read "" as the first page; SQLite refuses it, and so does this.
+        if cursor is not None and (not cursor or not cursor.isprintable()):
+            raise InvalidCursor()
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
 

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import random
+import re
 import secrets
 import signal
 import time
@@ -86,7 +87,9 @@ def webhook_token(secret: str, job_id: str) -> str:
 
 
 def token_is_valid(secret: str, job_id: str, token: str) -> bool:
-    return hmac.compare_digest(webhook_token(secret, job_id), token)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
+    expected = webhook_token(secret, job_id).encode()
+    return hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape"))
 
 
 def sign_body(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -105,19 +108,24 @@ def signature_is_valid(secret: str, header: str, body: bytes, now: float | None 
         return False
     expected = sign_body(secret, body, timestamp).split("v1=", 1)[1]
     # Check every candidate, so timing never reveals which one matched.
-    matches = [hmac.compare_digest(expected, candidate) for candidate in candidates]
+    matches = [hmac.compare_digest(expected.encode(), candidate) for candidate in candidates]
     return any(matches)
 
 
-def _parse_signature_header(header: str) -> tuple[int | None, list[str]]:
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+def _parse_signature_header(header: str) -> tuple[int | None, list[bytes]]:
     timestamp: int | None = None
-    candidates: list[str] = []
+    candidates: list[bytes] = []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit() and len(value) <= 12:
+        if name == "t" and _TIMESTAMP.fullmatch(value):
             timestamp = int(value)
         elif name == "v1" and value:
-            candidates.append(value)
+            # Bytes, so a non-ASCII guess is just wrong, never a TypeError in compare_digest.
+            candidates.append(value.encode("utf-8", "surrogateescape"))
     return timestamp, candidates
 
 

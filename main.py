@@ -55,6 +55,7 @@ from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_
 from local_storage import LocalStorage, storage_router
 from models import (
     CREATE_JOB_EXAMPLES,
+    JOB_ID_PATTERN,
     WEBHOOK_ANSWER_EXAMPLE,
     WEBHOOK_EXAMPLES,
     CreateJobRequest,
@@ -71,7 +72,13 @@ from models import (
 )
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness, failed_parts
-from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
+from runpod_client import (
+    RUNPOD_ID_PATTERN,
+    RunPodClient,
+    RunPodError,
+    RunPodStatus,
+    build_http_client,
+)
 from store import SQLiteStore, Store
 from telemetry import (
     InstrumentedStorage,
@@ -90,7 +97,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
 # A worker's upload to the local storage stand-in: a 10 s 320x180 clip is well under 5 MiB.
 MAX_LOCAL_UPLOAD_BYTES = 512 * 1024 * 1024
-_JOB_ID = re.compile(r"^job_[A-Za-z0-9_\-]{12,64}$")
+_JOB_ID = JOB_ID_PATTERN  # what `new_job_id` makes: one definition, in models.py
 # Clerk user ids are `user_<base62>`; the id becomes part of an object key, so allow no more.
 _USER_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
@@ -299,6 +306,8 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 405:
         # RFC 9110: a 405 names the methods the resource does support.
         allow = (exc.headers or {}).get("Allow")
+        if allow and "GET" in allow.split(", "):
+            allow += ", HEAD"  # HeadAsGetMiddleware answers HEAD wherever GET is allowed
         return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))
@@ -438,6 +447,34 @@ async def _send_too_large(send: Send, limit: int) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# --- HEAD -------------------------------------------------------------------------------------
+
+
+class HeadAsGetMiddleware:
+    """HEAD answers as GET would, headers and all, without the body (RFC 9110 §9.3.2).
+
+    FastAPI's routes answer only the methods they name, and naming HEAD on each would list a
+    HEAD operation per route in the OpenAPI schema. Routes that have no GET still refuse it
+    (405, with their `Allow`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                # Content-Length stays as GET's: it says what a GET would send (§8.6).
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 # --- Routes -----------------------------------------------------------------------------------
@@ -697,9 +734,52 @@ async def answer_once(
 def _parse_json(body: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    # RecursionError: a body nested deeper than the parser goes (`[[[[...`, 10,000 deep).
+    except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+# RunPod's statuses are upper-case words (IN_QUEUE, COMPLETED): room for new ones, no more.
+_RUNPOD_STATUS = re.compile(r"[A-Za-z_]{1,64}")
+
+
+def webhook_payload(body: bytes, *, signed: bool) -> dict[str, Any]:
+    """The proven webhook's body, refused (400) unless it has the shape RunPod sends.
+
+    Checked before any of it reaches the store or a RunPod URL. A signed body must name
+    RunPod's job (`id`) and its `status`; a tokened one only hints at the id, since RunPod's
+    own `/status` decides, so either may be missing, but never malformed.
+    """
+    payload = _parse_json(body)
+    if payload is None:
+        raise InvalidRequest("The webhook body is not a JSON object")
+    errors = _webhook_field_errors(payload, required=signed)
+    if errors:
+        exc = InvalidRequest("The webhook body is not what RunPod sends")
+        exc.errors = errors  # type: ignore[attr-defined]
+        raise exc
+    return payload
+
+
+def _webhook_field_errors(payload: dict[str, Any], *, required: bool) -> list[dict[str, str]]:
+    runpod_id, status, job_input = payload.get("id"), payload.get("status"), payload.get("input")
+    errors = []
+    if (runpod_id is not None or required) and not _matches(RUNPOD_ID_PATTERN, runpod_id):
+        message = "must be RunPod's job id: 1 to 128 letters, digits, '-' or '_'"
+        errors.append({"field": "id", "message": message})
+    if (status is not None or required) and not _matches(_RUNPOD_STATUS, status):
+        errors.append({"field": "status", "message": "must be a RunPod status, such as COMPLETED"})
+    if job_input is not None and not isinstance(job_input, dict):
+        errors.append({"field": "input", "message": "must be an object"})
+    job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
+    if job_id is not None and not _matches(_JOB_ID, job_id):
+        errors.append({"field": "input.jobId", "message": "must be a job id from this gateway"})
+    return errors
+
+
+def _matches(pattern: re.Pattern[str], value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 async def receive_webhook(request: Request, jobs: JobService) -> Job:
@@ -710,7 +790,7 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         if not signature_is_valid(jobs.webhook_secret, header, body):
             metrics.count_webhook_failure("bad_signature")
             raise InvalidSignature()
-        return await _apply_signed(jobs, body)
+        return await _apply_signed(jobs, webhook_payload(body, signed=True))
     job_id = request.query_params.get("jobId", "")
     token = request.query_params.get("token", "")
     if not (job_id and token):
@@ -720,13 +800,10 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         metrics.count_webhook_failure("bad_token")
         raise InvalidSignature()
     crash_point("during_webhook")
-    return await _apply_tokened(jobs, job_id, _parse_json(body))
+    return await _apply_tokened(jobs, job_id, webhook_payload(body, signed=False))
 
 
-async def _apply_signed(jobs: JobService, body: bytes) -> Job:
-    payload = _parse_json(body)
-    if payload is None:
-        raise InvalidRequest("The webhook body is not a JSON object")
+async def _apply_signed(jobs: JobService, payload: dict[str, Any]) -> Job:
     status = RunPodStatus.from_payload(payload)
     job_input = payload.get("input")
     job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
@@ -931,6 +1008,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.

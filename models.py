@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import secrets
 import socket
 import unicodedata
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from fastapi.openapi.models import Example
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_URL_CHARS = 2048
@@ -71,6 +73,10 @@ def iso_from_ms(ms: int | None) -> str | None:
         return None
     moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# What `new_job_id` makes, with room to spare: anything else names no job of ours.
+JOB_ID_PATTERN = re.compile(r"job_[A-Za-z0-9_\-]{12,64}")
 
 
 def new_job_id() -> str:
@@ -167,6 +173,45 @@ class JobPage:
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# JSON's "\ud800" escape decodes to a lone UTF-16 surrogate: a Python str, but not Unicode text.
+# UTF-8 cannot encode it, so SQLite, httpx (Convex, RunPod) and the log writer would all fail.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def holds_lone_surrogate(value: object) -> bool:
+    """Whether any string in `value` (a JSON value: keys too) holds a lone surrogate.
+
+    A loop, not recursion: a body may nest as deep as the JSON parser allows.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
+
+
+class RequestModel(ApiModel):
+    """A body a client sends: every field, of every subclass, is checked before its own rules."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, value: Any) -> Any:
+        if holds_lone_surrogate(value):
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "must be valid Unicode text: it holds a lone surrogate (an escape from "
+                "\\ud800 to \\udfff without its pair)",
+            )
+        return value
 
 
 def _check_prompt(value: str) -> str:
@@ -299,7 +344,7 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
 WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
 
 
-class CreateJobRequest(ApiModel):
+class CreateJobRequest(RequestModel):
     prompt: StrictStr = Field(description="What to render, 1-2000 characters after trimming.")
     image_url: StrictStr | None = Field(
         default=None, alias="imageUrl", description="Optional https URL of a start image."

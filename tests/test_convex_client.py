@@ -27,8 +27,9 @@ from convex_client import (
     ConvexFunctionsOutOfDate,
     ConvexKeyRefused,
     ConvexStore,
+    error_from_response,
 )
-from errors import GatewayError, StoreUnavailable, UpstreamError
+from errors import GatewayError, InvalidCursor, StoreUnavailable, UpstreamError
 from tests import convex_fixtures as shapes
 from tests.conftest import RUNPOD_URL, serve
 from tests.convex_fixtures import Answer
@@ -359,6 +360,35 @@ class TestOtherRefusals:
         assert_gateway_error(raised.value, 502, "UPSTREAM_ERROR")
         assert route.call_count == 1
 
+    @respx.mock
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"[" * 10_000 + b"]" * 10_000,  # deeper than json.loads goes: a RecursionError
+            b'{"status":"success","value":' + b"[" * 900 + b"]" * 900 + b"}",  # and the codec
+        ],
+    )
+    async def test_deeply_nested_answer_is_502(self, store: ConvexStore, content: bytes) -> None:
+        respx.post(f"{URL}/api/query").respond(200, content=content)
+        with pytest.raises(UpstreamError):
+            await store.ping()
+
+    @respx.mock
+    async def test_deeply_nested_error_is_still_an_error(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/mutation").respond(401, content=b"[" * 10_000)
+        with pytest.raises(UpstreamError, match="HTTP 401"):
+            await store.grant_credits("user_a", 1, "test")
+
+    @respx.mock
+    @pytest.mark.parametrize("cursor", ["\ud800", "a\nb", "\x00"])
+    async def test_an_unprintable_cursor_costs_no_call(
+        self, store: ConvexStore, cursor: str
+    ) -> None:
+        route = respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_a", 10, cursor)
+        assert not route.called
+
 
 class TestGetOrCreateUser:
     """Reads first, like SQLiteStore: only a user's first call costs a mutation."""
@@ -419,6 +449,24 @@ class TestGetOrCreateUser:
         with pytest.raises(StoreUnavailable):
             await store.get_or_create_user("user_a")
         assert mutation.call_count == 1
+
+
+class TestErrorDataShapes:
+    @pytest.mark.parametrize("code", [["INSUFFICIENT_CREDITS"], {"a": 1}, 7, None])
+    def test_a_code_that_is_not_text_is_an_upstream_error(self, code: object) -> None:
+        """A list is unhashable: looking it up among the codes must not raise TypeError."""
+        body = {"status": "error", "errorMessage": "x", "errorData": {"code": code}}
+        mapped = error_from_response(httpx.Response(200, json=body))
+        assert isinstance(mapped, UpstreamError) and mapped.status_code == 502
+
+    @respx.mock
+    async def test_a_value_nested_too_deep_is_502(self, store: ConvexStore) -> None:
+        deep = "[" * 100_000 + "]" * 100_000
+        body = '{"status": "success", "value": ' + deep + "}"
+        respx.post(f"{URL}/api/query").respond(200, content=body.encode())
+        with pytest.raises(UpstreamError) as raised:
+            await store.find_job(JOB_ID)
+        assert_gateway_error(raised.value, 502, "UPSTREAM_ERROR")
 
 
 class TestRetries:

@@ -658,6 +658,45 @@ class TestErrors:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
 
 
+class TestHead:
+    """HEAD answers as GET does, without a body (RFC 9110 §9.3.2); it used to be a 405."""
+
+    async def assert_head_is_get(self, client, path: str, headers=None) -> None:
+        got = await client.get(path, headers=headers)
+        head = await client.head(path, headers=headers)
+        assert head.status_code == got.status_code and head.content == b""
+        for name in ("content-type", "content-length", "www-authenticate", "cache-control"):
+            assert head.headers.get(name) == got.headers.get(name), name
+
+    async def test_user_routes(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        for path in ("/credits", "/jobs", f"/jobs/{job_id}", "/jobs/job_doesnotexist00"):
+            await self.assert_head_is_get(client, path, alice)
+        await self.assert_head_is_get(client, "/credits")  # 401 without a session
+
+    async def test_public_routes(self, client) -> None:
+        for path in ("/healthz", "/openapi.json", "/docs", "/redoc", "/nope"):
+            await self.assert_head_is_get(client, path)
+        # /metrics changes with every request it counts, so only its status and type compare.
+        head = await client.head("/metrics")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-type"].startswith("text/plain")
+
+    async def test_a_route_without_get_still_refuses_head(self, client) -> None:
+        response = await client.head("/webhooks/runpod")
+        assert response.status_code == 405 and response.headers["allow"] == "POST"
+        assert response.content == b""
+
+    async def test_allow_names_head_beside_get(self, client) -> None:
+        response = await client.delete("/credits")
+        assert_error(response, 405, "METHOD_NOT_ALLOWED")
+        assert response.headers["allow"] == "GET, HEAD"
+
+    async def test_schema_lists_no_head_operations(self, client) -> None:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert not [path for path, operations in paths.items() if "head" in operations]
+
+
 class TestConcurrency:
     async def test_fifty_parallel_creates(self, client, runpod, alice) -> None:
         start = await credits_of(client, alice)
