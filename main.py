@@ -742,13 +742,11 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     job = await jobs.store.find_job(job_id)
     if job is None:
         raise NotFound("Job not found")
-    if job.status.is_terminal:
-        return job  # A repeat: nothing to learn, and no need to ask RunPod again.
-    # The body is untrusted; it only tells us RunPod's id when we never managed to record it.
-    runpod_id = job.runpod_id or (payload or {}).get("id")
+    # The body is untrusted: it names a RunPod job, which RunPod's own answer must confirm.
+    runpod_id = (payload or {}).get("id")
     if not isinstance(runpod_id, str) or not runpod_id:
         raise InvalidRequest("The webhook names no RunPod job")
-    return await jobs.refresh_from_runpod(job, runpod_id)
+    return await jobs.apply_tokened_webhook(job, runpod_id)
 
 
 # --- API docs ---------------------------------------------------------------------------------

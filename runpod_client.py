@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
@@ -96,6 +96,9 @@ class RunPodStatus:
     output: Any
     error: str | None
     input: dict[str, Any] | None
+    # `error` as RunPod sent it, before `error_message` made it readable: the worker contract
+    # puts the echoed `jobId` there (jobs.py reads it as proof).
+    raw_error: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -115,6 +118,7 @@ class RunPodStatus:
             output=payload.get("output"),
             error=error_message(payload.get("error")),
             input=job_input if isinstance(job_input, dict) else None,
+            raw_error=payload.get("error"),
         )
 
 
@@ -125,7 +129,7 @@ def error_message(error: object) -> str | None:
     if isinstance(error, str):
         try:
             decoded = json.loads(error)
-        except ValueError:
+        except (ValueError, RecursionError):  # a string nested too deep is still just text
             decoded = None
         # A handler that raised is reported as a JSON string; one that returned {"error": ...}
         # as plain text.
