@@ -7,6 +7,7 @@ import ipaddress
 import secrets
 import socket
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -14,7 +15,15 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi.openapi.models import Example
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    create_model,
+    field_validator,
+)
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_URL_CHARS = 2048
@@ -333,6 +342,31 @@ class CreateJobRequest(ApiModel):
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_image_url(value)
+
+
+def create_job_request_model(
+    min_duration: int, max_duration: int, allowed_hosts: Sequence[str]
+) -> type[CreateJobRequest]:
+    """`CreateJobRequest` plus the configured limits, checked in the same validation pass."""
+
+    def duration_in_limits(cls: type, value: int) -> int:
+        if not min_duration <= value <= max_duration:
+            raise ValueError(f"must be from {min_duration} to {max_duration}")
+        return value
+
+    def host_allowed(cls: type, value: str | None) -> str | None:
+        if value and allowed_hosts and image_url_host(value) not in allowed_hosts:
+            raise ValueError("must name an allowed host")
+        return value
+
+    return create_model(
+        "CreateJobRequest",  # the name the schema and the docs show
+        __base__=CreateJobRequest,
+        __validators__={
+            "duration_in_limits": field_validator("duration_sec")(duration_in_limits),
+            "host_allowed": field_validator("image_url")(host_allowed),
+        },
+    )
 
 
 class CreateJobResponse(ApiModel):

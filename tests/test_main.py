@@ -53,6 +53,18 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return body
 
 
+# Pydantic's own phrasing, which means little to a person using the API.
+LIBRARY_WORDING = re.compile(r"Value error|Input should|JSON decode error|^\d+$")
+
+
+def assert_written_for_people(body: dict[str, Any]) -> None:
+    """Each message names its field and reads as a sentence, not as pydantic's output."""
+    for error in body["errors"]:
+        assert error["message"].startswith(error["field"]), error
+        assert not LIBRARY_WORDING.search(error["message"]), error
+        assert error["message"] in body["detail"]
+
+
 class TestCreateJob:
     async def test_success_charges_and_submits(self, client, runpod, alice) -> None:
         response = await create(client, alice)
@@ -120,20 +132,67 @@ class TestCreateJob:
     )
     async def test_invalid_body_is_400(self, client, runpod, alice, changes) -> None:
         body = assert_error(await create(client, alice, **changes), 400, "INVALID_REQUEST")
-        assert body["errors"] and {"field", "message"} <= set(body["errors"][0])
+        assert [error["field"] for error in body["errors"]] == list(changes)
+        assert_written_for_people(body)
         assert not runpod.routes[0].called
         assert await credits_of(client, alice) == 100
 
     async def test_missing_field_names_it(self, client, runpod, alice) -> None:
         response = await client.post("/jobs/create", json={"prompt": "x"}, headers=alice)
         body = assert_error(response, 400, "INVALID_REQUEST")
-        assert [e["field"] for e in body["errors"]] == ["durationSec"]
+        assert body["errors"] == [{"field": "durationSec", "message": "durationSec is required"}]
 
-    @pytest.mark.parametrize("raw", [b"{not json", b"[]", b"null", b'"text"'])
-    async def test_malformed_json_is_400(self, client, runpod, alice, raw) -> None:
+    async def test_every_bad_field_is_named_in_one_answer(self, client, runpod, alice) -> None:
+        """The configured limits are checked in the same pass as the model's own rules."""
+        bad = {"prompt": "", "durationSec": 11, "seed": -1, "imageUrl": "http://a.example/x"}
+        body = assert_error(await create(client, alice, **bad), 400, "INVALID_REQUEST")
+        assert body["errors"] == [
+            {"field": "prompt", "message": "prompt must not be empty"},
+            {"field": "imageUrl", "message": "imageUrl must be an https URL"},
+            {"field": "durationSec", "message": "durationSec must be from 1 to 10"},
+            {"field": "seed", "message": "seed must be at least 0"},
+        ]
+        assert body["detail"] == "Invalid request: " + "; ".join(
+            error["message"] for error in body["errors"]
+        )
+        assert not runpod.routes[0].called and await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("raw", "message"),
+        [
+            (
+                b'{"prompt": "x",\n  "durationSec": 5,}',
+                "body is not valid JSON (line 2, column 20): "
+                "expecting property name enclosed in double quotes",
+            ),
+            (b"{not json", None),
+            (b'{"prompt": "\xff"}', "body must be JSON in UTF-8"),
+            (b"[]", "body must be a JSON object"),
+            (b"null", "body must be a JSON object"),
+            (b'"text"', "body must be a JSON object"),
+        ],
+    )
+    async def test_malformed_json_is_400(self, client, runpod, alice, raw, message) -> None:
         headers = {**alice, "content-type": "application/json"}
         response = await client.post("/jobs/create", content=raw, headers=headers)
-        assert_error(response, 400, "INVALID_REQUEST")
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        [error] = body["errors"]
+        assert error["field"] == "body"
+        assert message is None or error["message"] == message
+        assert_written_for_people(body)
+        assert await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("path", "message"),
+        [
+            ("/jobs?limit=0", "limit must be at least 1"),
+            ("/jobs?limit=x", "limit must be a whole number"),
+            ("/jobs?cursor=" + "a" * 513, "cursor must be at most 512 characters"),
+        ],
+    )
+    async def test_query_errors_are_for_people(self, client, alice, path, message) -> None:
+        body = assert_error(await client.get(path, headers=alice), 400, "INVALID_REQUEST")
+        assert [error["message"] for error in body["errors"]] == [message]
 
     @pytest.mark.parametrize(
         "url",
@@ -177,7 +236,9 @@ class TestCreateJob:
             ok = await create(client, alice, imageUrl="https://CDN.cineweave.ai/a.png")
             assert ok.status_code == 200
             refused = await create(client, alice, imageUrl="https://evil.example.com/a.png")
-            assert_error(refused, 400, "INVALID_REQUEST")
+            body = assert_error(refused, 400, "INVALID_REQUEST")
+            message = "imageUrl must name an allowed host"
+            assert body["errors"] == [{"field": "imageUrl", "message": message}]
 
     async def test_insufficient_credits_is_402(self, settings_factory, runpod, alice) -> None:
         async with serve(settings_factory(signup_credits=4)) as client:
@@ -846,7 +907,9 @@ class TestIdempotencyKey:
     async def test_malformed_key_is_400(self, client, runpod, alice, key) -> None:
         headers = {**alice, "Idempotency-Key": key.encode("utf-8")}
         response = await client.post("/jobs/create", json=JOB, headers=headers)
-        assert_error(response, 400, "INVALID_REQUEST")
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        assert body["errors"] == [{"field": "Idempotency-Key", "message": message}]
         assert not runpod.routes[0].called
 
     async def test_refusal_before_charging_frees_the_key(self, settings_factory, runpod, alice):
