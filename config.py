@@ -10,10 +10,10 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values `.env.example` ships with; a production deploy that still has one is misconfigured.
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         if self.gateway_env is Environment.PRODUCTION:
             problems = production_problems(self)
             if problems:
-                raise ValueError("production configuration is incomplete: " + "; ".join(problems))
+                raise IncompleteProductionConfig(problems)
         return self
 
     @property
@@ -192,6 +192,14 @@ class Settings(BaseSettings):
         if self.r2_account_id:
             return f"https://{self.r2_account_id}.r2.cloudflarestorage.com"
         return None
+
+
+class IncompleteProductionConfig(ValueError):
+    """Production settings that cannot serve: each problem names its environment variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("production configuration is incomplete: " + "; ".join(problems))
 
 
 REQUIRED_IN_PRODUCTION = (
@@ -261,3 +269,56 @@ def production_problems(settings: Settings) -> list[str]:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or exit 1 with one message that names every problem (no traceback)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise SystemExit(describe_invalid_settings(exc)) from None
+
+
+# pydantic's error kinds, said of an environment variable.
+_SETTING_MESSAGES = {
+    "missing": "is required",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "enum": "must be one of {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+}
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """What is wrong, one line per problem, by environment names; never a value (secrets)."""
+    problems: list[str] = []
+    heading = "Cannot start: the configuration is invalid."
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, IncompleteProductionConfig):
+            heading = "Cannot start: production configuration is incomplete."
+            problems += cause.problems
+        elif isinstance(cause, ValueError):  # our validators already name the variable
+            problems.append(str(cause))
+        else:
+            problems.append(_setting_problem(error))
+    lines = [heading, *(f"  - {problem}" for problem in problems)]
+    lines.append("Set these in the environment or in .env; .env.example describes each one.")
+    return "\n".join(lines)
+
+
+def _setting_problem(error: Any) -> str:
+    name = ".".join(str(part) for part in error.get("loc", ())).upper() or "A setting"
+    template = _SETTING_MESSAGES.get(error.get("type", ""))
+    if template is None:
+        return f"{name}: {error.get('msg', 'is not valid')}"
+    # A bound of 0.0 reads as 0 to a person.
+    ctx = {
+        key: int(value) if isinstance(value, float) and value.is_integer() else value
+        for key, value in (error.get("ctx") or {}).items()
+    }
+    return f"{name} {template.format(**ctx)}"

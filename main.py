@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import AccessLog, Settings, get_settings
+from config import AccessLog, Settings, get_settings, settings_or_exit
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -1052,5 +1052,7 @@ def _configure_logging(settings: Settings) -> None:
     )
 
 
-_configure_logging(get_settings())
+# Settings that cannot serve stop the import here, with one message and exit status 1:
+# uvicorn would otherwise print the message at the bottom of a long traceback.
+_configure_logging(settings_or_exit())
 app = create_app()
