@@ -24,11 +24,19 @@ from tests.servers import ROOT, clean_env, free_port, wait_until_healthy
 pytestmark = pytest.mark.e2e
 
 
+def make_env(**settings: str) -> dict[str, str]:
+    """A user's shell: none of the outer `make test`'s flags leak into the `make` under test."""
+    env = clean_env(**settings)
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
+    return env
+
+
 def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["make", "--no-print-directory", *args],
         cwd=ROOT,
-        env=env or clean_env(),
+        env=env or make_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -87,14 +95,14 @@ class TestHelp:
 
 class TestToken:
     def test_user_id_names_the_user(self, tmp_path: Path) -> None:
-        done = make("token", "USER_ID=user_bob", env=clean_env(LOCAL_DATA_DIR=str(tmp_path)))
+        done = make("token", "USER_ID=user_bob", env=make_env(LOCAL_DATA_DIR=str(tmp_path)))
         assert done.returncode == 0, done.stderr
         claims = jwt.decode(done.stdout.strip(), options={"verify_signature": False})
         assert claims["sub"] == "user_bob"
 
     def test_user_is_refused_naming_what_works(self, tmp_path: Path) -> None:
         """USER is the shell's login name: taking it silently would mint for someone else."""
-        done = make("token", "USER=user_bob", env=clean_env(LOCAL_DATA_DIR=str(tmp_path)))
+        done = make("token", "USER=user_bob", env=make_env(LOCAL_DATA_DIR=str(tmp_path)))
         assert done.returncode != 0 and done.stdout == ""
         assert "make token USER_ID=user_bob" in done.stderr
 
@@ -105,7 +113,7 @@ class TestRun:
             holder.bind(("127.0.0.1", 0))
             holder.listen()
             port = holder.getsockname()[1]
-            done = make("run", f"PORT={port}", env=clean_env(LOCAL_DATA_DIR=str(tmp_path)))
+            done = make("run", f"PORT={port}", env=make_env(LOCAL_DATA_DIR=str(tmp_path)))
         assert done.returncode != 0 and done.stdout == ""
         first = done.stderr.splitlines()[0]
         assert first == (
@@ -116,7 +124,7 @@ class TestRun:
 
     def test_the_readme_walkthrough_works_as_written(self, tmp_path: Path) -> None:
         port = free_port()
-        env = clean_env(LOCAL_DATA_DIR=str(tmp_path / "data"), TMPDIR=str(tmp_path))
+        env = make_env(LOCAL_DATA_DIR=str(tmp_path / "data"), TMPDIR=str(tmp_path))
         script = walkthrough().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         with make_run(port, env):
             done = subprocess.run(
