@@ -292,16 +292,21 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
             "delayTime": 812,
             "executionTime": 41230,
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "output": {"objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4"},
+            # The worker echoes `jobId` (README, "The worker contract"): RunPod's proof.
+            "output": {
+                "jobId": "job_Xk3v9QyL0aPz7wRt",
+                "objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4",
+            },
         },
     },
     "failed": {
-        "summary": "The worker raised: the job fails and is refunded",
+        "summary": "The worker failed: the job fails and is refunded",
         "value": {
             "id": "3e1a7c52-9d4b-4f0e-8a61-2b7d9c0e5f13-u1",
             "status": "FAILED",
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "error": "CUDA out of memory",
+            "error": '{"jobId": "job_Xk3v9QyL0aPz7wRt", "error_type": "OutOfMemoryError", '
+            '"error_message": "CUDA out of memory"}',
         },
     },
 }
