@@ -42,13 +42,10 @@ with socket.socket() as sock:
 endef
 export PORT_CHECK
 
-# RECONCILE_AFTER_SECONDS=1: a poll of a job quiet for a second asks the stand-in, so a job
-# shows `running` while it renders (production waits 120 s before it asks RunPod).
 ## Start the gateway on the embedded defaults; another port: make run PORT=8001
 run: $(STAMP)
 	@$(BIN)/python -c "$$PORT_CHECK" $(PORT)
 	PUBLIC_BASE_URL=$${PUBLIC_BASE_URL:-http://127.0.0.1:$(PORT)} \
-	RECONCILE_AFTER_SECONDS=$${RECONCILE_AFTER_SECONDS:-1} \
 		$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 
 ## Mint a dev token: make token USER_ID=user_alice (default user_local)

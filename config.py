@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     runpod_job_ttl_seconds: int = Field(default=3_600, ge=10)
     runpod_execution_timeout_seconds: int = Field(default=600, ge=5)
 
-    # Reconciler: a job with no news for this long is checked with RunPod (lost webhooks).
-    reconcile_after_seconds: float = Field(default=120, gt=0)
+    # Reconciler: a job with no news for this long is checked with RunPod (lost webhooks), by
+    # the reconciler or by a poll. Unset: see `effective_reconcile_after_seconds`.
+    reconcile_after_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=30, gt=0)
     reconciler_enabled: bool = True
 
@@ -160,6 +161,15 @@ class Settings(BaseSettings):
         if self.signup_credits is not None:
             return self.signup_credits
         return 0 if self.is_production else 100
+
+    @property
+    def effective_reconcile_after_seconds(self) -> float:
+        """RunPod's `/status` is rate-limited and a webhook usually comes: ask after 2 minutes.
+        The in-process stand-in costs nothing to ask: after 1 s, so that a poll shows a job
+        `running` while it renders (RunPod's webhook comes only when a job ends)."""
+        if self.reconcile_after_seconds is not None:
+            return self.reconcile_after_seconds
+        return 120 if self.uses_real_runpod else 1
 
     @property
     def uses_real_clerk(self) -> bool:

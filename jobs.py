@@ -377,7 +377,7 @@ class JobService:
         if job.status.is_terminal:
             return job
         now = now_ms()
-        stale_before = now - int(self.settings.reconcile_after_seconds * 1000)
+        stale_before = now - int(self.settings.effective_reconcile_after_seconds * 1000)
         if (job.checked_at or now) >= stale_before:
             return job  # the common case, decided without a store call
         claimed = await self.store.claim_job_check(job.job_id, stale_before, now)
@@ -425,7 +425,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> dict[str, int]:
         now = now_ms()
-        stale_before = now - int(self.jobs.settings.reconcile_after_seconds * 1000)
+        stale_before = now - int(self.jobs.settings.effective_reconcile_after_seconds * 1000)
         claimed = await self.jobs.store.claim_stale_jobs(stale_before, now, self.BATCH)
         actions: dict[str, int] = {}
         for job in claimed:

@@ -52,6 +52,12 @@ class TestLocal:
         settings = build(clerk_issuer="https://x.clerk.accounts.dev/")
         assert settings.jwks_url == "https://x.clerk.accounts.dev/.well-known/jwks.json"
 
+    def test_polls_ask_the_stand_in_after_a_second_and_runpod_after_two_minutes(self) -> None:
+        assert build().effective_reconcile_after_seconds == 1
+        runpod = {"runpod_api_key": "rp", "runpod_endpoint_id": "ep"}
+        assert build(**runpod).effective_reconcile_after_seconds == 120
+        assert build(reconcile_after_seconds=7).effective_reconcile_after_seconds == 7
+
     def test_min_above_max_is_refused(self) -> None:
         with pytest.raises(ValidationError):
             build(min_duration_sec=5, max_duration_sec=4)
