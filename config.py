@@ -292,6 +292,7 @@ def settings_or_exit() -> Settings:
 # pydantic's error kinds, said of an environment variable.
 _SETTING_MESSAGES = {
     "missing": "is required",
+    "string_type": "must be a string",
     "int_parsing": "must be a whole number",
     "int_type": "must be a whole number",
     "float_parsing": "must be a number",
@@ -305,20 +306,49 @@ _SETTING_MESSAGES = {
 
 def describe_invalid_settings(exc: ValidationError) -> str:
     """What is wrong, one line per problem, by environment names; never a value (secrets)."""
-    problems: list[str] = []
-    heading = "Cannot start: the configuration is invalid."
+    invalid, incomplete = _sorted_problems(exc)
+    if invalid and not incomplete:  # pydantic stopped before the completeness check
+        incomplete = _unreached_problems(exc)
+    headings = {
+        (True, False): "Cannot start: the configuration is invalid.",
+        (False, True): "Cannot start: production configuration is incomplete.",
+        (True, True): "Cannot start: the configuration is invalid, and production configuration "
+        "is incomplete.",
+    }
+    lines = [headings[bool(invalid), bool(incomplete)]]
+    lines += [f"  - {problem}" for problem in invalid + incomplete]
+    lines.append("Set these in the environment or in .env; .env.example describes each one.")
+    return "\n".join(lines)
+
+
+def _sorted_problems(exc: ValidationError) -> tuple[list[str], list[str]]:
+    """Bad values, and what production lacks."""
+    invalid: list[str] = []
+    incomplete: list[str] = []
     for error in exc.errors():
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, IncompleteProductionConfig):
-            heading = "Cannot start: production configuration is incomplete."
-            problems += cause.problems
+            incomplete += cause.problems
         elif isinstance(cause, ValueError):  # our validators already name the variable
-            problems.append(str(cause))
+            invalid.append(str(cause))
         else:
-            problems.append(_setting_problem(error))
-    lines = [heading, *(f"  - {problem}" for problem in problems)]
-    lines.append("Set these in the environment or in .env; .env.example describes each one.")
-    return "\n".join(lines)
+            invalid.append(_setting_problem(error))
+    return invalid, incomplete
+
+
+def _unreached_problems(exc: ValidationError) -> list[str]:
+    """What production lacks besides the bad values, which pydantic checks only once every value
+    parsed: the settings are built again with each bad value at its default."""
+    bad = {str(error["loc"][0]) for error in exc.errors() if error.get("loc")}
+    fields = Settings.model_fields
+    defaults = {name: fields[name].get_default(call_default_factory=True) for name in bad}
+    try:
+        Settings(**defaults)
+    except ValidationError as again:
+        _, incomplete = _sorted_problems(again)
+        # A bad required value is named once, for its value, not again as missing.
+        return [problem for problem in incomplete if problem.split()[0].lower() not in bad]
+    return []
 
 
 def _setting_problem(error: Any) -> str:

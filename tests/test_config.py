@@ -117,6 +117,12 @@ class TestMisconfigurationMessage:
         assert "  - RUNPOD_API_KEY is missing" in lines and "  - R2_BUCKET is missing" in lines
         assert lines[-1].startswith("Set these in the environment or in .env")
 
+    def test_a_bad_required_value_is_named_once(self) -> None:
+        lines = problems_of(gateway_env="production", r2_bucket=["not", "a", "string"])
+        assert [line for line in lines.splitlines() if "R2_BUCKET" in line] == [
+            "  - R2_BUCKET must be a string"
+        ]
+
     @pytest.mark.parametrize(
         ("values", "line"),
         [
@@ -158,11 +164,13 @@ class TestMisconfiguredStart:
         assert "  - CONVEX_DEPLOY_KEY is missing" in lines
         assert "Traceback" not in done.stderr and len(lines) < 16
 
-    def test_a_malformed_value_is_named_by_its_variable(self) -> None:
+    def test_a_malformed_value_is_named_with_everything_else_missing(self) -> None:
         done = self.start(GATEWAY_ENV="production", MAX_DURATION_SEC="ten")
         assert done.returncode == 1
-        assert done.stderr.splitlines() == [
-            "Cannot start: the configuration is invalid.",
+        lines = done.stderr.splitlines()
+        assert lines[:2] == [
+            "Cannot start: the configuration is invalid, and production configuration is "
+            "incomplete.",
             "  - MAX_DURATION_SEC must be a whole number",
-            "Set these in the environment or in .env; .env.example describes each one.",
         ]
+        assert "  - RUNPOD_API_KEY is missing" in lines and "Traceback" not in done.stderr
