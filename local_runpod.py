@@ -22,7 +22,7 @@ what the real SDK would report:
 
 - success: COMPLETED, output `{"jobId", "objectKey", "sizeBytes", "durationSec"}`;
 - a failure the handler caught: it returns `{"error": json.dumps({"jobId", "error_type",
-  "error_message"})}`, so FAILED with that JSON string as `error`, echoing `jobId`;
+  "error_message", "error_traceback"})}`, so FAILED with that JSON string as `error`;
 - an exception that escapes the handler: FAILED with the SDK's own JSON string (`error_type`,
   `error_message`, `error_traceback`, `hostname`, `worker_id`, `runpod_version`), no `jobId`.
 
@@ -212,9 +212,14 @@ class LocalJob:
 
 
 def contract_error(job_input: dict[str, Any], exc: BaseException) -> dict[str, Any]:
-    """What a contract-honouring handler returns when it fails: the error echoes `jobId`."""
-    report = {"jobId": job_input.get("jobId"), "error_type": type(exc).__name__}
-    return {"error": json.dumps(report | {"error_message": str(exc)})}
+    """What a contract-honouring handler returns when it fails: the SDK's report, plus `jobId`."""
+    report = {
+        "jobId": job_input.get("jobId"),
+        "error_type": type(exc).__name__,
+        "error_message": str(exc),
+        "error_traceback": "".join(traceback.format_exception(exc)),
+    }
+    return {"error": json.dumps(report)}
 
 
 def sdk_error(exc: BaseException) -> str:

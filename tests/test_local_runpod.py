@@ -209,6 +209,7 @@ class TestRun:
 
         assert status["status"] == "FAILED" and "output" not in status
         error = json.loads(status["error"])
+        assert error.pop("error_traceback").startswith("Traceback (most recent call last)")
         assert error == {
             "jobId": "job_1",
             "error_type": "WorkerFailure",
