@@ -32,6 +32,8 @@ setup: $(STAMP)
 # after "Application startup complete", in words about errno. Check first, and say what to do.
 define PORT_CHECK
 import socket, sys
+if not sys.argv[1].isdigit() or not 0 < int(sys.argv[1]) < 65536:
+    sys.exit(f"PORT must be a number from 1 to 65535, not {sys.argv[1]!r}: make run PORT=8001")
 port = int(sys.argv[1])
 with socket.socket() as sock:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -44,7 +46,7 @@ export PORT_CHECK
 
 ## Start the gateway on the embedded defaults; another port: make run PORT=8001
 run: $(STAMP)
-	@$(BIN)/python -c "$$PORT_CHECK" $(PORT)
+	@$(BIN)/python -c "$$PORT_CHECK" "$(PORT)"
 	PUBLIC_BASE_URL=$${PUBLIC_BASE_URL:-http://127.0.0.1:$(PORT)} \
 		$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 

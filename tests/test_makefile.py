@@ -122,6 +122,14 @@ class TestRun:
         )
         assert "startup" not in done.stderr and "Errno" not in done.stderr
 
+    @pytest.mark.parametrize("port", ["abc", "", "70000"])
+    def test_a_port_that_is_no_port_is_one_line(self, tmp_path: Path, port: str) -> None:
+        done = make("run", f"PORT={port}", env=make_env(LOCAL_DATA_DIR=str(tmp_path)))
+        assert done.returncode != 0
+        assert done.stderr.splitlines()[0] == (
+            f"PORT must be a number from 1 to 65535, not {port!r}: make run PORT=8001"
+        )
+
     def test_the_readme_walkthrough_works_as_written(self, tmp_path: Path) -> None:
         port = free_port()
         env = make_env(LOCAL_DATA_DIR=str(tmp_path / "data"), TMPDIR=str(tmp_path))
