@@ -10,7 +10,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import AccessLog, Settings, get_settings
+from config import AccessLog, Settings, get_settings, settings_or_exit
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -66,7 +66,7 @@ from models import (
     Job,
     JobListResponse,
     JobResponse,
-    image_url_host,
+    create_job_request_model,
     json_dump,
     now_ms,
 )
@@ -292,13 +292,72 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+# What each kind of pydantic error means, in words for the person who sent the request.
+_FIELD_MESSAGES = {
+    "missing": "{field} is required",
+    "extra_forbidden": "{field} is not a field of this request",
+    "string_type": "{field} must be a string",
+    "int_type": "{field} must be a whole number",
+    "int_parsing": "{field} must be a whole number",
+    "int_from_float": "{field} must be a whole number",
+    "bool_type": "{field} must be true or false",
+    "bool_parsing": "{field} must be true or false",
+    "model_type": "{field} must be a JSON object",
+    "model_attributes_type": "{field} must be a JSON object",
+    "dict_type": "{field} must be a JSON object",
+    "greater_than_equal": "{field} must be at least {ge}",
+    "less_than_equal": "{field} must be at most {le}",
+    "string_too_short": "{field} must be at least {min_length} characters",
+    "string_too_long": "{field} must be at most {max_length} characters",
+}
+# Headers whose pattern a person cannot read: say what the pattern means.
+_PATTERN_MESSAGES = {
+    "Idempotency-Key": "Idempotency-Key must be 1 to 255 printable ASCII characters",
+}
+
+
+def field_error(error: Mapping[str, Any], body: Any) -> dict[str, str]:
+    """One pydantic error as `{"field", "message"}`, the message naming the field."""
+    loc = tuple(error.get("loc", ()))
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    if kind == "json_invalid":
+        return {"field": "body", "message": _json_syntax_message(body, loc, ctx)}
+    field = _field_name(loc)
+    if kind == "value_error":  # our own validators: their words follow the field's name
+        return {"field": field, "message": f"{field} {ctx.get('error', 'is not valid')}"}
+    if kind == "string_pattern_mismatch" and field in _PATTERN_MESSAGES:
+        return {"field": field, "message": _PATTERN_MESSAGES[field]}
+    template = _FIELD_MESSAGES.get(kind)
+    if template is None:
+        return {"field": field, "message": f"{field}: {error.get('msg', 'is not valid')}"}
+    return {"field": field, "message": template.format(field=field, **ctx)}
+
+
+def _json_syntax_message(body: Any, loc: tuple[Any, ...], ctx: Mapping[str, Any]) -> str:
+    """Where the JSON broke, as an editor counts: line and column, from 1."""
+    position = loc[-1] if loc and isinstance(loc[-1], int) else 0
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    reason = str(ctx.get("error", "invalid JSON"))
+    return (
+        f"body is not valid JSON (line {line}, column {column}): {reason[:1].lower()}{reason[1:]}"
+    )
+
+
 async def render_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": _field_name(tuple(err.get("loc", ()))), "message": str(err.get("msg", ""))}
-        for err in exc.errors()
-    ]
-    return JSONResponse(error_body("INVALID_REQUEST", "Invalid request", errors), status_code=400)
+    errors = [field_error(err, exc.body) for err in exc.errors()]
+    return JSONResponse(invalid_request_body(errors), status_code=400)
+
+
+def invalid_request_body(errors: list[dict[str, str]]) -> dict[str, Any]:
+    """A 400 whose `detail` alone says what to fix, for clients that show only `detail`."""
+    detail = "Invalid request: " + "; ".join(error["message"] for error in errors)
+    return error_body(InvalidRequest.code, detail, errors)
+
+
+_FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -311,6 +370,10 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
         return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))
+    if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_PARSE_ERROR:
+        # FastAPI says this when the body is not UTF-8, before any JSON parsing.
+        errors = [{"field": "body", "message": "body must be JSON in UTF-8"}]
+        return JSONResponse(invalid_request_body(errors), status_code=400)
     if exc.status_code == 400:
         return await render_gateway_error(request, InvalidRequest(str(exc.detail)))
     code = "HTTP_ERROR"
@@ -342,13 +405,14 @@ def readiness_response(checks: dict[str, str]) -> JSONResponse:
 
 
 # The field errors in the docs' example of a 400, as a client would see them.
-_EXAMPLE_FIELD_ERRORS = [{"field": "durationSec", "message": "must be from 1 to 10"}]
+_EXAMPLE_FIELD_ERRORS = [{"field": "durationSec", "message": "durationSec must be from 1 to 10"}]
 
 
 def error_example(error: type[GatewayError]) -> dict[str, Any]:
-    """An OpenAPI example of `error`'s body, exactly as `render_gateway_error` writes it."""
-    errors = _EXAMPLE_FIELD_ERRORS if error is InvalidRequest else None
-    return {"summary": error.detail, "value": error_body(error.code, error.detail, errors)}
+    """An OpenAPI example of `error`'s body, exactly as the gateway writes it."""
+    if error is InvalidRequest:
+        return {"summary": error.detail, "value": invalid_request_body(_EXAMPLE_FIELD_ERRORS)}
+    return {"summary": error.detail, "value": error_body(error.code, error.detail)}
 
 
 def error_responses(*errors: type[GatewayError]) -> dict[int | str, dict[str, Any]]:
@@ -480,45 +544,28 @@ class HeadAsGetMiddleware:
 # --- Routes -----------------------------------------------------------------------------------
 
 
-def check_limits(request: CreateJobRequest, settings: Settings) -> None:
-    """The rules that depend on configuration, reported like any other validation error."""
-    errors = []
-    low, high = settings.min_duration_sec, settings.max_duration_sec
-    if not low <= request.duration_sec <= high:
-        errors.append({"field": "durationSec", "message": f"must be from {low} to {high}"})
-    allowed = settings.image_url_allowed_hosts
-    if request.image_url and allowed and image_url_host(request.image_url) not in allowed:
-        errors.append({"field": "imageUrl", "message": "host is not allowed"})
-    if errors:
-        exc = InvalidRequest("Invalid request")
-        exc.errors = errors  # type: ignore[attr-defined]
-        raise exc
-
-
 def checked_job_id(job_id: str) -> str:
     if not _JOB_ID.fullmatch(job_id):
         raise NotFound("Job not found")
     return job_id
 
 
-def register_routes(app: FastAPI, settings: Settings) -> None:
-    @app.post(
-        "/jobs/create",
-        response_model=CreateJobResponse,
-        summary="Create a video job",
-        responses=error_responses(
-            InvalidRequest,
-            *AUTH_ERRORS,
-            InsufficientCredits,
-            IdempotencyKeyReused,
-            IdempotencyKeyInUse,
-            PayloadTooLarge,
-            TooManyActiveJobs,
-            *STORE_ERRORS,
-        ),
+def create_job_body(settings: Settings) -> Any:
+    """The create body's annotation: the model with this app's limits, and the docs' examples
+    (on the parameter, where Swagger UI offers them in a drop-down).
+
+    The limits are checked in the same validation pass as every other rule, so one answer
+    names every bad field (a check in the route would run only once the rest passed).
+    """
+    model = create_job_request_model(
+        settings.min_duration_sec, settings.max_duration_sec, settings.image_url_allowed_hosts
     )
+    return Annotated[model, Body(openapi_examples=CREATE_JOB_EXAMPLES)]
+
+
+def register_routes(app: FastAPI, settings: Settings) -> None:
     async def create_job(
-        body: CreateJobBody,
+        body: CreateJobRequest,
         user: CurrentUser,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Any:
@@ -527,7 +574,6 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         With an `Idempotency-Key`, a retry of the same request returns the first answer
         (the same `jobId`) and is never charged or submitted twice.
         """
-        check_limits(body, settings)
         jobs, key = user.jobs, idempotency_key
         if key is None:
             job = await jobs.create(user.user_id, body)
@@ -544,6 +590,24 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
 
         fingerprint = request_fingerprint("create", body.model_dump(mode="json"))
         return await answer_once(jobs.store, user.user_id, key, fingerprint, create_once)
+
+    # FastAPI validates the body against this annotation, which depends on the settings.
+    create_job.__annotations__["body"] = create_job_body(settings)
+    app.post(
+        "/jobs/create",
+        response_model=CreateJobResponse,
+        summary="Create a video job",
+        responses=error_responses(
+            InvalidRequest,
+            *AUTH_ERRORS,
+            InsufficientCredits,
+            IdempotencyKeyReused,
+            IdempotencyKeyInUse,
+            PayloadTooLarge,
+            TooManyActiveJobs,
+            *STORE_ERRORS,
+        ),
+    )(create_job)
 
     @app.get(
         "/jobs",
@@ -673,8 +737,6 @@ IN_FLIGHT_STALE_MS = 60_000
 IN_FLIGHT_WAIT_SECONDS = 3.0
 
 Answer = tuple[int, dict[str, Any]]
-# The request examples live on the parameter, where Swagger UI offers them in a drop-down.
-CreateJobBody = Annotated[CreateJobRequest, Body(openapi_examples=CREATE_JOB_EXAMPLES)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -804,6 +866,12 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
 
 
 async def _apply_signed(jobs: JobService, payload: dict[str, Any]) -> Job:
+    """A body signed with RUNPOD_WEBHOOK_SECRET is trusted, and may bind a RunPod id as is.
+
+    Only our own code holds the secret (a relay, our worker), so the signature vouches for the
+    body as the worker's echo vouches for a tokened one. A relay must therefore sign only what
+    RunPod itself told it. A recorded RunPod id still cannot be replaced.
+    """
     status = RunPodStatus.from_payload(payload)
     job_input = payload.get("input")
     job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
@@ -819,13 +887,11 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     job = await jobs.store.find_job(job_id)
     if job is None:
         raise NotFound("Job not found")
-    if job.status.is_terminal:
-        return job  # A repeat: nothing to learn, and no need to ask RunPod again.
-    # The body is untrusted; it only tells us RunPod's id when we never managed to record it.
-    runpod_id = job.runpod_id or (payload or {}).get("id")
+    # The body is untrusted: it names a RunPod job, which RunPod's own answer must confirm.
+    runpod_id = (payload or {}).get("id")
     if not isinstance(runpod_id, str) or not runpod_id:
         raise InvalidRequest("The webhook names no RunPod job")
-    return await jobs.refresh_from_runpod(job, runpod_id)
+    return await jobs.apply_tokened_webhook(job, runpod_id)
 
 
 # --- API docs ---------------------------------------------------------------------------------
@@ -1064,5 +1130,7 @@ def _configure_logging(settings: Settings) -> None:
     )
 
 
-_configure_logging(get_settings())
+# Settings that cannot serve stop the import here, with one message and exit status 1:
+# uvicorn would otherwise print the message at the bottom of a long traceback.
+_configure_logging(settings_or_exit())
 app = create_app()

@@ -8,6 +8,7 @@ import re
 import secrets
 import socket
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -15,7 +16,15 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi.openapi.models import Example
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    create_model,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
@@ -328,16 +337,21 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
             "delayTime": 812,
             "executionTime": 41230,
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "output": {"objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4"},
+            # The worker echoes `jobId` (README, "The worker contract"): RunPod's proof.
+            "output": {
+                "jobId": "job_Xk3v9QyL0aPz7wRt",
+                "objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4",
+            },
         },
     },
     "failed": {
-        "summary": "The worker raised: the job fails and is refunded",
+        "summary": "The worker failed: the job fails and is refunded",
         "value": {
             "id": "3e1a7c52-9d4b-4f0e-8a61-2b7d9c0e5f13-u1",
             "status": "FAILED",
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "error": "CUDA out of memory",
+            "error": '{"jobId": "job_Xk3v9QyL0aPz7wRt", "error_type": "OutOfMemoryError", '
+            '"error_message": "CUDA out of memory"}',
         },
     },
 }
@@ -378,6 +392,31 @@ class CreateJobRequest(RequestModel):
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_image_url(value)
+
+
+def create_job_request_model(
+    min_duration: int, max_duration: int, allowed_hosts: Sequence[str]
+) -> type[CreateJobRequest]:
+    """`CreateJobRequest` plus the configured limits, checked in the same validation pass."""
+
+    def duration_in_limits(cls: type, value: int) -> int:
+        if not min_duration <= value <= max_duration:
+            raise ValueError(f"must be from {min_duration} to {max_duration}")
+        return value
+
+    def host_allowed(cls: type, value: str | None) -> str | None:
+        if value and allowed_hosts and image_url_host(value) not in allowed_hosts:
+            raise ValueError("must name an allowed host")
+        return value
+
+    return create_model(
+        "CreateJobRequest",  # the name the schema and the docs show
+        __base__=CreateJobRequest,
+        __validators__={
+            "duration_in_limits": field_validator("duration_sec")(duration_in_limits),
+            "host_allowed": field_validator("image_url")(host_allowed),
+        },
+    )
 
 
 class CreateJobResponse(ApiModel):

@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
@@ -99,6 +99,9 @@ class RunPodStatus:
     output: Any
     error: str | None
     input: dict[str, Any] | None
+    # `error` as RunPod sent it, before `error_message` made it readable: the worker contract
+    # puts the echoed `jobId` there (jobs.py reads it as proof).
+    raw_error: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -120,6 +123,7 @@ class RunPodStatus:
             output=payload.get("output"),
             error=error_message(payload.get("error")),
             input=job_input if isinstance(job_input, dict) else None,
+            raw_error=payload.get("error"),
         )
 
 
