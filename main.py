@@ -51,8 +51,11 @@ from errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
 from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_is_valid
 from local_storage import LocalStorage, storage_router
+from logs import configure_logging, current_request_id
+from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
 from models import (
     CREATE_JOB_EXAMPLES,
     JOB_ID_PATTERN,
@@ -80,16 +83,6 @@ from runpod_client import (
     build_http_client,
 )
 from store import SQLiteStore, Store
-from telemetry import (
-    InstrumentedStorage,
-    InstrumentedStore,
-    InstrumentedTransport,
-    Metrics,
-    RequestTelemetryMiddleware,
-    configure_logging,
-    current_request_id,
-    metrics_route,
-)
 
 log = logging.getLogger("gateway")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -17,7 +20,10 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from config import Settings
+from logs import CloudLoggingFormatter
 from main import create_app
+from metrics import Metrics
+from tests.factories import PROJECT, LogLines
 from tests.servers import running_convex_server
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 
@@ -131,3 +137,23 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def json_logs() -> Iterator[LogLines]:
+    """Every log line, as the JSON formatter writes it for Cloud Logging."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(CloudLoggingFormatter(PROJECT))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(level)
