@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
+from fastapi.routing import iter_route_contexts
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
@@ -287,10 +288,11 @@ def _route_before_routing(scope: Scope) -> str | None:
     """The template of a request refused before routing ran (a 413 from the body limit), so it
     is not counted with unknown paths. Only unmatched requests pay for this second look."""
     router = getattr(scope.get("app"), "router", None)
-    for route in getattr(router, "routes", ()):
-        match, _ = route.matches(scope)
+    # An included router is one entry of `router.routes`: its own routes are reached through it.
+    for context in iter_route_contexts(getattr(router, "routes", ())):
+        match, _ = context.original_route.matches(scope)
         if match is not Match.NONE:
-            return getattr(route, "path", None)
+            return context.path
     return None
 
 

@@ -13,8 +13,9 @@ import httpx
 import pytest
 import respx
 
-from jobs import Reconciler, sign_body, webhook_token
+from jobs import Reconciler
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from webhooks import sign_body, webhook_token
 
 JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 5, "seed": 42}
 

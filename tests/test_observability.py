@@ -31,12 +31,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
-from jobs import sign_body, webhook_token
 from logs import TRACE_FIELD
 from tests.conftest import TokenFactory, bearer, serve
 from tests.servers import GatewayProcess, manage, running_standin
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 from tests.test_config import COMPLETE
+from webhooks import sign_body, webhook_token
 
 pytestmark = pytest.mark.e2e
 
