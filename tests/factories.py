@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+import re
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
@@ -15,8 +17,9 @@ from starlette.requests import Request
 from logs import current_request_id
 from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
 from models import NewJob, new_job_id, object_key_for
+from tests.conftest import WEBHOOK_SECRET
+from webhooks import sign_body
 
-PROJECT = "cineweave-prod"
 CLOUD_TRACE = "105445aa7843bc8bf206b12000100000"
 W3C_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJ1c2VyX2FsaWNlIn0.c2lnbmF0dXJlLXBhcnQ"
@@ -114,9 +117,6 @@ def build_app(metrics: Metrics, token: str | None = None, min_logged_status: int
     return app
 
 
-LogLines = Callable[[], list[dict[str, Any]]]
-
-
 def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [line for line in lines if line["logger"] == "gateway.access"]
 
@@ -124,3 +124,70 @@ def access_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def gateway_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The app's own lines, without the test client's httpx line that follows each request."""
     return [line for line in lines if line["logger"].startswith("gateway")]
+
+
+# --- The API, as a client calls it ------------------------------------------------------------
+
+JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 5, "seed": 42}
+
+
+async def credits_of(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
+    response = await client.get("/credits", headers=headers)
+    assert response.status_code == 200
+    return response.json()["credits"]
+
+
+async def create(client: httpx.AsyncClient, headers: dict[str, str], **changes: Any) -> Any:
+    return await client.post("/jobs/create", json={**JOB, **changes}, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+# Pydantic's own phrasing, which means little to a person using the API.
+LIBRARY_WORDING = re.compile(r"Value error|Input should|JSON decode error|^\d+$")
+
+
+def assert_written_for_people(body: dict[str, Any]) -> None:
+    """Each message names its field and reads as a sentence, not as pydantic's output."""
+    for error in body["errors"]:
+        assert error["message"].startswith(error["field"]), error
+        assert not LIBRARY_WORDING.search(error["message"]), error
+        assert error["message"] in body["detail"]
+
+
+def store_object(client: httpx.AsyncClient, key: str, data: bytes = b"mp4") -> None:
+    storage = client.app_state["storage"]  # type: ignore[attr-defined]
+    storage.write(key, data)
+
+
+async def finished_job(client, runpod, headers, runpod_id: str = "rp-1") -> str:
+    """A job taken to `done` by a signed COMPLETED webhook, its video in storage."""
+    job_id = (await create(client, headers)).json()["jobId"]
+    user = (await client.app_state["jobs"].store.find_job(job_id)).user_id
+    store_object(client, f"videos/{user}/{job_id}.mp4")
+    response = await send_signed(client, completed(job_id, runpod_id))
+    assert response.status_code == 200, response.text
+    return job_id
+
+
+def completed(job_id: str, runpod_id: str = "rp-1", status: str = "COMPLETED", **extra: Any):
+    return {"id": runpod_id, "status": status, "input": {"jobId": job_id}, **extra}
+
+
+async def send_signed(client, payload: dict[str, Any], *, secret: str = WEBHOOK_SECRET, t=None):
+    raw = json.dumps(payload).encode()
+    header = sign_body(secret, raw, t)
+    return await client.post(
+        "/webhooks/runpod",
+        content=raw,
+        headers={"x-runpod-signature": header, "content-type": "application/json"},
+    )
+
+
+def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
+    return {**headers, "Idempotency-Key": key}

@@ -26,12 +26,11 @@ from logs import (
     trace_id_from,
 )
 from metrics import Metrics
+from tests.conftest import PROJECT, LogLines
 from tests.factories import (
     CLOUD_TRACE,
     JWT,
-    PROJECT,
     W3C_TRACE,
-    LogLines,
     access_lines,
     build_app,
     gateway_lines,

@@ -12,10 +12,9 @@ from logs import (
     current_request_id,
 )
 from metrics import Metrics
-from tests.conftest import bearer, serve
+from tests.conftest import LogLines, bearer, serve
 from tests.factories import (
     METRICS_TOKEN,
-    LogLines,
     access_lines,
     all_label_values,
     build_app,

@@ -14,7 +14,7 @@ import pytest
 
 from errors import StoreUnavailable
 from store import SQLiteStore
-from tests.test_store_contract import new_job
+from tests.factories import new_job
 
 
 @pytest.fixture
