@@ -52,7 +52,7 @@ from models import (
     create_job_request_model,
     json_dump,
 )
-from openapi import install_docs, install_openapi
+from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install_openapi
 from readiness import failed_parts
 from runpod_client import RunPodError
 from webhooks import receive_webhook
@@ -149,6 +149,7 @@ def create_job_route(settings: Settings) -> APIRouter:
     route = APIRouter()
     route.post(
         "/jobs/create",
+        tags=[JOBS],
         response_model=CreateJobResponse,
         summary="Create a video job",
         responses=error_responses(
@@ -167,6 +168,7 @@ def create_job_route(settings: Settings) -> APIRouter:
 
 @router.get(
     "/jobs",
+    tags=[JOBS],
     response_model=JobListResponse,
     summary="List your jobs",
     responses=error_responses(InvalidRequest, InvalidCursor, *AUTH_ERRORS, *STORE_ERRORS),
@@ -185,6 +187,7 @@ async def list_jobs(
 
 @router.get(
     "/jobs/{job_id}",
+    tags=[JOBS],
     response_model=JobResponse,
     summary="Get a job",
     responses=error_responses(*AUTH_ERRORS, NotFound, *STORE_ERRORS),
@@ -198,6 +201,7 @@ async def get_job(job_id: str, user: CurrentUser) -> JobResponse:
 
 @router.post(
     "/jobs/{job_id}/cancel",
+    tags=[JOBS],
     response_model=JobResponse,
     summary="Cancel a job",
     responses=error_responses(
@@ -234,6 +238,7 @@ async def cancel_job(
 
 @router.get(
     "/credits",
+    tags=[CREDITS],
     response_model=CreditsResponse,
     summary="Your credits",
     responses=error_responses(*AUTH_ERRORS, *STORE_ERRORS),
@@ -246,6 +251,7 @@ async def get_credits(user: CurrentUser) -> CreditsResponse:
 
 @router.post(
     "/webhooks/runpod",
+    tags=[WEBHOOKS],
     summary="RunPod completion webhook",
     responses={
         200: {"content": {"application/json": {"example": WEBHOOK_ANSWER_EXAMPLE}}},
@@ -306,6 +312,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="CineWeave API gateway",
         version="1.0.0",
         description="Turns prompts into videos on RunPod, paid for with credits.",
+        openapi_tags=OPENAPI_TAGS,
         lifespan=make_lifespan(settings),
         # FastAPI's own pages load Swagger UI and ReDoc from a CDN: install_docs serves them.
         docs_url=None,
