@@ -1,7 +1,7 @@
 """The RunPod Serverless client, and the errors it raises.
 
 Every failure is a `RunPodError`, and also one of the gateway's own errors, so the one handler in
-`main.py` renders it without knowing about RunPod:
+`http_errors.py` renders it without knowing about RunPod:
 
 * RunPodError
   + RunPodUnavailable      - 503: connect errors, timeouts, 5xx, or 429 after backing off.

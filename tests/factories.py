@@ -104,7 +104,7 @@ def build_app(metrics: Metrics, token: str | None = None, min_logged_status: int
         return {"status": "ok"}
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # What main.py's 500 handler does, plus the request id it is asked to add.
+        # What http_errors.py's 500 handler does, plus the request id it is asked to add.
         log.exception("unhandled error on %s", request.url.path)
         body = {"detail": "Internal server error", "code": "INTERNAL_ERROR"}
         return JSONResponse(body, 500, headers={"X-Request-ID": current_request_id() or ""})
