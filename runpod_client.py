@@ -57,12 +57,20 @@ Sleep = Callable[[float], Awaitable[None]]
 class RunPodError(GatewayError):
     """Base class of every error this module raises."""
 
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> Self:
+        """A refusal as RunPod answered it: the status, and RunPod's reason, shortened."""
+        reason = _short_reason(response)
+        detail = f"RunPod answered HTTP {response.status_code}"
+        return cls(f"{detail}: {reason}" if reason else detail)
+
 
 class RunPodUnavailable(RunPodError, UpstreamUnavailable):
     detail = "RunPod is unavailable"
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> Self:
+        """Transient: no reason to show, but when to try again (RunPod's Retry-After, else 5 s)."""
         retry_after = _retry_after_seconds(response)
         detail = f"RunPod answered HTTP {response.status_code}"
         return cls(detail, retry_after=math.ceil(retry_after) if retry_after else 5)
@@ -74,12 +82,6 @@ class RunPodSubmitUncertain(RunPodError, UpstreamUnavailable):
 
 class RunPodRejected(RunPodError, UpstreamError):
     detail = "RunPod refused the request"
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> Self:
-        reason = _short_reason(response)
-        detail = f"RunPod answered HTTP {response.status_code}"
-        return cls(f"{detail}: {reason}" if reason else detail)
 
 
 class RunPodNotFound(RunPodRejected):
