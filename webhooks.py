@@ -17,12 +17,10 @@ from metrics import Metrics
 from models import JOB_ID_PATTERN, Job
 from runpod_client import RUNPOD_ID_PATTERN, RunPodStatus
 
-if TYPE_CHECKING:  # jobs.py mints its webhook URLs' tokens here
+if TYPE_CHECKING:  # for the type only: jobs.py imports this module for `webhook_token`
     from jobs import JobService
 
 _JOB_ID = JOB_ID_PATTERN  # what `new_job_id` makes: one definition, in models.py
-
-
 SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
 
 
