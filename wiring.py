@@ -21,7 +21,8 @@ from metrics import Metrics
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness
 from runpod_client import RunPodClient, build_http_client
-from store import SQLiteStore, Store
+from sqlite_store import SQLiteStore
+from store import Store
 
 log = logging.getLogger("gateway")
 

@@ -20,7 +20,7 @@ import httpx
 from auth import ensure_dev_key, mint_dev_token
 from bench.load import RequestSpec
 from models import object_key_for
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from webhooks import sign_body
 
 USER = "user_bench"

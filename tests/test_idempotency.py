@@ -12,7 +12,7 @@ import respx
 
 from errors import IdempotencyKeyReused
 from idempotency import Answer, answer_once, request_fingerprint
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from tests.conftest import RUNPOD_URL, serve
 from tests.factories import (
     JOB,

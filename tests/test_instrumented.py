@@ -23,7 +23,8 @@ from local_storage import LocalStorage
 from metrics import Metrics
 from models import JobStatus, StatusUpdate
 from runpod_client import RunPodClient, RunPodNotFound, RunPodUnavailable, build_http_client
-from store import SQLiteStore, Store
+from sqlite_store import SQLiteStore
+from store import Store
 from tests.conftest import RUNPOD_URL, TokenFactory, bearer, serve
 from tests.factories import (
     all_label_values,

@@ -14,7 +14,7 @@ from jobs import JobService, echoed_job_id, update_from_runpod
 from local_storage import LocalStorage
 from models import CreateJobRequest, JobStatus
 from runpod_client import RunPodClient, RunPodStatus, build_http_client
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from tests.conftest import PUBLIC_BASE, RUNPOD_BASE, RUNPOD_ENDPOINT, WEBHOOK_SECRET
 from webhooks import token_is_valid
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from errors import StoreUnavailable
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from tests.factories import new_job
 
 
