@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -166,6 +167,36 @@ def job_input(bucket: Bucket, **changes: Any) -> dict[str, Any]:
         },
     }
     return base | changes
+
+
+# --- The README's example input ----------------------------------------------------------
+
+
+def readme_example() -> dict[str, Any]:
+    """The complete input in the README's worker section, exactly as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The RunPod worker (`worker/`)", 1)[1]
+    block = re.search(r"```json\n(.*?)```", section, re.DOTALL)
+    assert block, "the README's worker section has no JSON example"
+    return json.loads(block.group(1))
+
+
+def fill_in(example: dict[str, Any], bucket: Bucket, progress_url: str) -> dict[str, Any]:
+    """The example with its `<...>` placeholders replaced by live URLs; nothing else changed."""
+    filled = json.loads(json.dumps(example))
+    filled["progressUrl"] = f"{progress_url}/progress?jobId={JOB_ID}&token=secret-token"
+    output = filled["output"]
+    output["uploadUrl"] = bucket.presign_put(output["objectKey"], output["contentType"])
+    output["posterUploadUrl"] = bucket.presign_put(POSTER_KEY, output["posterContentType"])
+    placeholders = [value for value in _strings(example) if value.startswith("<")]
+    assert len(placeholders) == 3  # exactly the three URLs above
+    return filled
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
 
 
 @pytest.fixture

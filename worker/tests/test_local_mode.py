@@ -16,39 +16,12 @@ import sys
 from typing import Any
 
 import av
-from conftest import JOB_ID, POSTER_KEY, ROOT, VIDEO_KEY, Bucket, Recorder
+from conftest import JOB_ID, POSTER_KEY, ROOT, VIDEO_KEY, Bucket, Recorder, fill_in, readme_example
 
 from worker.contract import POSTER_CONTENT_TYPE, VIDEO_CONTENT_TYPE, WorkerInput
 from worker.poster import MAX_POSTER_WIDTH
 
 HANDLER = ROOT / "worker" / "handler.py"
-
-
-def readme_example() -> dict[str, Any]:
-    """The complete input in the README's worker section, exactly as written."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## The RunPod worker (`worker/`)", 1)[1]
-    block = re.search(r"```json\n(.*?)```", section, re.DOTALL)
-    assert block, "the README's worker section has no JSON example"
-    return json.loads(block.group(1))
-
-
-def fill_in(example: dict[str, Any], bucket: Bucket, progress_url: str) -> dict[str, Any]:
-    """The example with its `<...>` placeholders replaced by live URLs; nothing else changed."""
-    filled = json.loads(json.dumps(example))
-    filled["progressUrl"] = f"{progress_url}/progress?jobId={JOB_ID}&token=secret-token"
-    output = filled["output"]
-    output["uploadUrl"] = bucket.presign_put(output["objectKey"], output["contentType"])
-    output["posterUploadUrl"] = bucket.presign_put(POSTER_KEY, output["posterContentType"])
-    placeholders = [value for value in _strings(example) if value.startswith("<")]
-    assert len(placeholders) == 3  # exactly the three URLs above
-    return filled
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        return [text for item in value.values() for text in _strings(item)]
-    return [value] if isinstance(value, str) else []
 
 
 def run_local_mode(job_input: Any, **env: str) -> subprocess.CompletedProcess[str]:
