@@ -18,10 +18,14 @@ def poster_jpeg(video: Path, max_width: int = MAX_POSTER_WIDTH) -> bytes:
 
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
-        if stream.duration:
-            # Lands on the keyframe at or before the middle: the next decoded frame is close.
-            container.seek(stream.duration // 2, stream=stream)
-        frame = next(container.decode(stream))
+        middle = (stream.duration or 0) // 2
+        # Seeking lands on the keyframe at or before the middle; decode on from there.
+        container.seek(middle, stream=stream)
+        frame = next(
+            (f for f in container.decode(stream) if f.pts is None or f.pts >= middle), None
+        )
+    if frame is None:
+        raise ValueError("The video has no frame to make a poster of")
     width, height = _poster_size(frame.width, frame.height, max_width)
     # Full-range YUV is what JPEG means; the video's limited range would look washed out.
     small = frame.reformat(width=width, height=height, format="yuvj420p")
