@@ -102,7 +102,16 @@ class Worker:
             return self._run(job, job_input)
         except Exception as exc:  # every failure is reported with the echo, never raised
             report = _failure(job_id, exc, job_input)
-            log.warning("job %s failed: %s: %s", job_id, report.error_type, report.error_message)
+            # A refusal or a failed transfer says all in its message; anything else is a bug or
+            # the model's failure, and its traceback is what the operator needs.
+            expected = type(exc) in ERROR_TYPES
+            log.warning(
+                "job %s failed: %s: %s",
+                job_id,
+                report.error_type,
+                report.error_message,
+                exc_info=None if expected else exc,
+            )
             return {"error": report.to_error_string()}
 
     def _run(self, job: dict[str, Any], job_input: object) -> dict[str, Any]:

@@ -216,6 +216,19 @@ class TestGeneratorFailure:
             "error_message": "CUDA out of memory",
         }
 
+    def test_the_operator_gets_its_traceback_and_a_refusal_none(
+        self, worker: Worker, bucket: Bucket, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        class Broken(TestPattern):
+            def generate(self, prompt: str, image: bytes | None, duration: int, seed: int) -> Path:
+                raise RuntimeError("CUDA out of memory")
+
+        worker.generator = Broken()
+        run(worker, job_input(bucket, durationSec=61))
+        assert "Traceback" not in caplog.text
+        run(worker, job_input(bucket))
+        assert "Traceback" in caplog.text and "in generate" in caplog.text
+
 
 class TestLogs:
     def test_no_presigned_url_or_token_is_ever_logged(
