@@ -23,6 +23,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import functools  # noqa: E402
+import importlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -224,13 +225,26 @@ def _urls_in(value: object) -> list[str]:
     return []
 
 
+def load_generator(spec: str | None) -> Generator:
+    """The generator named `module:Class` (WORKER_GENERATOR), built once; the test pattern
+    when unset. A model loads its weights in its constructor, so once per worker process."""
+    if not spec:
+        return TestPattern()
+    module_name, _, class_name = spec.partition(":")
+    if not (module_name and class_name):
+        raise ValueError(f"WORKER_GENERATOR must read module:Class, not {spec!r}")
+    generator_class = getattr(importlib.import_module(module_name), class_name)
+    return generator_class()
+
+
 @functools.cache
 def default_worker() -> Worker:
-    """The process's worker: the test pattern, unless a deployment changes this line."""
+    """The process's worker, made on the first job from the environment."""
     timeout = float(os.environ.get("WORKER_JOB_TIMEOUT_SECONDS", DEFAULT_JOB_TIMEOUT_SECONDS))
+    generator = load_generator(os.environ.get("WORKER_GENERATOR"))
     # Uploads of a few MB take seconds; the per-try timeout is cut to the job's time left.
     client = httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0))
-    return Worker(generator=TestPattern(), client=client, job_timeout=timeout)
+    return Worker(generator=generator, client=client, job_timeout=timeout)
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +267,9 @@ def main() -> None:
     configure_logging()
     import runpod
 
+    # Built before the first job: a model's weights load now, and a bad WORKER_GENERATOR
+    # stops the worker at start rather than failing every job.
+    default_worker()
     runpod.serverless.start({"handler": handler})
 
 

@@ -14,7 +14,7 @@ from conftest import JOB_ID, POSTER_KEY, VIDEO_KEY, Bucket, Recorder, dead_url, 
 
 from worker.contract import WorkerError, WorkerOutput
 from worker.generator import TestPattern
-from worker.handler import Worker, configure_logging, handler
+from worker.handler import Worker, configure_logging, handler, load_generator
 
 
 def run(worker: Worker, payload: Any) -> dict[str, Any]:
@@ -259,3 +259,17 @@ class TestModuleHandler:
         answer = handler({"id": "rp-job-1", "input": {"jobId": JOB_ID}})
 
         assert json.loads(answer["error"])["jobId"] == JOB_ID
+
+
+class TestLoadGenerator:
+    def test_unset_is_the_test_pattern(self) -> None:
+        assert isinstance(load_generator(None), TestPattern)
+
+    def test_a_module_and_class_are_imported_and_built(self) -> None:
+        generator = load_generator("worker.generator:TestPattern")
+        assert isinstance(generator, TestPattern) and generator.max_duration_sec == 60
+
+    @pytest.mark.parametrize("spec", ["worker.generator", "worker.generator:"])
+    def test_a_spec_without_a_class_is_refused(self, spec: str) -> None:
+        with pytest.raises(ValueError, match="module:Class"):
+            load_generator(spec)
