@@ -69,20 +69,8 @@ class WorkerInput(_Shape):
     output: OutputTarget
 
     def to_wire(self) -> dict[str, object]:
-        # `imageUrl: null` is part of the contract's example: keep it even when None.
-        return self.model_dump(by_alias=True, mode="json", exclude=_unset_optionals(self))
-
-
-def _unset_optionals(job_input: WorkerInput) -> dict[str, object]:
-    """The optional fields (and nested ones) that are None: left out of the JSON."""
-    excluded: dict[str, object] = {}
-    if job_input.progress_url is None:
-        excluded["progress_url"] = True
-    poster = {"poster_upload_url", "poster_content_type"}
-    unset = {name for name in poster if getattr(job_input.output, name) is None}
-    if unset:
-        excluded["output"] = unset
-    return excluded
+        # `imageUrl: null` is part of the contract's example: sent even when there is none.
+        return super().to_wire() | {"imageUrl": self.image_url}
 
 
 class ProgressReport(_Shape):
