@@ -5,8 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PORT ?= 8000
+# Whose dev token `make token` mints. Not USER: the shell sets that to your login name.
+USER_ID ?= user_local
 
-.PHONY: run test lint pytest vitest setup clean token fuzz
+.PHONY: help run test lint pytest vitest setup clean token fuzz convex-deploy convex-deploy-check
+.DEFAULT_GOAL := help
+
+## List these commands.
+help:
+	@awk '/^## /{doc=substr($$0,4); next} /^[a-z][a-z-]*:/ && doc {sub(/:.*/,""); \
+		printf "  make %-13s %s\n", $$0, doc} !/^\.PHONY/{doc=""}' $(MAKEFILE_LIST)
 
 # The venv is rebuilt whenever a requirements file changes.
 $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
@@ -20,14 +28,34 @@ $(NODE_STAMP): package.json package-lock.json
 
 setup: $(STAMP)
 
-## Start the gateway on the embedded defaults (SQLite, local storage, RunPod stand-in, dev issuer).
+# uvicorn binds its port only once the app has started, so a taken port would be reported
+# after "Application startup complete", in words about errno. Check first, and say what to do.
+define PORT_CHECK
+import socket, sys
+if not sys.argv[1].isdigit() or not 0 < int(sys.argv[1]) < 65536:
+    sys.exit(f"PORT must be a number from 1 to 65535, not {sys.argv[1]!r}: make run PORT=8001")
+port = int(sys.argv[1])
+with socket.socket() as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sys.exit(f"Port {port} is in use: stop what holds it, or run on another with make run PORT={port + 1}")
+endef
+export PORT_CHECK
+
+## Start the gateway on the embedded defaults; another port: make run PORT=8001
 run: $(STAMP)
+	@$(BIN)/python -c "$$PORT_CHECK" "$(PORT)"
 	PUBLIC_BASE_URL=$${PUBLIC_BASE_URL:-http://127.0.0.1:$(PORT)} \
 		$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 
-## Mint a dev token: make token USER=user_alice
+## Mint a dev token: make token USER_ID=user_alice (default user_local)
 token: $(STAMP)
-	@$(BIN)/python manage.py mint-token $${USER_ID:-user_local}
+ifeq ($(origin USER),command line)
+	$(error make token takes USER_ID=..., not USER= (your shell's login name): make token USER_ID=$(USER))
+endif
+	@$(BIN)/python manage.py mint-token $(USER_ID)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,6 +82,30 @@ test-browser: $(STAMP)
 ## Fuzz the API with schemathesis (fixed seed, 90 s bound): no 5xx, every answer matches the schema.
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz_api
+
+## Push the Convex side to production: CONVEX_DEPLOY_KEY (prod:...) and CLERK_ISSUER must be set.
+# The issuer goes on the deployment first: a push whose auth.config.ts reads an unset variable
+# is refused (convex-backend crates/isolate/src/environment/auth_config.rs). With a deployment's
+# deploy key in CONVEX_DEPLOY_KEY, `env set` and `deploy` both act on that deployment, and
+# --prod is ignored (convex npm package, src/cli/lib/deploymentSelection.ts).
+convex-deploy: convex-deploy-check $(NODE_STAMP)
+	npx convex env set CLERK_JWT_ISSUER_DOMAIN "$$CLERK_ISSUER"
+	npx convex deploy
+
+# Refuse before touching anything, naming every missing setting at once.
+convex-deploy-check:
+	@missing=""; \
+	case "$$CONVEX_DEPLOY_KEY" in \
+	  prod:*\|*) ;; \
+	  "") missing="$$missing\n  CONVEX_DEPLOY_KEY: the production deploy key (Dashboard -> Settings -> Deploy keys)";; \
+	  *) missing="$$missing\n  CONVEX_DEPLOY_KEY: not a production deploy key (prod:<deployment>|...)";; \
+	esac; \
+	case "$$CLERK_ISSUER" in \
+	  https://*) ;; \
+	  "") missing="$$missing\n  CLERK_ISSUER: Clerk's Frontend API URL, e.g. https://clerk.cineweave.ai";; \
+	  *) missing="$$missing\n  CLERK_ISSUER: must be an https URL";; \
+	esac; \
+	if [ -n "$$missing" ]; then printf "convex-deploy: nothing done; set:$$missing\n" >&2; exit 2; fi
 
 clean:
 	rm -rf $(VENV) .venv-serve worker/.venv node_modules .data .coverage htmlcov .pytest_cache .ruff_cache

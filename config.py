@@ -10,10 +10,10 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values `.env.example` ships with; a production deploy that still has one is misconfigured.
@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     runpod_job_ttl_seconds: int = Field(default=3_600, ge=10)
     runpod_execution_timeout_seconds: int = Field(default=600, ge=5)
 
-    # Reconciler: a job with no news for this long is checked with RunPod (lost webhooks).
-    reconcile_after_seconds: float = Field(default=120, gt=0)
+    # Reconciler: a job with no news for this long is checked with RunPod (lost webhooks), by
+    # the reconciler or by a poll. Unset: see `effective_reconcile_after_seconds`.
+    reconcile_after_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=30, gt=0)
     reconciler_enabled: bool = True
 
@@ -141,7 +142,7 @@ class Settings(BaseSettings):
         if self.gateway_env is Environment.PRODUCTION:
             problems = production_problems(self)
             if problems:
-                raise ValueError("production configuration is incomplete: " + "; ".join(problems))
+                raise IncompleteProductionConfig(problems)
         return self
 
     @property
@@ -160,6 +161,15 @@ class Settings(BaseSettings):
         if self.signup_credits is not None:
             return self.signup_credits
         return 0 if self.is_production else 100
+
+    @property
+    def effective_reconcile_after_seconds(self) -> float:
+        """RunPod's `/status` is rate-limited and a webhook usually comes: ask after 2 minutes.
+        The in-process stand-in costs nothing to ask: after 1 s, so that a poll shows a job
+        `running` while it renders (RunPod's webhook comes only when a job ends)."""
+        if self.reconcile_after_seconds is not None:
+            return self.reconcile_after_seconds
+        return 120 if self.uses_real_runpod else 1
 
     @property
     def uses_real_clerk(self) -> bool:
@@ -192,6 +202,14 @@ class Settings(BaseSettings):
         if self.r2_account_id:
             return f"https://{self.r2_account_id}.r2.cloudflarestorage.com"
         return None
+
+
+class IncompleteProductionConfig(ValueError):
+    """Production settings that cannot serve: each problem names its environment variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("production configuration is incomplete: " + "; ".join(problems))
 
 
 REQUIRED_IN_PRODUCTION = (
@@ -261,3 +279,86 @@ def production_problems(settings: Settings) -> list[str]:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or exit 1 with one message that names every problem (no traceback)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise SystemExit(describe_invalid_settings(exc)) from None
+
+
+# pydantic's error kinds, said of an environment variable.
+_SETTING_MESSAGES = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "enum": "must be one of {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+}
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """What is wrong, one line per problem, by environment names; never a value (secrets)."""
+    invalid, incomplete = _sorted_problems(exc)
+    if invalid and not incomplete:  # pydantic stopped before the completeness check
+        incomplete = _unreached_problems(exc)
+    headings = {
+        (True, False): "Cannot start: the configuration is invalid.",
+        (False, True): "Cannot start: production configuration is incomplete.",
+        (True, True): "Cannot start: the configuration is invalid, and production configuration "
+        "is incomplete.",
+    }
+    lines = [headings[bool(invalid), bool(incomplete)]]
+    lines += [f"  - {problem}" for problem in invalid + incomplete]
+    lines.append("Set these in the environment or in .env; .env.example describes each one.")
+    return "\n".join(lines)
+
+
+def _sorted_problems(exc: ValidationError) -> tuple[list[str], list[str]]:
+    """Bad values, and what production lacks."""
+    invalid: list[str] = []
+    incomplete: list[str] = []
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, IncompleteProductionConfig):
+            incomplete += cause.problems
+        elif isinstance(cause, ValueError):  # our validators already name the variable
+            invalid.append(str(cause))
+        else:
+            invalid.append(_setting_problem(error))
+    return invalid, incomplete
+
+
+def _unreached_problems(exc: ValidationError) -> list[str]:
+    """What production lacks besides the bad values, which pydantic checks only once every value
+    parsed: the settings are built again with each bad value at its default."""
+    bad = {str(error["loc"][0]) for error in exc.errors() if error.get("loc")}
+    fields = Settings.model_fields
+    defaults = {name: fields[name].get_default(call_default_factory=True) for name in bad}
+    try:
+        Settings(**defaults)
+    except ValidationError as again:
+        _, incomplete = _sorted_problems(again)
+        # A bad required value is named once, for its value, not again as missing.
+        return [problem for problem in incomplete if problem.split()[0].lower() not in bad]
+    return []
+
+
+def _setting_problem(error: Any) -> str:
+    name = ".".join(str(part) for part in error.get("loc", ())).upper() or "A setting"
+    template = _SETTING_MESSAGES.get(error.get("type", ""))
+    if template is None:
+        return f"{name}: {error.get('msg', 'is not valid')}"
+    # A bound of 0.0 reads as 0 to a person.
+    ctx = {
+        key: int(value) if isinstance(value, float) and value.is_integer() else value
+        for key, value in (error.get("ctx") or {}).items()
+    }
+    return f"{name} {template.format(**ctx)}"

@@ -25,7 +25,7 @@ the shapes, each with its source, are in `tests/convex_fixtures.py`):
     560 with the same body                    -> the same (the status convex-js still accepts).
     401/403 {"code", "message"}               -> the deploy key was refused: 502, and /readyz fails.
     503 {"code": OCC}                         -> nothing committed: retried, then 503.
-    other 5xx, 429, timeouts                  -> 503 UPSTREAM_UNAVAILABLE.
+    other 5xx, 429, timeouts                  -> 503 STORE_UNAVAILABLE, as on SQLite.
 Queries are retried on transient failures. A mutation is retried only when it surely did not
 commit: its connection never opened, or Convex answered the OCC 503.
 """
@@ -53,9 +53,9 @@ from errors import (
     InvalidRequest,
     JobNotCancelable,
     NotFound,
+    StoreUnavailable,
     TooManyActiveJobs,
     UpstreamError,
-    UpstreamUnavailable,
 )
 from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, User
 
@@ -124,7 +124,17 @@ class ConvexKeyRefused(UpstreamError):
     detail = "Convex refused the deploy key"
 
 
-class ConvexCommitConflict(UpstreamUnavailable):
+class ConvexUnavailable(StoreUnavailable):
+    """Convex timed out, failed or rate-limited us: as on SQLite, the store is unavailable.
+
+    The code is SQLite's `STORE_UNAVAILABLE`, so a client sees one answer for "the store is
+    down" whichever store the deployment runs on (RunPod's outages stay UPSTREAM_UNAVAILABLE).
+    """
+
+    detail = "The store is unavailable"
+
+
+class ConvexCommitConflict(ConvexUnavailable):
     """OCC retries exhausted: the mutation committed nothing and may be sent again."""
 
     detail = "The store is too busy to commit the change; nothing was changed"
@@ -202,7 +212,7 @@ def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
         return ConvexCommitConflict()
     if status >= 500 or status == 429:
         log.warning("Convex is unavailable calling %s: HTTP %s %s", path, status, shown)
-        return UpstreamUnavailable("The store is unavailable")
+        return ConvexUnavailable()
     log.error("Convex refused %s: HTTP %s %s", path, status, body)
     return UpstreamError(f"The store refused the call (HTTP {status})")
 
@@ -210,14 +220,14 @@ def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
 def _may_retry(kind: str, error: GatewayError) -> bool:
     """A query may always run again; a mutation only when it surely committed nothing."""
     if kind == "query":
-        return isinstance(error, UpstreamUnavailable)
+        return isinstance(error, ConvexUnavailable)
     return isinstance(error, ConvexCommitConflict)
 
 
 def _decode(value: Any) -> Any:
     try:
         return json_to_convex(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return value
 
 
@@ -237,7 +247,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
         # Convex numbers are float64; the codec wants them as floats, as Convex's own clients
         # parse them, and refuses Python ints.
         body = json.loads(response.content, parse_int=float)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -347,16 +357,21 @@ class ConvexStore:
                 return await self._http.post(f"/api/{kind}", json=body)
             except _NEVER_SENT as exc:
                 if attempt == 1:
-                    raise UpstreamUnavailable("The store could not be reached") from exc
+                    raise ConvexUnavailable("The store could not be reached") from exc
             except httpx.HTTPError as exc:
-                raise UpstreamUnavailable("The store did not answer in time") from exc
+                raise ConvexUnavailable("The store did not answer in time") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _outcome(path: str, response: httpx.Response) -> Any:
         body = _json(response)
         if response.status_code == 200 and body.get("status") == "success" and "value" in body:
-            return json_to_convex(body["value"])
+            try:
+                return json_to_convex(body["value"])
+            # RecursionError: nested deeper than the (recursive) codec can follow.
+            except (ValueError, TypeError, RecursionError):
+                log.error("Convex answered %s with a value the codec cannot read", path)
+                raise UpstreamError("The store answered in an unknown shape") from None
         raise error_from_response(response, path)
 
     def _remember(self, path: str, error: GatewayError) -> None:
@@ -442,14 +457,31 @@ class ConvexStore:
         return None if value is None else _job(value)
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
+        # Convex's cursors are printable text; anything else (control characters, a lone
+        # surrogate httpx cannot encode) was never one, so it need not cost a call. Convex
+        # would read "" as the first page; SQLite refuses it, and so does this.
+        if cursor is not None and (not cursor or not cursor.isprintable()):
+            raise InvalidCursor()
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
 
     async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
         await self._mutation("saveDownloadUrl", jobId=job_id, url=url, expiresAt=expires_at)
 
+    async def _walk(self, path: str, field: str) -> list[Any]:
+        # An operator view of the whole deployment comes in pages, each within one function's
+        # read limits (`convex/gateway.ts`); the last page's cursor is null.
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = await self._query(path, cursor=cursor)
+            items.extend(page[field])
+            cursor = page["cursor"]
+            if cursor is None:
+                return items
+
     async def ledger_totals(self) -> dict[str, dict[str, int]]:
-        rows = await self._query("ledgerTotals")
+        rows = await self._walk("ledgerTotals", "totals")
         return {row["userId"]: {k: int(v) for k, v in row.items() if k != "userId"} for row in rows}
 
     async def claim_idempotency_key(
@@ -494,7 +526,7 @@ class ConvexStore:
         return None if value is None else _job(value)
 
     async def audit(self) -> list[str]:
-        return list(await self._query("audit"))
+        return [str(problem) for problem in await self._walk("audit", "problems")]
 
     async def ping(self) -> None:
         """Calls `gateway:ping`, which cannot fail by itself: any function error means the

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import random
+import re
 import secrets
 import signal
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass, replace
 from config import Settings
 from errors import (
     GatewayError,
+    InvalidRequest,
     InvalidSignature,
     StoreUnavailable,
     UpstreamError,
@@ -87,7 +90,9 @@ def webhook_token(secret: str, job_id: str) -> str:
 
 
 def token_is_valid(secret: str, job_id: str, token: str) -> bool:
-    return hmac.compare_digest(webhook_token(secret, job_id), token)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
+    expected = webhook_token(secret, job_id).encode()
+    return hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape"))
 
 
 def sign_body(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -106,20 +111,55 @@ def signature_is_valid(secret: str, header: str, body: bytes, now: float | None 
         return False
     expected = sign_body(secret, body, timestamp).split("v1=", 1)[1]
     # Check every candidate, so timing never reveals which one matched.
-    matches = [hmac.compare_digest(expected, candidate) for candidate in candidates]
+    matches = [hmac.compare_digest(expected.encode(), candidate) for candidate in candidates]
     return any(matches)
 
 
-def _parse_signature_header(header: str) -> tuple[int | None, list[str]]:
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+def _parse_signature_header(header: str) -> tuple[int | None, list[bytes]]:
     timestamp: int | None = None
-    candidates: list[str] = []
+    candidates: list[bytes] = []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit() and len(value) <= 12:
+        if name == "t" and _TIMESTAMP.fullmatch(value):
             timestamp = int(value)
         elif name == "v1" and value:
-            candidates.append(value)
+            # Bytes, so a non-ASCII guess is just wrong, never a TypeError in compare_digest.
+            candidates.append(value.encode("utf-8", "surrogateescape"))
     return timestamp, candidates
+
+
+# --- The worker contract: proof that a RunPod job is ours -------------------------------------
+#
+# RunPod does not sign webhooks, and a per-job URL token can leak: whoever holds it could name
+# *another* RunPod job in the body. So a RunPod id is bound to a job only when RunPod's own
+# `/status` answer carries our job id, which only the worker can have put there (README, "The
+# worker contract"). A handler that succeeds returns `{"jobId": input["jobId"], ...}`: that dict
+# becomes the status's `output`. One that fails returns
+# `{"error": json.dumps({"jobId": ..., "error_type": ..., "error_message": ...})}`: runpod-python
+# pops a returned dict's "error" into the status's `error` unchanged (serverless/modules/
+# rp_job.py, `run_job`). An exception that escapes the handler cannot echo: the SDK reports it
+# as `json.dumps({"error_type", "error_message", "error_traceback", "hostname", "worker_id",
+# "runpod_version"})`, with no room for a field of ours (same function, `except` branch).
+
+
+def echoed_job_id(status: RunPodStatus) -> str | None:
+    """The gateway job id the worker echoed in its output or its error, if any."""
+    output = status.output
+    if isinstance(output, dict) and isinstance(output.get("jobId"), str):
+        return output["jobId"]
+    error = status.raw_error
+    if isinstance(error, str):
+        try:
+            error = json.loads(error)
+        except (ValueError, RecursionError):
+            return None  # plain text, or JSON too deep to be the contract's small object
+    if isinstance(error, dict) and isinstance(error.get("jobId"), str):
+        return error["jobId"]
+    return None
 
 
 # --- RunPod outcomes --------------------------------------------------------------------------
@@ -266,8 +306,39 @@ class JobService:
             log.info("job %s moved to %s", job.job_id, applied.status.value)
         return applied
 
+    async def apply_tokened_webhook(self, job: Job, runpod_id: str) -> Job:
+        """A webhook proven only by the job's URL token, whose body names `runpod_id`.
+
+        The body is not trusted: RunPod's own `/status` answer decides, and an id is bound
+        only with the worker's echo as proof. Without proof nothing changes (the answer is still
+        a 200, so RunPod does not retry): the job waits for a genuine webhook or its deadline.
+        """
+        if job.status.is_terminal:
+            return job  # A repeat: nothing to learn, and no need to ask RunPod again.
+        if job.runpod_id is None:
+            return await self.adopt_if_proven(job, runpod_id)
+        if runpod_id != job.runpod_id:
+            # RunPod sends a job's webhook only to the URL it was submitted with.
+            raise InvalidRequest("The webhook names another RunPod job than this job's")
+        return await self.refresh_from_runpod(job, job.runpod_id)
+
+    async def adopt_if_proven(self, job: Job, runpod_id: str) -> Job:
+        """Bind `runpod_id` and apply its status, if RunPod's answer echoes this job's id."""
+        try:
+            status = await self.runpod.status(runpod_id)
+        except RunPodNotFound:
+            status = None  # an id RunPod does not know proves nothing, least of all a loss
+        if status is None or status.id != runpod_id or echoed_job_id(status) != job.job_id:
+            log.warning(
+                "webhook for %s names RunPod job %r without proof it is this job's: ignored",
+                job.job_id,
+                runpod_id,
+            )
+            return job
+        return await self.apply_runpod_status(job, status)
+
     async def refresh_from_runpod(self, job: Job, runpod_id: str) -> Job:
-        """Ask RunPod itself and apply its answer: for proofs that cannot vouch for a body."""
+        """Ask RunPod about the job's recorded id and apply its answer."""
         try:
             status = await self.runpod.status(runpod_id)
         except RunPodNotFound:
@@ -294,7 +365,8 @@ class JobService:
             return "expired"
         if not job.runpod_id:
             # The submission's outcome is unknown: RunPod may be running it, and a resubmit
-            # could bill twice. Its webhook or its deadline will settle it.
+            # could bill twice. Nothing here can name its RunPod id with proof: its webhook
+            # (with the worker's echo) or its deadline will settle it.
             return "waiting"
         settled = await self.refresh_from_runpod(job, job.runpod_id)
         return "updated" if settled.status is not job.status else "unchanged"
@@ -313,7 +385,7 @@ class JobService:
         if job.status.is_terminal:
             return job
         now = now_ms()
-        stale_before = now - int(self.settings.reconcile_after_seconds * 1000)
+        stale_before = now - int(self.settings.effective_reconcile_after_seconds * 1000)
         if (job.checked_at or now) >= stale_before:
             return job  # the common case, decided without a store call
         claimed = await self.store.claim_job_check(job.job_id, stale_before, now)
@@ -361,7 +433,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> dict[str, int]:
         now = now_ms()
-        stale_before = now - int(self.jobs.settings.reconcile_after_seconds * 1000)
+        stale_before = now - int(self.jobs.settings.effective_reconcile_after_seconds * 1000)
         claimed = await self.jobs.store.claim_stale_jobs(stale_before, now, self.BATCH)
         actions: dict[str, int] = {}
         for job in claimed:

@@ -9,21 +9,30 @@ Routes, for any endpoint id, each requiring `Authorization: Bearer <anything>` (
 `POST /v2/{endpoint}/run`, `GET /v2/{endpoint}/status/{id}`, `POST /v2/{endpoint}/cancel/{id}`,
 `GET /v2/{endpoint}/health`, with RunPod's JSON shapes; an unknown id answers 404.
 
-What a job reads from its `input` (the worker contract the gateway submits):
+Each job runs a worker that honours the README's worker contract. What it reads from `input`:
 
-    {"prompt": str, "durationSec": int (1-60), "seed": int,
+    {"jobId": str, "prompt": str, "durationSec": int (1-60), "seed": int,
      "output": {"uploadUrl": presigned PUT URL, "contentType": "video/mp4", "objectKey": str}}
 
-A job waits IN_QUEUE for a quarter of `render_seconds`, then IN_PROGRESS it renders the video in a
-worker thread and PUTs it to `output.uploadUrl` with `output.contentType`, and ends, about
-`render_seconds` after submission, as COMPLETED with output `{"objectKey", "sizeBytes",
-"durationSec"}`, or as FAILED with `error` a JSON string holding `error_type`, `error_message` and
-`error_traceback`, as runpod-python reports a handler that raised. Then, like RunPod, it POSTs the
-unsigned webhook (the status payload plus `input` and `webhook`), trying twice more on any answer
-but 200, `webhook_retry_delay` seconds apart. `/cancel` marks a job CANCELLED; no webhook follows.
+A job waits IN_QUEUE for a quarter of `render_seconds`, then is IN_PROGRESS (as `/status` shows)
+while it renders the video in a worker thread and PUTs it to `output.uploadUrl` with
+`output.contentType`, and ends, about `render_seconds` after submission. The handler's answer
+passes through a copy of runpod-python's `run_job` (`sdk_result`), so the status holds exactly
+what the real SDK would report:
+
+- success: COMPLETED, output `{"jobId", "objectKey", "sizeBytes", "durationSec"}`;
+- a failure the handler caught: it returns `{"error": json.dumps({"jobId", "error_type",
+  "error_message", "error_traceback"})}`, so FAILED with that JSON string as `error`;
+- an exception that escapes the handler: FAILED with the SDK's own JSON string (`error_type`,
+  `error_message`, `error_traceback`, `hostname`, `worker_id`, `runpod_version`), no `jobId`.
+
+Then, like RunPod, it POSTs the unsigned webhook (the status payload plus `input` and `webhook`),
+trying twice more on any answer but 200, `webhook_retry_delay` seconds apart. `/cancel` marks a
+job CANCELLED; no webhook follows.
 
 Failure injection, for tests and demos:
-    a prompt containing `[[fail]]` makes the worker raise: the job ends FAILED.
+    a prompt containing `[[fail]]` makes the render fail: the handler reports it, with jobId;
+    a prompt containing `[[crash]]` makes the handler itself raise: the SDK reports it, no jobId.
 
 Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
 """
@@ -57,6 +66,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 logger = logging.getLogger(__name__)
 
 FAIL_MARKER = "[[fail]]"
+CRASH_MARKER = "[[crash]]"
+# What the real SDK puts in its error report when the pod's environment does not say.
+SDK_VERSION = "1.12.0"
 WIDTH, HEIGHT, FPS = 320, 180, 12
 # Keeps a bogus input from tying up the stand-in for minutes.
 MAX_DURATION_SEC = 60
@@ -70,7 +82,11 @@ PROGRESS_BAR_PX = 12
 
 
 class WorkerFailure(Exception):
-    """The job's handler failed, as a real worker's would."""
+    """The render failed, as a real worker's can: the handler reports it."""
+
+
+class HandlerCrash(Exception):
+    """A bug in the handler itself: it escapes, and the SDK reports it."""
 
 
 # --- The video --------------------------------------------------------------------------------
@@ -161,7 +177,7 @@ class LocalJob:
     webhook: str | None
     status: str = "IN_QUEUE"
     output: Any = None
-    error: str | None = None
+    error: Any = None
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     ended_at: float | None = None
@@ -173,7 +189,7 @@ class LocalJob:
     def start(self) -> None:
         self.status, self.started_at = "IN_PROGRESS", time.monotonic()
 
-    def end(self, status: str, *, output: Any = None, error: str | None = None) -> None:
+    def end(self, status: str, *, output: Any = None, error: Any = None) -> None:
         self.status, self.output, self.error = status, output, error
         self.ended_at = time.monotonic()
 
@@ -195,15 +211,53 @@ class LocalJob:
         return body
 
 
-def worker_error(exc: BaseException) -> str:
-    """A failure as runpod-python reports a handler that raised: a JSON string."""
+def contract_error(job_input: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """What a contract-honouring handler returns when it fails: the SDK's report, plus `jobId`."""
+    report = {
+        "jobId": job_input.get("jobId"),
+        "error_type": type(exc).__name__,
+        "error_message": str(exc),
+        "error_traceback": "".join(traceback.format_exception(exc)),
+    }
+    return {"error": json.dumps(report)}
+
+
+def sdk_error(exc: BaseException) -> str:
+    """An exception that escaped the handler, exactly as runpod-python reports it.
+
+    runpod-python, runpod/serverless/modules/rp_job.py, `run_job`'s `except` branch.
+    """
     return json.dumps(
         {
             "error_type": str(type(exc)),
             "error_message": str(exc),
             "error_traceback": "".join(traceback.format_exception(exc)),
+            "hostname": "unknown",  # RUNPOD_POD_HOSTNAME, unset outside a pod
+            "worker_id": "unknown",  # RUNPOD_POD_ID
+            "runpod_version": SDK_VERSION,
         }
     )
+
+
+def sdk_result(handler_return: Any) -> dict[str, Any]:
+    """A handler's return value turned into the job's result, as runpod-python does it.
+
+    runpod-python, runpod/serverless/modules/rp_job.py, `run_job`: a dict's "error" is popped
+    into the result's `error` as is, the rest is the `output`, and an empty output is dropped.
+    """
+    result: dict[str, Any]
+    if isinstance(handler_return, dict):
+        output = dict(handler_return)
+        error = output.pop("error", None)
+        output.pop("refresh_worker", None)
+        result = {"output": output}
+        if error:
+            result["error"] = error
+    else:
+        result = {"output": handler_return}
+    if result.get("output") == {}:
+        result.pop("output")
+    return result
 
 
 class LocalRunPod:
@@ -254,17 +308,29 @@ class LocalRunPod:
         await asyncio.sleep(self.render_seconds * QUEUE_SHARE)
         job.start()
         try:
-            output = await self._work(job)
-        except Exception as exc:  # any worker failure is the job's FAILED, as on RunPod
-            await _sleep_until(deadline)
-            job.end("FAILED", error=worker_error(exc))
-        else:
-            await _sleep_until(deadline)
-            job.end("COMPLETED", output=output)
+            result = sdk_result(await self._handler(job.input))
+        except Exception as exc:  # escaped the handler: the SDK reports it (rp_job.run_job)
+            result = {"error": sdk_error(exc)}
+        # Rendering is quick here: the job stays IN_PROGRESS until its time is up, so a poll
+        # sees every state a real render goes through.
+        await _sleep_until(deadline)
+        # RunPod marks a job whose result carries an error FAILED, else COMPLETED (RunPod's docs,
+        # serverless/development/error-handling: return {"error": ...} to fail a job).
+        status = "FAILED" if "error" in result else "COMPLETED"
+        job.end(status, output=result.get("output"), error=result.get("error"))
         await self._deliver_webhook(job)
 
-    async def _work(self, job: LocalJob) -> dict[str, Any]:
-        request = RenderRequest.from_input(job.input)
+    async def _handler(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        """The worker's handler, as the contract asks: it catches its failures and echoes."""
+        if CRASH_MARKER in str(job_input.get("prompt", "")):
+            raise HandlerCrash(f"Simulated handler bug: the prompt contains {CRASH_MARKER}")
+        try:
+            return await self._render_and_upload(job_input)
+        except Exception as exc:
+            return contract_error(job_input, exc)
+
+    async def _render_and_upload(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        request = RenderRequest.from_input(job_input)
         if FAIL_MARKER in request.prompt:
             raise WorkerFailure(f"Simulated worker failure: the prompt contains {FAIL_MARKER}")
         # Encoding blocks for a while: keep it off the event loop.
@@ -275,6 +341,7 @@ class LocalRunPod:
         if not response.is_success:
             raise WorkerFailure(f"Uploading the video failed with HTTP {response.status_code}")
         return {
+            "jobId": job_input.get("jobId"),
             "objectKey": request.object_key,
             "sizeBytes": len(video),
             "durationSec": request.duration_sec,

@@ -25,6 +25,7 @@ from errors import Forbidden, InvalidRequest, NotFound
 ROUTE_PREFIX = "/_local/storage"
 # Keys are made by the gateway (`videos/<user>/<job>.mp4`); anything else is refused outright.
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.mp4$")
+_EXPIRES = re.compile(r"[0-9]{1,12}")  # a unix time in seconds
 
 
 class LocalStorage:
@@ -56,10 +57,12 @@ class LocalStorage:
 
     def check(self, method: str, key: str, expires: str, sig: str, content_type: str = "") -> None:
         """Refuse (403) a URL that is expired, malformed or not signed by us."""
-        if not expires.isdigit() or int(expires) < time.time():
+        # ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+        if not _EXPIRES.fullmatch(expires) or int(expires) < time.time():
             raise Forbidden("The URL has expired", code="URL_EXPIRED")
         expected = self._signature(method, key, int(expires), content_type)
-        if not hmac.compare_digest(expected, sig):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError).
+        if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "surrogateescape")):
             raise Forbidden("The URL signature is invalid", code="INVALID_SIGNATURE")
 
     async def exists(self, key: str) -> bool:

@@ -10,7 +10,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import AccessLog, Settings, get_settings
+from config import AccessLog, Settings, get_settings, settings_or_exit
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -55,6 +55,7 @@ from jobs import JobService, Reconciler, crash_point, signature_is_valid, token_
 from local_storage import LocalStorage, storage_router
 from models import (
     CREATE_JOB_EXAMPLES,
+    JOB_ID_PATTERN,
     WEBHOOK_ANSWER_EXAMPLE,
     WEBHOOK_EXAMPLES,
     CreateJobRequest,
@@ -65,13 +66,19 @@ from models import (
     Job,
     JobListResponse,
     JobResponse,
-    image_url_host,
+    create_job_request_model,
     json_dump,
     now_ms,
 )
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness, failed_parts
-from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
+from runpod_client import (
+    RUNPOD_ID_PATTERN,
+    RunPodClient,
+    RunPodError,
+    RunPodStatus,
+    build_http_client,
+)
 from store import SQLiteStore, Store
 from telemetry import (
     InstrumentedStorage,
@@ -90,7 +97,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
 # A worker's upload to the local storage stand-in: a 10 s 320x180 clip is well under 5 MiB.
 MAX_LOCAL_UPLOAD_BYTES = 512 * 1024 * 1024
-_JOB_ID = re.compile(r"^job_[A-Za-z0-9_\-]{12,64}$")
+_JOB_ID = JOB_ID_PATTERN  # what `new_job_id` makes: one definition, in models.py
 # Clerk user ids are `user_<base62>`; the id becomes part of an object key, so allow no more.
 _USER_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
@@ -285,13 +292,72 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+# What each kind of pydantic error means, in words for the person who sent the request.
+_FIELD_MESSAGES = {
+    "missing": "{field} is required",
+    "extra_forbidden": "{field} is not a field of this request",
+    "string_type": "{field} must be a string",
+    "int_type": "{field} must be a whole number",
+    "int_parsing": "{field} must be a whole number",
+    "int_from_float": "{field} must be a whole number",
+    "bool_type": "{field} must be true or false",
+    "bool_parsing": "{field} must be true or false",
+    "model_type": "{field} must be a JSON object",
+    "model_attributes_type": "{field} must be a JSON object",
+    "dict_type": "{field} must be a JSON object",
+    "greater_than_equal": "{field} must be at least {ge}",
+    "less_than_equal": "{field} must be at most {le}",
+    "string_too_short": "{field} must be at least {min_length} characters",
+    "string_too_long": "{field} must be at most {max_length} characters",
+}
+# Headers whose pattern a person cannot read: say what the pattern means.
+_PATTERN_MESSAGES = {
+    "Idempotency-Key": "Idempotency-Key must be 1 to 255 printable ASCII characters",
+}
+
+
+def field_error(error: Mapping[str, Any], body: Any) -> dict[str, str]:
+    """One pydantic error as `{"field", "message"}`, the message naming the field."""
+    loc = tuple(error.get("loc", ()))
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    if kind == "json_invalid":
+        return {"field": "body", "message": _json_syntax_message(body, loc, ctx)}
+    field = _field_name(loc)
+    if kind == "value_error":  # our own validators: their words follow the field's name
+        return {"field": field, "message": f"{field} {ctx.get('error', 'is not valid')}"}
+    if kind == "string_pattern_mismatch" and field in _PATTERN_MESSAGES:
+        return {"field": field, "message": _PATTERN_MESSAGES[field]}
+    template = _FIELD_MESSAGES.get(kind)
+    if template is None:
+        return {"field": field, "message": f"{field}: {error.get('msg', 'is not valid')}"}
+    return {"field": field, "message": template.format(field=field, **ctx)}
+
+
+def _json_syntax_message(body: Any, loc: tuple[Any, ...], ctx: Mapping[str, Any]) -> str:
+    """Where the JSON broke, as an editor counts: line and column, from 1."""
+    position = loc[-1] if loc and isinstance(loc[-1], int) else 0
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    reason = str(ctx.get("error", "invalid JSON"))
+    return (
+        f"body is not valid JSON (line {line}, column {column}): {reason[:1].lower()}{reason[1:]}"
+    )
+
+
 async def render_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": _field_name(tuple(err.get("loc", ()))), "message": str(err.get("msg", ""))}
-        for err in exc.errors()
-    ]
-    return JSONResponse(error_body("INVALID_REQUEST", "Invalid request", errors), status_code=400)
+    errors = [field_error(err, exc.body) for err in exc.errors()]
+    return JSONResponse(invalid_request_body(errors), status_code=400)
+
+
+def invalid_request_body(errors: list[dict[str, str]]) -> dict[str, Any]:
+    """A 400 whose `detail` alone says what to fix, for clients that show only `detail`."""
+    detail = "Invalid request: " + "; ".join(error["message"] for error in errors)
+    return error_body(InvalidRequest.code, detail, errors)
+
+
+_FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -299,9 +365,15 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 405:
         # RFC 9110: a 405 names the methods the resource does support.
         allow = (exc.headers or {}).get("Allow")
+        if allow and "GET" in allow.split(", "):
+            allow += ", HEAD"  # HeadAsGetMiddleware answers HEAD wherever GET is allowed
         return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))
+    if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_PARSE_ERROR:
+        # FastAPI says this when the body is not UTF-8, before any JSON parsing.
+        errors = [{"field": "body", "message": "body must be JSON in UTF-8"}]
+        return JSONResponse(invalid_request_body(errors), status_code=400)
     if exc.status_code == 400:
         return await render_gateway_error(request, InvalidRequest(str(exc.detail)))
     code = "HTTP_ERROR"
@@ -333,13 +405,14 @@ def readiness_response(checks: dict[str, str]) -> JSONResponse:
 
 
 # The field errors in the docs' example of a 400, as a client would see them.
-_EXAMPLE_FIELD_ERRORS = [{"field": "durationSec", "message": "must be from 1 to 10"}]
+_EXAMPLE_FIELD_ERRORS = [{"field": "durationSec", "message": "durationSec must be from 1 to 10"}]
 
 
 def error_example(error: type[GatewayError]) -> dict[str, Any]:
-    """An OpenAPI example of `error`'s body, exactly as `render_gateway_error` writes it."""
-    errors = _EXAMPLE_FIELD_ERRORS if error is InvalidRequest else None
-    return {"summary": error.detail, "value": error_body(error.code, error.detail, errors)}
+    """An OpenAPI example of `error`'s body, exactly as the gateway writes it."""
+    if error is InvalidRequest:
+        return {"summary": error.detail, "value": invalid_request_body(_EXAMPLE_FIELD_ERRORS)}
+    return {"summary": error.detail, "value": error_body(error.code, error.detail)}
 
 
 def error_responses(*errors: type[GatewayError]) -> dict[int | str, dict[str, Any]]:
@@ -440,22 +513,35 @@ async def _send_too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# --- HEAD -------------------------------------------------------------------------------------
+
+
+class HeadAsGetMiddleware:
+    """HEAD answers as GET would, headers and all, without the body (RFC 9110 §9.3.2).
+
+    FastAPI's routes answer only the methods they name, and naming HEAD on each would list a
+    HEAD operation per route in the OpenAPI schema. Routes that have no GET still refuse it
+    (405, with their `Allow`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                # Content-Length stays as GET's: it says what a GET would send (§8.6).
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
 # --- Routes -----------------------------------------------------------------------------------
-
-
-def check_limits(request: CreateJobRequest, settings: Settings) -> None:
-    """The rules that depend on configuration, reported like any other validation error."""
-    errors = []
-    low, high = settings.min_duration_sec, settings.max_duration_sec
-    if not low <= request.duration_sec <= high:
-        errors.append({"field": "durationSec", "message": f"must be from {low} to {high}"})
-    allowed = settings.image_url_allowed_hosts
-    if request.image_url and allowed and image_url_host(request.image_url) not in allowed:
-        errors.append({"field": "imageUrl", "message": "host is not allowed"})
-    if errors:
-        exc = InvalidRequest("Invalid request")
-        exc.errors = errors  # type: ignore[attr-defined]
-        raise exc
 
 
 def checked_job_id(job_id: str) -> str:
@@ -464,24 +550,22 @@ def checked_job_id(job_id: str) -> str:
     return job_id
 
 
-def register_routes(app: FastAPI, settings: Settings) -> None:
-    @app.post(
-        "/jobs/create",
-        response_model=CreateJobResponse,
-        summary="Create a video job",
-        responses=error_responses(
-            InvalidRequest,
-            *AUTH_ERRORS,
-            InsufficientCredits,
-            IdempotencyKeyReused,
-            IdempotencyKeyInUse,
-            PayloadTooLarge,
-            TooManyActiveJobs,
-            *STORE_ERRORS,
-        ),
+def create_job_body(settings: Settings) -> Any:
+    """The create body's annotation: the model with this app's limits, and the docs' examples
+    (on the parameter, where Swagger UI offers them in a drop-down).
+
+    The limits are checked in the same validation pass as every other rule, so one answer
+    names every bad field (a check in the route would run only once the rest passed).
+    """
+    model = create_job_request_model(
+        settings.min_duration_sec, settings.max_duration_sec, settings.image_url_allowed_hosts
     )
+    return Annotated[model, Body(openapi_examples=CREATE_JOB_EXAMPLES)]
+
+
+def register_routes(app: FastAPI, settings: Settings) -> None:
     async def create_job(
-        body: CreateJobBody,
+        body: CreateJobRequest,
         user: CurrentUser,
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Any:
@@ -490,7 +574,6 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
         With an `Idempotency-Key`, a retry of the same request returns the first answer
         (the same `jobId`) and is never charged or submitted twice.
         """
-        check_limits(body, settings)
         jobs, key = user.jobs, idempotency_key
         if key is None:
             job = await jobs.create(user.user_id, body)
@@ -507,6 +590,24 @@ def register_routes(app: FastAPI, settings: Settings) -> None:
 
         fingerprint = request_fingerprint("create", body.model_dump(mode="json"))
         return await answer_once(jobs.store, user.user_id, key, fingerprint, create_once)
+
+    # FastAPI validates the body against this annotation, which depends on the settings.
+    create_job.__annotations__["body"] = create_job_body(settings)
+    app.post(
+        "/jobs/create",
+        response_model=CreateJobResponse,
+        summary="Create a video job",
+        responses=error_responses(
+            InvalidRequest,
+            *AUTH_ERRORS,
+            InsufficientCredits,
+            IdempotencyKeyReused,
+            IdempotencyKeyInUse,
+            PayloadTooLarge,
+            TooManyActiveJobs,
+            *STORE_ERRORS,
+        ),
+    )(create_job)
 
     @app.get(
         "/jobs",
@@ -636,8 +737,6 @@ IN_FLIGHT_STALE_MS = 60_000
 IN_FLIGHT_WAIT_SECONDS = 3.0
 
 Answer = tuple[int, dict[str, Any]]
-# The request examples live on the parameter, where Swagger UI offers them in a drop-down.
-CreateJobBody = Annotated[CreateJobRequest, Body(openapi_examples=CREATE_JOB_EXAMPLES)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -697,9 +796,52 @@ async def answer_once(
 def _parse_json(body: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    # RecursionError: a body nested deeper than the parser goes (`[[[[...`, 10,000 deep).
+    except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+# RunPod's statuses are upper-case words (IN_QUEUE, COMPLETED): room for new ones, no more.
+_RUNPOD_STATUS = re.compile(r"[A-Za-z_]{1,64}")
+
+
+def webhook_payload(body: bytes, *, signed: bool) -> dict[str, Any]:
+    """The proven webhook's body, refused (400) unless it has the shape RunPod sends.
+
+    Checked before any of it reaches the store or a RunPod URL. A signed body must name
+    RunPod's job (`id`) and its `status`; a tokened one only hints at the id, since RunPod's
+    own `/status` decides, so either may be missing, but never malformed.
+    """
+    payload = _parse_json(body)
+    if payload is None:
+        raise InvalidRequest("The webhook body is not a JSON object")
+    errors = _webhook_field_errors(payload, required=signed)
+    if errors:
+        exc = InvalidRequest("The webhook body is not what RunPod sends")
+        exc.errors = errors  # type: ignore[attr-defined]
+        raise exc
+    return payload
+
+
+def _webhook_field_errors(payload: dict[str, Any], *, required: bool) -> list[dict[str, str]]:
+    runpod_id, status, job_input = payload.get("id"), payload.get("status"), payload.get("input")
+    errors = []
+    if (runpod_id is not None or required) and not _matches(RUNPOD_ID_PATTERN, runpod_id):
+        message = "must be RunPod's job id: 1 to 128 letters, digits, '-' or '_'"
+        errors.append({"field": "id", "message": message})
+    if (status is not None or required) and not _matches(_RUNPOD_STATUS, status):
+        errors.append({"field": "status", "message": "must be a RunPod status, such as COMPLETED"})
+    if job_input is not None and not isinstance(job_input, dict):
+        errors.append({"field": "input", "message": "must be an object"})
+    job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
+    if job_id is not None and not _matches(_JOB_ID, job_id):
+        errors.append({"field": "input.jobId", "message": "must be a job id from this gateway"})
+    return errors
+
+
+def _matches(pattern: re.Pattern[str], value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 async def receive_webhook(request: Request, jobs: JobService) -> Job:
@@ -710,7 +852,7 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         if not signature_is_valid(jobs.webhook_secret, header, body):
             metrics.count_webhook_failure("bad_signature")
             raise InvalidSignature()
-        return await _apply_signed(jobs, body)
+        return await _apply_signed(jobs, webhook_payload(body, signed=True))
     job_id = request.query_params.get("jobId", "")
     token = request.query_params.get("token", "")
     if not (job_id and token):
@@ -720,13 +862,16 @@ async def receive_webhook(request: Request, jobs: JobService) -> Job:
         metrics.count_webhook_failure("bad_token")
         raise InvalidSignature()
     crash_point("during_webhook")
-    return await _apply_tokened(jobs, job_id, _parse_json(body))
+    return await _apply_tokened(jobs, job_id, webhook_payload(body, signed=False))
 
 
-async def _apply_signed(jobs: JobService, body: bytes) -> Job:
-    payload = _parse_json(body)
-    if payload is None:
-        raise InvalidRequest("The webhook body is not a JSON object")
+async def _apply_signed(jobs: JobService, payload: dict[str, Any]) -> Job:
+    """A body signed with RUNPOD_WEBHOOK_SECRET is trusted, and may bind a RunPod id as is.
+
+    Only our own code holds the secret (a relay, our worker), so the signature vouches for the
+    body as the worker's echo vouches for a tokened one. A relay must therefore sign only what
+    RunPod itself told it. A recorded RunPod id still cannot be replaced.
+    """
     status = RunPodStatus.from_payload(payload)
     job_input = payload.get("input")
     job_id = job_input.get("jobId") if isinstance(job_input, dict) else None
@@ -742,13 +887,11 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     job = await jobs.store.find_job(job_id)
     if job is None:
         raise NotFound("Job not found")
-    if job.status.is_terminal:
-        return job  # A repeat: nothing to learn, and no need to ask RunPod again.
-    # The body is untrusted; it only tells us RunPod's id when we never managed to record it.
-    runpod_id = job.runpod_id or (payload or {}).get("id")
+    # The body is untrusted: it names a RunPod job, which RunPod's own answer must confirm.
+    runpod_id = (payload or {}).get("id")
     if not isinstance(runpod_id, str) or not runpod_id:
         raise InvalidRequest("The webhook names no RunPod job")
-    return await jobs.refresh_from_runpod(job, runpod_id)
+    return await jobs.apply_tokened_webhook(job, runpod_id)
 
 
 # --- API docs ---------------------------------------------------------------------------------
@@ -931,6 +1074,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
@@ -986,5 +1130,7 @@ def _configure_logging(settings: Settings) -> None:
     )
 
 
-_configure_logging(get_settings())
+# Settings that cannot serve stop the import here, with one message and exit status 1:
+# uvicorn would otherwise print the message at the bottom of a long traceback.
+_configure_logging(settings_or_exit())
 app = create_app()

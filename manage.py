@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from auth import mint_dev_token
-from config import Settings, get_settings
+from config import Settings, settings_or_exit
 from models import JobResponse
 from store import Store
 
@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.handler(args, get_settings()))
+    return int(args.handler(args, settings_or_exit()))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import secrets
 import socket
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -14,7 +16,16 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi.openapi.models import Example
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_URL_CHARS = 2048
@@ -71,6 +82,10 @@ def iso_from_ms(ms: int | None) -> str | None:
         return None
     moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# What `new_job_id` makes, with room to spare: anything else names no job of ours.
+JOB_ID_PATTERN = re.compile(r"job_[A-Za-z0-9_\-]{12,64}")
 
 
 def new_job_id() -> str:
@@ -167,6 +182,45 @@ class JobPage:
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# JSON's "\ud800" escape decodes to a lone UTF-16 surrogate: a Python str, but not Unicode text.
+# UTF-8 cannot encode it, so SQLite, httpx (Convex, RunPod) and the log writer would all fail.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def holds_lone_surrogate(value: object) -> bool:
+    """Whether any string in `value` (a JSON value: keys too) holds a lone surrogate.
+
+    A loop, not recursion: a body may nest as deep as the JSON parser allows.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
+
+
+class RequestModel(ApiModel):
+    """A body a client sends: every field, of every subclass, is checked before its own rules."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, value: Any) -> Any:
+        if holds_lone_surrogate(value):
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "must be valid Unicode text: it holds a lone surrogate (an escape from "
+                "\\ud800 to \\udfff without its pair)",
+            )
+        return value
 
 
 def _check_prompt(value: str) -> str:
@@ -283,23 +337,28 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
             "delayTime": 812,
             "executionTime": 41230,
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "output": {"objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4"},
+            # The worker echoes `jobId` (README, "The worker contract"): RunPod's proof.
+            "output": {
+                "jobId": "job_Xk3v9QyL0aPz7wRt",
+                "objectKey": "videos/user_alice/job_Xk3v9QyL0aPz7wRt.mp4",
+            },
         },
     },
     "failed": {
-        "summary": "The worker raised: the job fails and is refunded",
+        "summary": "The worker failed: the job fails and is refunded",
         "value": {
             "id": "3e1a7c52-9d4b-4f0e-8a61-2b7d9c0e5f13-u1",
             "status": "FAILED",
             "input": {"jobId": "job_Xk3v9QyL0aPz7wRt"},
-            "error": "CUDA out of memory",
+            "error": '{"jobId": "job_Xk3v9QyL0aPz7wRt", "error_type": "OutOfMemoryError", '
+            '"error_message": "CUDA out of memory"}',
         },
     },
 }
 WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
 
 
-class CreateJobRequest(ApiModel):
+class CreateJobRequest(RequestModel):
     prompt: StrictStr = Field(description="What to render, 1-2000 characters after trimming.")
     image_url: StrictStr | None = Field(
         default=None, alias="imageUrl", description="Optional https URL of a start image."
@@ -333,6 +392,31 @@ class CreateJobRequest(ApiModel):
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_image_url(value)
+
+
+def create_job_request_model(
+    min_duration: int, max_duration: int, allowed_hosts: Sequence[str]
+) -> type[CreateJobRequest]:
+    """`CreateJobRequest` plus the configured limits, checked in the same validation pass."""
+
+    def duration_in_limits(cls: type, value: int) -> int:
+        if not min_duration <= value <= max_duration:
+            raise ValueError(f"must be from {min_duration} to {max_duration}")
+        return value
+
+    def host_allowed(cls: type, value: str | None) -> str | None:
+        if value and allowed_hosts and image_url_host(value) not in allowed_hosts:
+            raise ValueError("must name an allowed host")
+        return value
+
+    return create_model(
+        "CreateJobRequest",  # the name the schema and the docs show
+        __base__=CreateJobRequest,
+        __validators__={
+            "duration_in_limits": field_validator("duration_sec")(duration_in_limits),
+            "host_allowed": field_validator("image_url")(host_allowed),
+        },
+    )
 
 
 class CreateJobResponse(ApiModel):

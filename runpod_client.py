@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
@@ -38,7 +38,10 @@ import httpx
 from errors import GatewayError, UpstreamError, UpstreamUnavailable
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
-# RunPod ids are UUIDs with a short suffix ("...-u1"); anything else must not reach a URL path.
+# RunPod ids are UUIDs with a short suffix, sometimes a prefix too: "4b21f0f4-...-e1",
+# "sync-d050a3f6-791a-4aff-857a-66c759db4a06-u1" (RunPod's docs, runpod/docs
+# docs/sdks/javascript/endpoints.md). Letters, digits, '-' and '_' cover them with room to
+# spare; '/', '.', '%' and '?' can never reach a URL path.
 RUNPOD_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # A caller is waiting on `submit`: never sleep longer than this, whatever Retry-After says.
 MAX_BACKOFF_SECONDS = 5.0
@@ -96,6 +99,9 @@ class RunPodStatus:
     output: Any
     error: str | None
     input: dict[str, Any] | None
+    # `error` as RunPod sent it, before `error_message` made it readable: the worker contract
+    # puts the echoed `jobId` there (jobs.py reads it as proof).
+    raw_error: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -108,6 +114,8 @@ class RunPodStatus:
         job_id, status = payload.get("id"), payload.get("status")
         if not (isinstance(job_id, str) and job_id and isinstance(status, str) and status):
             raise RunPodRejected("RunPod sent a status without an id or a status")
+        if not RUNPOD_ID_PATTERN.fullmatch(job_id):
+            raise RunPodRejected("RunPod sent a job id of an unknown shape")
         job_input = payload.get("input")
         return cls(
             id=job_id,
@@ -115,6 +123,7 @@ class RunPodStatus:
             output=payload.get("output"),
             error=error_message(payload.get("error")),
             input=job_input if isinstance(job_input, dict) else None,
+            raw_error=payload.get("error"),
         )
 
 
@@ -125,7 +134,7 @@ def error_message(error: object) -> str | None:
     if isinstance(error, str):
         try:
             decoded = json.loads(error)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than json goes
             decoded = None
         # A handler that raised is reported as a JSON string; one that returned {"error": ...}
         # as plain text.
@@ -133,7 +142,25 @@ def error_message(error: object) -> str | None:
     if isinstance(error, dict):
         message = error.get("error_message") or error.get("message") or error.get("error_type")
         error = message if isinstance(message, str) and message else "The worker failed"
-    return str(error)[:MAX_ERROR_MESSAGE_CHARS]
+    text = _scalar_text(error, "The worker failed")
+    return _without_lone_surrogates(text[:MAX_ERROR_MESSAGE_CHARS])
+
+
+def _scalar_text(value: object, otherwise: str) -> str:
+    """`value` as text when it is text or a number; a list or an object is not a message, and
+    one nested deep enough (a parsed `[[[[...`) could not even be printed: RecursionError."""
+    if isinstance(value, str | int | float):
+        return str(value)
+    return otherwise
+
+
+# A lone UTF-16 surrogate (JSON's "\ud800") is not Unicode text: UTF-8, and so the store, cannot
+# hold it. The worker's words are kept, with U+FFFD where such a character stood.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(text: str) -> str:
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 class RunPodClient:
@@ -273,7 +300,7 @@ def _submitted_id(response: httpx.Response) -> str:
 def _json_body(response: httpx.Response) -> Any:
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can follow
         raise RunPodRejected("RunPod sent a body that is not JSON") from None
 
 
@@ -299,11 +326,11 @@ def _short_reason(response: httpx.Response) -> str:
     """RunPod's own words for a refusal, short, on one line, and without our API key."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         body = response.text
     if isinstance(body, dict):
         body = body.get("error") or body.get("message") or body.get("detail") or ""
-    text = " ".join(str(body).split())
+    text = _without_lone_surrogates(" ".join(_scalar_text(body, "").split()))
     api_key = _api_key_of(response)
     if api_key:
         text = text.replace(api_key, "[redacted]")

@@ -31,6 +31,7 @@ from errors import (
 )
 from models import (
     ACTIVE_STATUSES,
+    JOB_ID_PATTERN,
     REFUNDED_STATUSES,
     IdempotencyClaim,
     Job,
@@ -234,13 +235,25 @@ def encode_cursor(created_at: int, job_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# SQLite's INTEGER is 64-bit signed: a larger number in a cursor would be an OverflowError.
+_MAX_SQLITE_INTEGER = 2**63 - 1
+
+
 def decode_cursor(cursor: str) -> tuple[int, str]:
+    """The position a cursor from `encode_cursor` names; anything else is INVALID_CURSOR.
+
+    A cursor is the client's to tamper with: every value is checked before it reaches SQL.
+    """
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
+    # RecursionError: "[[[[..." nests deeper than the parser will go.
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise InvalidCursor() from None
-    if not isinstance(created_at, int) or not isinstance(job_id, str):
+    # `type`, not isinstance: JSON's true is a bool, which is an int to Python.
+    if type(created_at) is not int or not 0 <= created_at <= _MAX_SQLITE_INTEGER:
+        raise InvalidCursor()
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
         raise InvalidCursor()
     return created_at, job_id
 

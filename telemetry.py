@@ -203,8 +203,37 @@ def _dumps(entry: dict[str, Any]) -> str:
         return json.dumps(entry, default=str)
 
 
+# What could end a line or rewrite a terminal when written raw: C0 and C1 controls (newline,
+# carriage return, ESC), Unicode's line and paragraph separators, the bidi overrides, and lone
+# surrogates (which a UTF-8 stdout cannot even write).
+_UNSAFE_IN_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Every line of a traceback is indented: only a record's own first line starts at column 0.
+TRACEBACK_INDENT = "    "
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line, its control characters written as escapes (`\\n`, `\\x1b`)."""
+    if not _UNSAFE_IN_TEXT.search(text):
+        return text
+    return _UNSAFE_IN_TEXT.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
 class ConsoleFormatter(logging.Formatter):
-    """Plain text for a terminal, with the request id when there is one."""
+    """Plain text for a terminal, with the request id when there is one.
+
+    One record is one line, whatever its fields hold: a path with an encoded newline
+    (`/x%0A{"severity":"CRITICAL"}`) must not write a second, forged line. A traceback follows
+    on lines of its own, each escaped and indented, so none can pass for a record.
+    """
 
     def __init__(self, redactor: Redactor = redact) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
@@ -213,7 +242,17 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
         record.request_tag = f" [{request_id}]" if request_id else ""
-        return self._redact(super().format(record))
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        lines = [escape_controls(self.formatMessage(record))]
+        lines += [TRACEBACK_INDENT + escape_controls(line) for line in self._trace_lines(record)]
+        return self._redact("\n".join(lines))
+
+    def _trace_lines(self, record: logging.LogRecord) -> list[str]:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        text = "\n".join(filter(None, [record.exc_text, record.stack_info]))
+        return text.splitlines() if text else []
 
 
 class _CurrentStdout:

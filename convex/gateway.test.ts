@@ -4,7 +4,7 @@ import { ConvexError } from "convex/values";
 import { beforeEach, describe, expect, test } from "vitest";
 import { internal } from "./_generated/api";
 import type { Doc } from "./_generated/dataModel";
-import type { ErrorCode, JobStatus } from "./model";
+import { isInvalidCursor, type ErrorCode, type JobStatus } from "./model";
 import schema from "./schema";
 
 const modules = import.meta.glob("./**/*.*s");
@@ -16,7 +16,11 @@ const BOB = "user_bob";
 let t: ReturnType<typeof convexTest<typeof schema.tables>>;
 
 beforeEach(() => {
-  t = convexTest(schema, modules);
+  // The real backend's per-function limits, on (convex-test 0.0.60 `dist/transactionMetrics.js`
+  // DEFAULT_TRANSACTION_LIMITS: 32,000 documents and 16 MiB read, 4,096 index ranges). Only the
+  // options-object form takes them: `convexTest(schema, modules, {...})` has no third parameter
+  // (`dist/index.js` `convexTest(schemaOrOptions, modules)`), so it would silently run without.
+  t = convexTest({ schema, modules, transactionLimits: true });
 });
 
 function newJob(jobId: string, overrides: Partial<{ userId: string; cost: number }> = {}) {
@@ -77,6 +81,38 @@ async function credits(userId: string): Promise<number | undefined> {
 
 async function ledger(): Promise<Doc<"ledger">[]> {
   return await t.run((ctx) => ctx.db.query("ledger").collect());
+}
+
+/** Every user's totals, walked across calls as `convex_client.py` walks them. */
+async function ledgerTotals(maxReads?: number) {
+  const totals = [];
+  let cursor: string | null = null;
+  do {
+    const page: { totals: unknown[]; cursor: string | null } = await t.query(
+      internal.gateway.ledgerTotals,
+      { cursor, maxReads },
+    );
+    totals.push(...page.totals);
+    cursor = page.cursor;
+  } while (cursor !== null);
+  return totals;
+}
+
+/** Every problem the audit finds, walked across calls; and how many calls it took. */
+async function auditWalk(maxReads?: number) {
+  const problems = [];
+  let cursor: string | null = null;
+  let calls = 0;
+  do {
+    const page: { problems: string[]; cursor: string | null } = await t.query(
+      internal.gateway.audit,
+      { cursor, maxReads },
+    );
+    problems.push(...page.problems);
+    cursor = page.cursor;
+    calls += 1;
+  } while (cursor !== null);
+  return { problems, calls };
 }
 
 async function jobCount(): Promise<number> {
@@ -705,9 +741,47 @@ describe("listJobs", () => {
     expect(bobPage.jobs.every((job) => job.userId === BOB)).toBe(true);
   });
 
-  test.each(["not-a-cursor", "%%%", "[1,2"])("refuses the malformed cursor %s", async (cursor) => {
-    await insertJob("a1", ALICE, 1000);
-    await refusal(list(ALICE, 10, cursor), "INVALID_CURSOR");
+  test.each(["not-a-cursor", "%%%", "[1,2", "null", "123", "{}"])(
+    "refuses the malformed cursor %s",
+    async (cursor) => {
+      await insertJob("a1", ALICE, 1000);
+      await refusal(list(ALICE, 10, cursor), "INVALID_CURSOR");
+    },
+  );
+
+  test("a read limit is not reported as a bad cursor", async () => {
+    // The same functions with a 3-document read limit: the page of 5 jobs goes over it.
+    t = convexTest({ schema, modules, transactionLimits: { documentsRead: 3 } });
+    for (const jobId of ["a1", "a2", "a3", "a4", "a5"]) {
+      await insertJob(jobId, ALICE, 1000);
+    }
+    const error = await list(ALICE, 10, null).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(error).toBeInstanceOf(Error);
+    expect(error).not.toBeInstanceOf(ConvexError);
+    expect((error as Error).message).toMatch(/Scanned too many documents/);
+  });
+
+  test("serves at most 100 jobs a page, however many are asked for", async () => {
+    await t.run(async (ctx) => {
+      for (let i = 0; i < 101; i++) {
+        await ctx.db.insert("jobs", {
+          ...newJob(`j${i}`),
+          imageUrl: undefined,
+          status: "done",
+          createdAt: i,
+          updatedAt: i,
+          checkedAt: i,
+        });
+      }
+    });
+    const page = await list(ALICE, 1_000, null);
+    expect(page.jobs).toHaveLength(100);
+    expect((await list(ALICE, 1_000, page.nextCursor)).jobs.map((job) => job.jobId)).toEqual([
+      "j0",
+    ]);
   });
 
   test.each([0, -1, 2.5])("refuses limit %s", async (limit) => {
@@ -765,7 +839,7 @@ describe("ledgerTotals", () => {
       signupCredits: 0,
       plan: "free",
     });
-    expect(await t.query(internal.gateway.ledgerTotals, {})).toEqual([
+    expect(await ledgerTotals()).toEqual([
       { userId: ALICE, credits: 7, grants: 10, charges: 7, refunds: 4 },
       { userId: BOB, credits: 15, grants: 15, charges: 0, refunds: 0 },
       { userId: "user_carol", credits: 0, grants: 0, charges: 0, refunds: 0 },
@@ -778,8 +852,41 @@ describe("ledgerTotals", () => {
     await t.mutation(internal.gateway.cancelJob, { userId: ALICE, jobId: "a2" });
     await charge("b1", { userId: BOB, cost: 10 });
     await setStatus("b1", "done");
-    for (const row of await t.query(internal.gateway.ledgerTotals, {})) {
+    for (const row of (await ledgerTotals()) as {
+      credits: number;
+      grants: number;
+      charges: number;
+      refunds: number;
+    }[]) {
       expect(row.credits).toBe(row.grants - row.charges + row.refunds);
+    }
+  });
+
+  test("gives the same totals however the calls are cut, even inside one user's rows", async () => {
+    await charge("a1");
+    await charge("a2", { cost: 4 });
+    await setStatus("a2", "failed");
+    await charge("b1", { userId: BOB });
+    await charge("c1", { userId: "user_carol" });
+    const whole = await ledgerTotals();
+    expect(whole.map((row) => (row as { userId: string }).userId)).toEqual([
+      ALICE,
+      BOB,
+      "user_carol",
+    ]);
+    // 3 users and 8 ledger rows: every budget from 2 cuts the walk somewhere else.
+    for (let maxReads = 2; maxReads <= 12; maxReads++) {
+      expect(await ledgerTotals(maxReads)).toEqual(whole);
+    }
+  });
+
+  test("refuses a cursor it did not hand out", async () => {
+    for (const cursor of [
+      "garbage",
+      "{}",
+      JSON.stringify({ phase: "jobs", after: null, inside: null }),
+    ]) {
+      await refusal(t.query(internal.gateway.ledgerTotals, { cursor }), "INVALID_CURSOR");
     }
   });
 });
@@ -1192,7 +1299,7 @@ describe("the reconciler's claims", () => {
 
 describe("audit", () => {
   async function audit() {
-    return await t.query(internal.gateway.audit, {});
+    return (await auditWalk()).problems;
   }
 
   async function addLedgerRow(jobId: string, kind: "charge" | "refund", amount = 0) {
@@ -1277,6 +1384,106 @@ describe("audit", () => {
     expect(await audit()).toEqual([
       `${BOB}: balance 0 != grants 10 - charges 3 + refunds 0`,
       "job_failed (done): 1 refunds",
+    ]);
+  });
+
+  test("finds the same problems however the calls are cut", async () => {
+    await addLedgerRow("job_done", "charge");
+    await addLedgerRow("job_running", "refund");
+    await patchJob("job_failed", { status: "done" });
+    const { problems, calls } = await auditWalk();
+    expect(calls).toBe(2); // the users, then the jobs
+    expect(problems).toEqual([
+      "job_done: 2 charges",
+      "job_failed (done): 1 refunds",
+      "job_running (running): 1 refunds",
+    ]);
+    for (let maxReads = 2; maxReads <= 20; maxReads++) {
+      expect((await auditWalk(maxReads)).problems).toEqual(problems);
+    }
+  });
+
+  test("refuses a cursor it did not hand out", async () => {
+    await refusal(t.query(internal.gateway.audit, { cursor: "[1]" }), "INVALID_CURSOR");
+  });
+});
+
+describe("isInvalidCursor", () => {
+  // Errors as a deployment throws them into `paginate()`: each message and data is the backend's
+  // own (convex-backend `crates/database/src/query/mod.rs` `invalid_cursor`,
+  // `crates/keybroker/src/broker.rs`, `crates/database/src/reads.rs`).
+  const otherQuery = Object.assign(
+    new Error(
+      "InvalidCursor: Tried to run a query starting from a cursor, but it looks like this " +
+        "cursor is from a different query.",
+    ),
+    { data: { isConvexSystemError: true, paginationError: "InvalidCursor" } },
+  );
+
+  test.each([
+    ["a cursor of another query", otherQuery],
+    ["a cursor that does not decrypt", new Error("Failed to parse cursor")],
+    ["another deployment's cursor", new Error('Key is invalid for instance "other-123"')],
+    ["a cursor without a position", new Error("Missing position field")],
+  ])("recognizes %s", (_name, error) => {
+    expect(isInvalidCursor(error)).toBe(true);
+  });
+
+  test.each([
+    "Too many documents read in a single function execution (limit: 32000). Consider using smaller limits in your queries, paginating your queries, or using indexed queries with a selective index range expressions.",
+    "Too many bytes read in a single function execution (limit: 16777216 bytes).",
+    "Too many reads in a single function execution (limit: 4096).",
+    "Requested too many items: 100000",
+    "Server Error",
+  ])("passes over %s", (message) => {
+    expect(isInvalidCursor(new Error(message))).toBe(false);
+  });
+
+  test("passes over what is not an Error", () => {
+    expect(isInvalidCursor("InvalidCursor")).toBe(false);
+  });
+});
+
+describe("the audit walk's byte budget", () => {
+  test("pages large documents so that no call reads more than the limit", async () => {
+    // 40 jobs and 40 ledger rows of about 400 KB each: 32 MB, twice what one call may read.
+    const big = "x".repeat(400_000);
+    await t.run(async (ctx) => {
+      await ctx.db.insert("users", {
+        userId: ALICE,
+        credits: 0,
+        plan: "free",
+        createdAt: 0,
+        updatedAt: 0,
+      });
+    });
+    for (let i = 0; i < 40; i++) {
+      const jobId = `job_${String(i).padStart(2, "0")}`;
+      await t.run(async (ctx) => {
+        await ctx.db.insert("jobs", {
+          ...newJob(jobId, { cost: 0 }),
+          imageUrl: undefined,
+          prompt: big,
+          status: "done",
+          createdAt: i,
+          updatedAt: i,
+          checkedAt: i,
+        });
+        await ctx.db.insert("ledger", {
+          userId: ALICE,
+          jobId,
+          kind: "charge",
+          amount: 0,
+          reason: big,
+          createdAt: i,
+        });
+      });
+    }
+    const { problems, calls } = await auditWalk();
+    expect(problems).toEqual([]);
+    expect(calls).toBeGreaterThanOrEqual(6); // 8 MiB a call: 2+ for the users, 4+ for the jobs
+    expect(await ledgerTotals()).toEqual([
+      { userId: ALICE, credits: 0, grants: 0, charges: 0, refunds: 0 },
     ]);
   });
 });

@@ -6,7 +6,7 @@
  * serializable transaction, and a throw commits nothing. All are internal: browsers cannot call
  * them, only holders of a deploy key.
  */
-import { v } from "convex/values";
+import { getDocumentSize, v, type Value } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import {
   internalMutation,
@@ -18,7 +18,9 @@ import {
   ACTIVE_STATUSES,
   REFUNDED_STATUSES,
   STATUS_RANK,
+  clampPageSize,
   fail,
+  isInvalidCursor,
   isTerminal,
   jobRecord,
   nullableString,
@@ -126,14 +128,23 @@ async function refund(ctx: MutationCtx, job: Doc<"jobs">, reason: string): Promi
   });
 }
 
-async function countActiveJobs(ctx: QueryCtx, userId: string): Promise<number> {
+/**
+ * How many of the user's jobs are queued or running, counting no further than `cap`.
+ *
+ * Bounded whatever the user's history: each status is its own `by_user_status` range, finished
+ * jobs are in other ranges, and `take(cap)` stops each range at `cap` documents.
+ */
+async function countActiveJobs(ctx: QueryCtx, userId: string, cap: number): Promise<number> {
   let active = 0;
   for (const status of ACTIVE_STATUSES) {
     const jobs = await ctx.db
       .query("jobs")
       .withIndex("by_user_status", (q) => q.eq("userId", userId).eq("status", status))
-      .collect();
+      .take(cap - active);
     active += jobs.length;
+    if (active >= cap) {
+      break;
+    }
   }
   return active;
 }
@@ -172,26 +183,13 @@ async function findIdempotencyRecord(
     .unique();
 }
 
-async function ledgerSums(ctx: QueryCtx, userId: string): Promise<LedgerSums> {
-  const sums = { grant: 0, charge: 0, refund: 0 };
-  const rows = ctx.db.query("ledger").withIndex("by_user", (q) => q.eq("userId", userId));
-  for await (const row of rows) {
-    sums[row.kind] += row.amount;
-  }
-  return sums;
-}
-
-async function countLedgerRows(
-  ctx: QueryCtx,
-  jobId: string,
-  kind: "charge" | "refund",
-): Promise<number> {
-  const rows = await ctx.db
-    .query("ledger")
-    .withIndex("by_job_kind", (q) => q.eq("jobId", jobId).eq("kind", kind))
-    .collect();
-  return rows.length;
-}
+/**
+ * The most documents one batch call (reconciler claims, purge) handles, whatever it asks for:
+ * 3 ranges of 1,000 read and 1,000 written stay far within the 32,000 read and 16,000 written
+ * per function (limits.mdx). The gateway asks for 50 and 500 (`jobs.py`). Both calls promise
+ * "up to `limit`", so fewer is an honest answer.
+ */
+const MAX_BATCH = 1_000;
 
 /** The active jobs last checked before `staleBefore`, least recently checked first. */
 async function staleActiveJobs(
@@ -201,7 +199,8 @@ async function staleActiveJobs(
 ): Promise<Doc<"jobs">[]> {
   const candidates: Doc<"jobs">[] = [];
   for (const status of ACTIVE_STATUSES) {
-    // Each status's range is already in `checkedAt` order, so `limit` from each is enough.
+    // Each status's range is already in `checkedAt` order, so `limit` from each is enough;
+    // bounded by `take`, however many jobs are stale.
     const jobs = await ctx.db
       .query("jobs")
       .withIndex("by_status_checked", (q) => q.eq("status", status).lt("checkedAt", staleBefore))
@@ -288,7 +287,7 @@ export const chargeAndCreateJob = internalMutation({
         `This job costs ${job.cost} credits; you have ${user.credits}`,
       );
     }
-    const active = await countActiveJobs(ctx, job.userId);
+    const active = await countActiveJobs(ctx, job.userId, maxActive);
     if (active >= maxActive) {
       throw fail("TOO_MANY_ACTIVE_JOBS", `You already have ${active} jobs queued or running`);
     }
@@ -518,10 +517,11 @@ export const purgeIdempotencyKeys = internalMutation({
   returns: v.number(),
   handler: async (ctx, { before, limit }) => {
     requireWhole("limit", limit, 1);
+    // Bounded by `take`, however many keys have expired: the next call deletes the rest.
     const expired = await ctx.db
       .query("idempotency")
       .withIndex("by_expires", (q) => q.lt("expiresAt", before))
-      .take(limit);
+      .take(Math.min(limit, MAX_BATCH));
     for (const record of expired) {
       await ctx.db.delete("idempotency", record._id);
     }
@@ -543,7 +543,7 @@ export const claimStaleJobs = internalMutation({
   handler: async (ctx, { staleBefore, now, limit }) => {
     requireWhole("limit", limit, 1);
     const claimed = [];
-    for (const job of await staleActiveJobs(ctx, staleBefore, limit)) {
+    for (const job of await staleActiveJobs(ctx, staleBefore, Math.min(limit, MAX_BATCH))) {
       claimed.push(await claimCheck(ctx, job, now));
     }
     return claimed;
@@ -610,10 +610,13 @@ export const listJobs = internalQuery({
         .query("jobs")
         .withIndex("by_user_created", (q) => q.eq("userId", userId))
         .order("desc")
-        .paginate({ numItems: limit, cursor });
-    } catch {
-      // The cursor is opaque to callers; whatever the backend disliked about it, it is theirs.
-      throw fail("INVALID_CURSOR", "The cursor is malformed");
+        .paginate({ numItems: clampPageSize(limit), cursor });
+    } catch (error) {
+      // Only a refused cursor is the caller's fault; a read limit or a bug stays what it is.
+      if (isInvalidCursor(error)) {
+        throw fail("INVALID_CURSOR", "The cursor is malformed");
+      }
+      throw error;
     }
     const last = result.page.at(-1);
     // A full last page may still say "not done": like store.py, hand out a cursor only when
@@ -630,7 +633,239 @@ export const ping = internalQuery({
   handler: async () => null,
 });
 
-// --- operator views ---------------------------------------------------------------------------
+// --- operator views, walked across calls ------------------------------------------------------
+//
+// `manage.py audit` must work on any deployment, but one function may read at most 32,000
+// documents, 16 MiB and 4,096 index ranges (convex-backend `npm-packages/docs/docs/production/
+// state/limits.mdx`). So the audit and the totals are walks: each call reads within a budget of
+// documents and bytes, through at most four index ranges, and hands back a cursor. Each
+// walk is a merge of two streams in the same key order: users with their ledger rows by user,
+// jobs with their ledger rows by job. One call is one snapshot: a user whose balance and ledger
+// rows are read in one call (every user with fewer rows than a call's budget) and every job with
+// its rows are checked consistently, whatever runs meanwhile.
+
+/**
+ * What one call reads at most: half of each limit (32,000 documents, 16 MiB). The budget is
+ * checked after a read, a document may be 1 MiB (limits.mdx), and the merge reads one ledger
+ * row ahead. The backend counts a document when the function receives it, not when it
+ * prefetches it (convex-backend `crates/database/src/query/index_range.rs`,
+ * `record_read_document`); sizes are `getDocumentSize`'s, convex/values' copy of its accounting.
+ */
+const WALK_MAX_READS = 16_000;
+const WALK_MAX_BYTES = 8 * 1024 * 1024;
+
+/** Where a walk stopped: after a key, or inside one user's ledger rows (their sums so far). */
+type WalkCursor = {
+  phase: "users" | "jobs";
+  after: string | null;
+  inside: { userId: string; lastRow: number; sums: LedgerSums } | null;
+};
+
+type UserTotal = {
+  userId: string;
+  credits: number;
+  grants: number;
+  charges: number;
+  refunds: number;
+};
+
+const START: WalkCursor = { phase: "users", after: null, inside: null };
+
+function encodeCursor(cursor: WalkCursor | null): string | null {
+  return cursor === null ? null : JSON.stringify(cursor);
+}
+
+function decodeCursor(text: string | null): WalkCursor {
+  if (text === null) {
+    return START;
+  }
+  try {
+    const cursor = JSON.parse(text) as WalkCursor;
+    if (["users", "jobs"].includes(cursor.phase) && "after" in cursor && "inside" in cursor) {
+      return cursor;
+    }
+  } catch {
+    // not JSON: the same answer as a wrong shape, below
+  }
+  throw fail("INVALID_CURSOR", "The cursor is malformed");
+}
+
+/** Counts what a call has read, against its budget of documents and bytes. */
+class Reader {
+  private reads = 0;
+  private bytes = 0;
+  private readonly budget: number;
+
+  constructor(maxReads: number | undefined) {
+    // Two reads at least, so every call gets past one user or one ledger row.
+    const asked = Math.floor(maxReads ?? WALK_MAX_READS) || 2;
+    this.budget = Math.min(Math.max(asked, 2), WALK_MAX_READS);
+  }
+
+  count<T extends Record<string, Value>>(doc: T): T {
+    this.reads += 1;
+    this.bytes += getDocumentSize(doc);
+    return doc;
+  }
+
+  /** The next value of a stream, counted. */
+  async next<T extends Record<string, Value>>(stream: AsyncIterator<T>): Promise<T | undefined> {
+    const { value, done } = await stream.next();
+    return done ? undefined : this.count(value);
+  }
+
+  get spent(): boolean {
+    return this.reads >= this.budget || this.bytes >= WALK_MAX_BYTES;
+  }
+}
+
+/**
+ * Ledger rows in `by_user` order from where the cursor stopped (one or two index ranges).
+ *
+ * Resuming after `lastRow` skips nothing: one user's rows never share a `_creationTime`, since
+ * each is written with a change to that user's document, so their transactions serialize, and
+ * one transaction's creation times increase (convex-backend `crates/database/src/transaction.rs`,
+ * `next_creation_time`).
+ */
+async function* ledgerByUser(ctx: QueryCtx, cursor: WalkCursor): AsyncGenerator<Doc<"ledger">> {
+  const rows = () => ctx.db.query("ledger");
+  if (cursor.inside !== null) {
+    const { userId, lastRow } = cursor.inside;
+    yield* rows().withIndex("by_user", (q) => q.eq("userId", userId).gt("_creationTime", lastRow));
+    yield* rows().withIndex("by_user", (q) => q.gt("userId", userId));
+  } else if (cursor.after !== null) {
+    const after = cursor.after;
+    yield* rows().withIndex("by_user", (q) => q.gt("userId", after));
+  } else {
+    yield* rows().withIndex("by_user");
+  }
+}
+
+function usersFrom(ctx: QueryCtx, cursor: WalkCursor) {
+  const users = ctx.db.query("users");
+  if (cursor.inside !== null) {
+    const userId = cursor.inside.userId;
+    return users.withIndex("by_userId", (q) => q.gte("userId", userId));
+  }
+  const after = cursor.after;
+  return after === null
+    ? users.withIndex("by_userId")
+    : users.withIndex("by_userId", (q) => q.gt("userId", after));
+}
+
+function userTotal(user: Doc<"users">, sums: LedgerSums): UserTotal {
+  const { userId, credits } = user;
+  return { userId, credits, grants: sums.grant, charges: sums.charge, refunds: sums.refund };
+}
+
+/**
+ * Per user, in `userId` order from the cursor: the balance and the sums of the ledger.
+ *
+ * Keys are Clerk ids, plain ASCII, so JavaScript's string order is the index's byte order.
+ */
+async function walkBalances(
+  ctx: QueryCtx,
+  cursor: WalkCursor,
+  maxReads: number | undefined,
+): Promise<{ totals: UserTotal[]; next: WalkCursor | null }> {
+  const reader = new Reader(maxReads);
+  const rows = ledgerByUser(ctx, cursor);
+  let row = await reader.next(rows);
+  let carried = cursor.inside;
+  const totals: UserTotal[] = [];
+  for await (const user of usersFrom(ctx, cursor)) {
+    reader.count(user);
+    const sums =
+      carried?.userId === user.userId ? carried.sums : { grant: 0, charge: 0, refund: 0 };
+    carried = null;
+    // A row of no user has no balance to check against (none exist: every row is written for
+    // a user the same mutation found or created).
+    while (row !== undefined && row.userId < user.userId) {
+      row = await reader.next(rows);
+    }
+    while (row !== undefined && row.userId === user.userId) {
+      sums[row.kind] += row.amount;
+      if (reader.spent) {
+        const inside = { userId: user.userId, lastRow: row._creationTime, sums };
+        return { totals, next: { phase: "users", after: null, inside } };
+      }
+      row = await reader.next(rows);
+    }
+    totals.push(userTotal(user, sums));
+    if (reader.spent) {
+      return { totals, next: { phase: "users", after: user.userId, inside: null } };
+    }
+  }
+  return { totals, next: null };
+}
+
+/**
+ * Per job, in `jobId` order after `after`: the problems with its charge and refund rows.
+ *
+ * The budget is checked between jobs only: a job has at most one charge (written with it) and
+ * one refund (`refund` checks for an earlier one), so its rows are a handful at most.
+ */
+async function walkJobs(
+  ctx: QueryCtx,
+  after: string | null,
+  maxReads: number | undefined,
+): Promise<{ problems: string[]; next: WalkCursor | null }> {
+  const reader = new Reader(maxReads);
+  // Rows without a job (grants) sort first in the index, before every string: skip them.
+  const rows = ctx.db
+    .query("ledger")
+    .withIndex("by_job_kind", (q) => (after === null ? q.gte("jobId", "") : q.gt("jobId", after)))
+    [Symbol.asyncIterator]();
+  const jobs = ctx.db
+    .query("jobs")
+    .withIndex("by_jobId", (q) => (after === null ? q : q.gt("jobId", after)));
+  let row = await reader.next(rows);
+  const problems: string[] = [];
+  for await (const job of jobs) {
+    reader.count(job);
+    const counts = { grant: 0, charge: 0, refund: 0 };
+    while (row !== undefined && row.jobId! < job.jobId) {
+      row = await reader.next(rows);
+    }
+    while (row !== undefined && row.jobId === job.jobId) {
+      counts[row.kind] += 1;
+      row = await reader.next(rows);
+    }
+    problems.push(...jobProblems(job, counts));
+    if (reader.spent) {
+      return { problems, next: { phase: "jobs", after: job.jobId, inside: null } };
+    }
+  }
+  return { problems, next: null };
+}
+
+/** Every job has exactly one charge; a failed or canceled one exactly one refund, others none. */
+function jobProblems(job: Doc<"jobs">, counts: LedgerSums): string[] {
+  const problems = [];
+  if (counts.charge !== 1) {
+    problems.push(`${job.jobId}: ${counts.charge} charges`);
+  }
+  const expected = REFUNDED_STATUSES.includes(job.status) ? 1 : 0;
+  if (counts.refund !== expected) {
+    problems.push(`${job.jobId} (${job.status}): ${counts.refund} refunds`);
+  }
+  return problems;
+}
+
+function balanceProblem({ userId, credits, grants, charges, refunds }: UserTotal): string[] {
+  if (credits === grants - charges + refunds) {
+    return [];
+  }
+  return [
+    `${userId}: balance ${credits} != grants ${grants} - charges ${charges} + refunds ${refunds}`,
+  ];
+}
+
+const walkArgs = {
+  cursor: v.union(v.string(), v.null()),
+  // Tests make it small to cross call boundaries; callers leave it out.
+  maxReads: v.optional(v.number()),
+};
 
 const ledgerTotal = v.object({
   userId: v.string(),
@@ -640,62 +875,41 @@ const ledgerTotal = v.object({
   refunds: v.number(),
 });
 
-/** Per user: the balance and the sums of grants, charges and refunds (for `manage.py` audit). */
+/**
+ * Per user, in `userId` order: the balance and the sums of grants, charges and refunds
+ * (`manage.py audit`). One page per call; pass `cursor` back until it is null.
+ */
 export const ledgerTotals = internalQuery({
-  args: {},
-  returns: v.array(ledgerTotal),
-  handler: async (ctx) => {
-    // Reads every user and ledger row: fine for an operator command, within Convex's
-    // 32,000-documents-per-query limit; page it by user when the ledger outgrows that.
-    const totals = [];
-    for await (const user of ctx.db.query("users")) {
-      const sums = await ledgerSums(ctx, user.userId);
-      totals.push({
-        userId: user.userId,
-        credits: user.credits,
-        grants: sums.grant,
-        charges: sums.charge,
-        refunds: sums.refund,
-      });
+  args: walkArgs,
+  returns: v.object({ totals: v.array(ledgerTotal), cursor: v.union(v.string(), v.null()) }),
+  handler: async (ctx, { cursor, maxReads }) => {
+    const from = decodeCursor(cursor);
+    if (from.phase !== "users") {
+      throw fail("INVALID_CURSOR", "The cursor is not a totals cursor");
     }
-    return totals.sort((a, b) => (a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0));
+    const { totals, next } = await walkBalances(ctx, from, maxReads);
+    return { totals, cursor: encodeCursor(next) };
   },
 });
 
 /**
- * What is wrong with the books, one line per problem (`manage.py audit`); empty when healthy.
+ * What is wrong with the books, one line per problem (`manage.py audit`): users in `userId`
+ * order, then jobs in `jobId` order. One page per call; pass `cursor` back until it is null.
  *
  * Every balance must equal grants - charges + refunds, every job must have exactly one charge,
  * every failed or canceled job exactly one refund, and every other job none.
  */
 export const audit = internalQuery({
-  args: {},
-  returns: v.array(v.string()),
-  handler: async (ctx) => {
-    // A full scan of users, jobs and the ledger: fine for an operator command while it stays
-    // within one query's read limits (32,000 documents); a large deployment would page through
-    // users and jobs over several queries instead.
-    const problems: string[] = [];
-    for await (const user of ctx.db.query("users").withIndex("by_userId")) {
-      const { grant, charge, refund } = await ledgerSums(ctx, user.userId);
-      if (user.credits !== grant - charge + refund) {
-        problems.push(
-          `${user.userId}: balance ${user.credits} != grants ${grant} - charges ${charge}` +
-            ` + refunds ${refund}`,
-        );
-      }
+  args: walkArgs,
+  returns: v.object({ problems: v.array(v.string()), cursor: v.union(v.string(), v.null()) }),
+  handler: async (ctx, { cursor, maxReads }) => {
+    const from = decodeCursor(cursor);
+    if (from.phase === "jobs") {
+      const { problems, next } = await walkJobs(ctx, from.after, maxReads);
+      return { problems, cursor: encodeCursor(next) };
     }
-    for await (const job of ctx.db.query("jobs").withIndex("by_jobId")) {
-      const charges = await countLedgerRows(ctx, job.jobId, "charge");
-      if (charges !== 1) {
-        problems.push(`${job.jobId}: ${charges} charges`);
-      }
-      const refunds = await countLedgerRows(ctx, job.jobId, "refund");
-      const expected = REFUNDED_STATUSES.includes(job.status) ? 1 : 0;
-      if (refunds !== expected) {
-        problems.push(`${job.jobId} (${job.status}): ${refunds} refunds`);
-      }
-    }
-    return problems;
+    const { totals, next } = await walkBalances(ctx, from, maxReads);
+    const jobsNext: WalkCursor = { phase: "jobs", after: null, inside: null };
+    return { problems: totals.flatMap(balanceProblem), cursor: encodeCursor(next ?? jobsNext) };
   },
 });

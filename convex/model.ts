@@ -27,7 +27,7 @@ export function isTerminal(status: JobStatus): boolean {
 }
 
 /** `submitting` is internal: the public API shows it as `queued`. */
-export function publicStatus(status: JobStatus): JobStatus {
+export function publicStatus(status: JobStatus): Exclude<JobStatus, "submitting"> {
   return status === "submitting" ? "queued" : status;
 }
 
@@ -125,4 +125,51 @@ export function toJob(doc: Doc<"jobs">): JobRecord {
     updatedAt: doc.updatedAt,
     checkedAt: doc.checkedAt,
   };
+}
+
+/** The most jobs one page may hold: the gateway's `GET /jobs` allows 100 (`models.py`). */
+export const MAX_PAGE_ITEMS = 100;
+
+/**
+ * A page size the backend accepts and that keeps one page's reads small, whatever was asked.
+ *
+ * The backend refuses 0 ("NoDocumentsForPagination") and more than its row limit
+ * ("PageSizeTooLarge"): convex-backend `crates/isolate/src/environment/udf/async_syscall.rs`.
+ */
+export function clampPageSize(numItems: number): number {
+  return Math.min(Math.max(Math.floor(numItems) || 1, 1), MAX_PAGE_ITEMS);
+}
+
+// How an invalid cursor reaches a function's `paginate()`, and nothing else does:
+// - a cursor of another query: a ConvexError-like Error whose message starts "InvalidCursor:" and
+//   whose data is {isConvexSystemError: true, paginationError: "InvalidCursor"} (convex-backend
+//   `crates/database/src/query/mod.rs` `invalid_cursor`; `usePaginatedQuery` tests the same two
+//   things, `npm-packages/convex/src/react/use_paginated_query.ts`);
+// - a string that does not decrypt, or is for another deployment: an Error whose message is
+//   "Failed to parse cursor", "Key is invalid for instance ..." or "Missing position field"
+//   (`crates/keybroker/src/broker.rs` `cursor_parse_error`, `proto_to_cursor`);
+// - convex-test (0.0.60 `dist/index.js` `DatabaseFake.paginate`): its cursors are JSON, and one
+//   it did not issue fails in `JSON.parse` (a SyntaxError naming JSON) or in the `.map` over the
+//   parsed keys; `performAsyncSyscall` re-throws the message as a plain Error
+//   (`convex/src/server/impl/syscall.ts`).
+// A read-limit error ("Too many documents read ...", "Too many reads ...") matches none of these.
+const CURSOR_ERROR_MESSAGES = [
+  /^InvalidCursor\b/,
+  /^Failed to parse cursor\b/,
+  /^Key is invalid for instance\b/,
+  /^Missing position field\b/,
+  /\bJSON\b/,
+  /\bmap is not a function\b|\(reading 'map'\)/,
+];
+
+/** True when `paginate()` refused the cursor it was given, and only then. */
+export function isInvalidCursor(error: unknown): boolean {
+  if (!(error instanceof Error)) {
+    return false;
+  }
+  const data = (error as { data?: { paginationError?: unknown } }).data;
+  if (typeof data === "object" && data?.paginationError === "InvalidCursor") {
+    return true;
+  }
+  return CURSOR_ERROR_MESSAGES.some((pattern) => pattern.test(error.message));
 }

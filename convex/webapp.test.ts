@@ -3,7 +3,10 @@ import { convexTest } from "convex-test";
 import { ConvexError } from "convex/values";
 import { beforeEach, describe, expect, test } from "vitest";
 import { api, internal } from "./_generated/api";
+import type { Doc } from "./_generated/dataModel";
 import * as gateway from "./gateway";
+import fixture from "../tests/fixtures/public_jobs.json";
+import type { JobRecord } from "./model";
 import schema from "./schema";
 import * as webapp from "./webapp";
 
@@ -16,8 +19,16 @@ const BOB = "user_bob";
 let t: ReturnType<typeof convexTest<typeof schema.tables>>;
 
 beforeEach(() => {
-  t = convexTest(schema, modules);
+  // The real backend's per-function limits, on (convex-test 0.0.60 `dist/transactionMetrics.js`
+  // DEFAULT_TRANSACTION_LIMITS: 32,000 documents and 16 MiB read, 4,096 index ranges). Only the
+  // options-object form takes them: `convexTest(schema, modules, {...})` has no third parameter
+  // (`dist/index.js` `convexTest(schemaOrOptions, modules)`), so it would silently run without.
+  t = convexTest({ schema, modules, transactionLimits: true });
 });
+
+const ISO_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+// One job, two readers: `tests/test_models.py` checks the gateway's shape against the same cases.
+const publicCases = fixture.cases as { name: string; stored: JobRecord; public: object }[];
 
 const asAlice = () => t.withIdentity({ subject: ALICE });
 const asBob = () => t.withIdentity({ subject: BOB });
@@ -91,17 +102,20 @@ describe("myJobs", () => {
     expect(job).toEqual({
       jobId: "a1",
       status: "queued", // submitting is internal
+      r2Url: null,
+      expiresAt: null,
+      durationSec: 5,
       prompt: "render a1",
       imageUrl: null,
-      durationSec: 5,
       seed: 7,
       cost: 2,
-      downloadUrl: null,
-      downloadExpiresAt: null,
+      createdAt: expect.stringMatching(ISO_MS),
+      updatedAt: expect.stringMatching(ISO_MS),
       error: null,
-      createdAt: expect.any(Number),
-      updatedAt: expect.any(Number),
     });
+    // The gateway's fields, no more and no fewer. (Not their order: a Convex object is a sorted
+    // map, convex-backend `crates/value/src/object.rs`.)
+    expect(Object.keys(job).sort()).toEqual(Object.keys(publicCases[0].public).sort());
   });
 
   test("is an empty, finished page when signed out", async () => {
@@ -143,14 +157,14 @@ describe("myJob", () => {
     });
     expect(await asAlice().query(api.webapp.myJob, { jobId: "a1" })).toMatchObject({
       status: "queued",
-      downloadUrl: null,
-      downloadExpiresAt: null,
+      r2Url: null,
+      expiresAt: null,
     });
     await t.mutation(internal.gateway.applyStatus, { jobId: "a1", status: "done" });
     expect(await asAlice().query(api.webapp.myJob, { jobId: "a1" })).toMatchObject({
       status: "done",
-      downloadUrl: "https://r2.example.com/a1.mp4?sig=x",
-      downloadExpiresAt: 2_000,
+      r2Url: "https://r2.example.com/a1.mp4?sig=x",
+      expiresAt: "1970-01-01T00:00:02.000Z",
       error: null,
     });
     await charge("a2");
@@ -173,6 +187,37 @@ describe("myJob", () => {
   test("is null when signed out", async () => {
     await charge("a1");
     expect(await t.query(api.webapp.myJob, { jobId: "a1" })).toBeNull();
+  });
+});
+
+describe("the job shape the gateway shows", () => {
+  /** Store a record as `gateway.ts` does: null optional fields are left out. */
+  async function store(record: JobRecord) {
+    const doc = Object.fromEntries(Object.entries(record).filter(([, value]) => value !== null));
+    await t.run(async (ctx) => {
+      await ctx.db.insert("jobs", doc as Omit<Doc<"jobs">, "_id" | "_creationTime">);
+    });
+  }
+
+  test.each(publicCases)("myJob: $name", async ({ stored, public: shown }) => {
+    await store(stored);
+    const job = await t.withIdentity({ subject: stored.userId }).query(api.webapp.myJob, {
+      jobId: stored.jobId,
+    });
+    expect(job).toEqual(shown);
+    expect(Object.keys(job!).sort()).toEqual(Object.keys(shown).sort()); // not one field more
+  });
+
+  test("myJobs: every case in one page, newest first", async () => {
+    for (const { stored } of publicCases) {
+      await store(stored);
+    }
+    const byNewest = [...publicCases].sort(
+      (a, b) =>
+        b.stored.createdAt - a.stored.createdAt || publicCases.indexOf(b) - publicCases.indexOf(a),
+    );
+    const { page } = await asAlice().query(api.webapp.myJobs, firstPage);
+    expect(page).toEqual(byNewest.map((c) => c.public));
   });
 });
 

@@ -3,53 +3,80 @@
  *
  * Every query is scoped to the caller's own Clerk user id (the token's `subject`) and takes no
  * user id argument, so no argument can reach another user's data. Signed out: null or an empty
- * page. Jobs are shown as the gateway's HTTP API shows them (`JobResponse` in `models.py`):
- * `submitting` reads as `queued`, the download URL appears only once the job is done, and the
- * storage key, RunPod id and owner stay inside.
+ * page. Jobs are shown as the gateway's HTTP API shows them (`JobResponse` in `models.py`),
+ * field for field: `submitting` reads as `queued`, the download URL appears only once the job is
+ * done, and the storage key, RunPod id and owner stay inside.
  */
 import { paginationOptsValidator } from "convex/server";
-import { v } from "convex/values";
+import { v, type Infer } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { query, type QueryCtx } from "./_generated/server";
-import { fail, publicStatus } from "./model";
-import { jobStatus } from "./schema";
+import { clampPageSize, fail, isInvalidCursor, publicStatus } from "./model";
 
 async function callerId(ctx: QueryCtx): Promise<string | null> {
   const identity = await ctx.auth.getUserIdentity();
   return identity?.subject ?? null;
 }
 
-const myJobRecord = v.object({
+/** The statuses the public API shows: `submitting` is internal and reads as `queued`. */
+const publicStatusValidator = v.union(
+  v.literal("queued"),
+  v.literal("running"),
+  v.literal("done"),
+  v.literal("failed"),
+  v.literal("canceled"),
+);
+
+/**
+ * A job exactly as the gateway's `GET /jobs/{id}` shows it (`JobResponse` in `models.py`): the
+ * same fields in the same order, times as ISO 8601 UTC with milliseconds. Both are checked
+ * against `tests/fixtures/public_jobs.json`.
+ *
+ * One difference cannot be avoided: `r2Url` here is the URL the gateway presigned last. Convex
+ * holds no R2 credentials and a query cannot write, so it cannot presign one. It is null until
+ * the gateway has served the done job once, and it goes stale at `expiresAt`, while the gateway
+ * hands out a fresh one whenever less than an hour is left. When `r2Url` is null or `expiresAt`
+ * is near, ask `GET /jobs/{id}`: it saves the fresh URL, and this query then shows it.
+ */
+const publicJob = v.object({
   jobId: v.string(),
-  status: jobStatus,
+  status: publicStatusValidator,
+  // The owner's own bearer link to their video: fine to show them, and only them.
+  r2Url: v.union(v.string(), v.null()),
+  expiresAt: v.union(v.string(), v.null()),
+  durationSec: v.number(),
   prompt: v.string(),
   imageUrl: v.union(v.string(), v.null()),
-  durationSec: v.number(),
   seed: v.number(),
   cost: v.number(),
-  // The owner's own bearer link to their video: fine to show them, and only them.
-  downloadUrl: v.union(v.string(), v.null()),
-  downloadExpiresAt: v.union(v.number(), v.null()),
+  createdAt: v.string(),
+  updatedAt: v.string(),
   error: v.union(v.object({ code: v.string(), detail: v.string() }), v.null()),
-  createdAt: v.number(),
-  updatedAt: v.number(),
 });
 
-function toMyJob(doc: Doc<"jobs">) {
+type PublicJob = Infer<typeof publicJob>;
+
+/** `models.py` `iso_from_ms`: "2026-11-25T12:29:50.120Z". */
+function isoFromMs(ms: number): string {
+  return new Date(ms).toISOString();
+}
+
+function toPublicJob(doc: Doc<"jobs">): PublicJob {
   const done = doc.status === "done";
+  const expiresAt = done ? (doc.downloadExpiresAt ?? null) : null;
   return {
     jobId: doc.jobId,
     status: publicStatus(doc.status),
+    r2Url: done ? (doc.downloadUrl ?? null) : null,
+    expiresAt: expiresAt === null ? null : isoFromMs(expiresAt),
+    durationSec: doc.durationSec,
     prompt: doc.prompt,
     imageUrl: doc.imageUrl ?? null,
-    durationSec: doc.durationSec,
     seed: doc.seed,
     cost: doc.cost,
-    downloadUrl: done ? (doc.downloadUrl ?? null) : null,
-    downloadExpiresAt: done ? (doc.downloadExpiresAt ?? null) : null,
+    createdAt: isoFromMs(doc.createdAt),
+    updatedAt: isoFromMs(doc.updatedAt),
     error: doc.errorCode ? { code: doc.errorCode, detail: doc.errorDetail ?? "" } : null,
-    createdAt: doc.createdAt,
-    updatedAt: doc.updatedAt,
   };
 }
 
@@ -83,19 +110,22 @@ export const myJobs = query({
         .query("jobs")
         .withIndex("by_user_created", (q) => q.eq("userId", userId))
         .order("desc")
-        .paginate(paginationOpts);
-    } catch {
+        .paginate({ ...paginationOpts, numItems: clampPageSize(paginationOpts.numItems) });
+    } catch (error) {
+      if (!isInvalidCursor(error)) {
+        throw error; // a read limit or a bug must not pass for a bad cursor
+      }
       // "InvalidCursor" in the message makes `usePaginatedQuery` start over from the first page.
       throw fail("INVALID_CURSOR", "InvalidCursor: the cursor is malformed");
     }
-    return { ...result, page: result.page.map(toMyJob) };
+    return { ...result, page: result.page.map(toPublicJob) };
   },
 });
 
 /** One of the caller's jobs, or null (also for another user's job). */
 export const myJob = query({
   args: { jobId: v.string() },
-  returns: v.union(myJobRecord, v.null()),
+  returns: v.union(publicJob, v.null()),
   handler: async (ctx, { jobId }) => {
     const userId = await callerId(ctx);
     if (userId === null) {
@@ -105,6 +135,6 @@ export const myJob = query({
       .query("jobs")
       .withIndex("by_jobId", (q) => q.eq("jobId", jobId))
       .unique();
-    return job === null || job.userId !== userId ? null : toMyJob(job);
+    return job === null || job.userId !== userId ? null : toPublicJob(job);
   },
 });

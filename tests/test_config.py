@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from config import Settings, production_problems
+from config import Settings, describe_invalid_settings, production_problems
+from tests.servers import ROOT, clean_env, free_port
+from tests.test_container import dockerfile_command
 
 PEM = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----"
 COMPLETE = {
@@ -45,6 +51,12 @@ class TestLocal:
     def test_jwks_url_defaults_to_the_issuer(self) -> None:
         settings = build(clerk_issuer="https://x.clerk.accounts.dev/")
         assert settings.jwks_url == "https://x.clerk.accounts.dev/.well-known/jwks.json"
+
+    def test_polls_ask_the_stand_in_after_a_second_and_runpod_after_two_minutes(self) -> None:
+        assert build().effective_reconcile_after_seconds == 1
+        runpod = {"runpod_api_key": "rp", "runpod_endpoint_id": "ep"}
+        assert build(**runpod).effective_reconcile_after_seconds == 120
+        assert build(reconcile_after_seconds=7).effective_reconcile_after_seconds == 7
 
     def test_min_above_max_is_refused(self) -> None:
         with pytest.raises(ValidationError):
@@ -90,3 +102,75 @@ class TestEnvExample:
         text = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
         listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, re.MULTILINE))
         assert listed == {name.upper() for name in Settings.model_fields}
+
+
+def problems_of(**values: object) -> str:
+    with pytest.raises(ValidationError) as raised:
+        build(**values)
+    return describe_invalid_settings(raised.value)
+
+
+class TestMisconfigurationMessage:
+    def test_production_lists_each_problem_on_its_own_line(self) -> None:
+        lines = problems_of(gateway_env="production").splitlines()
+        assert lines[0] == "Cannot start: production configuration is incomplete."
+        assert "  - RUNPOD_API_KEY is missing" in lines and "  - R2_BUCKET is missing" in lines
+        assert lines[-1].startswith("Set these in the environment or in .env")
+
+    def test_a_bad_required_value_is_named_once(self) -> None:
+        lines = problems_of(gateway_env="production", r2_bucket=["not", "a", "string"])
+        assert [line for line in lines.splitlines() if "R2_BUCKET" in line] == [
+            "  - R2_BUCKET must be a string"
+        ]
+
+    @pytest.mark.parametrize(
+        ("values", "line"),
+        [
+            ({"max_duration_sec": "abc"}, "  - MAX_DURATION_SEC must be a whole number"),
+            ({"max_duration_sec": 0}, "  - MAX_DURATION_SEC must be at least 1"),
+            ({"reconciler_enabled": "maybe"}, "  - RECONCILER_ENABLED must be true or false"),
+            ({"reconcile_after_seconds": 0}, "  - RECONCILE_AFTER_SECONDS must be more than 0"),
+            ({"access_log": "s3cr3t"}, "  - ACCESS_LOG must be one of 'all' or 'errors'"),
+            (
+                {"min_duration_sec": 5, "max_duration_sec": 4},
+                "  - MIN_DURATION_SEC must not exceed MAX_DURATION_SEC",
+            ),
+        ],
+    )
+    def test_names_settings_as_the_environment_does(self, values, line) -> None:
+        message = problems_of(**values)
+        assert line in message.splitlines()
+        assert not any(name in message for name in values)  # no snake_case names
+        assert "s3cr3t" not in message  # values are never repeated: they may be secrets
+
+
+class TestMisconfiguredStart:
+    """The Dockerfile's own command, started with settings that cannot serve."""
+
+    def start(self, **settings: str) -> subprocess.CompletedProcess[str]:
+        venv_bin = str(Path(sys.executable).parent)
+        env = clean_env(PORT=str(free_port()), **settings)
+        env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+        return subprocess.run(
+            dockerfile_command(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    def test_production_without_settings_prints_one_message_and_exits_1(self) -> None:
+        done = self.start(GATEWAY_ENV="production")
+        assert done.returncode == 1
+        assert done.stdout == ""
+        lines = done.stderr.splitlines()
+        assert lines[0] == "Cannot start: production configuration is incomplete."
+        assert "  - CONVEX_DEPLOY_KEY is missing" in lines
+        assert "Traceback" not in done.stderr and len(lines) < 16
+
+    def test_a_malformed_value_is_named_with_everything_else_missing(self) -> None:
+        done = self.start(GATEWAY_ENV="production", MAX_DURATION_SEC="ten")
+        assert done.returncode == 1
+        lines = done.stderr.splitlines()
+        assert lines[:2] == [
+            "Cannot start: the configuration is invalid, and production configuration is "
+            "incomplete.",
+            "  - MAX_DURATION_SEC must be a whole number",
+        ]
+        assert "  - RUNPOD_API_KEY is missing" in lines and "Traceback" not in done.stderr

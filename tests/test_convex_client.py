@@ -27,8 +27,9 @@ from convex_client import (
     ConvexFunctionsOutOfDate,
     ConvexKeyRefused,
     ConvexStore,
+    error_from_response,
 )
-from errors import GatewayError, UpstreamError, UpstreamUnavailable
+from errors import GatewayError, InvalidCursor, StoreUnavailable, UpstreamError
 from tests import convex_fixtures as shapes
 from tests.conftest import RUNPOD_URL, serve
 from tests.convex_fixtures import Answer
@@ -329,8 +330,8 @@ class TestCommitConflict:
         route = respx.post(f"{URL}/api/mutation").mock(return_value=respond(shapes.OCC))
         with pytest.raises(ConvexCommitConflict) as raised:
             await store.grant_credits("user_a", 5, "test")
-        assert_gateway_error(raised.value, 503, "UPSTREAM_UNAVAILABLE")
-        assert raised.value.headers["Retry-After"] == "5"
+        assert_gateway_error(raised.value, 503, "STORE_UNAVAILABLE")
+        assert raised.value.headers["Retry-After"] == "2"  # as SQLite answers a busy file
         assert route.call_count == MUTATION_ATTEMPTS
         assert len(time_source.sleeps) == MUTATION_ATTEMPTS - 1
         assert all(0 <= s <= 0.05 * 2**n for n, s in enumerate(time_source.sleeps, start=1))
@@ -341,9 +342,9 @@ class TestCommitConflict:
     @respx.mock
     async def test_other_5xx_may_have_committed_so_no_retry(self, store, answer) -> None:
         route = respx.post(f"{URL}/api/mutation").mock(return_value=respond(answer))
-        with pytest.raises(UpstreamUnavailable) as raised:
+        with pytest.raises(StoreUnavailable) as raised:
             await store.grant_credits("user_a", 5, "test")
-        assert_gateway_error(raised.value, 503, "UPSTREAM_UNAVAILABLE")
+        assert_gateway_error(raised.value, 503, "STORE_UNAVAILABLE")
         assert route.call_count == 1
 
 
@@ -358,6 +359,35 @@ class TestOtherRefusals:
             await store.find_job(JOB_ID)
         assert_gateway_error(raised.value, 502, "UPSTREAM_ERROR")
         assert route.call_count == 1
+
+    @respx.mock
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b"[" * 10_000 + b"]" * 10_000,  # deeper than json.loads goes: a RecursionError
+            b'{"status":"success","value":' + b"[" * 900 + b"]" * 900 + b"}",  # and the codec
+        ],
+    )
+    async def test_deeply_nested_answer_is_502(self, store: ConvexStore, content: bytes) -> None:
+        respx.post(f"{URL}/api/query").respond(200, content=content)
+        with pytest.raises(UpstreamError):
+            await store.ping()
+
+    @respx.mock
+    async def test_deeply_nested_error_is_still_an_error(self, store: ConvexStore) -> None:
+        respx.post(f"{URL}/api/mutation").respond(401, content=b"[" * 10_000)
+        with pytest.raises(UpstreamError, match="HTTP 401"):
+            await store.grant_credits("user_a", 1, "test")
+
+    @respx.mock
+    @pytest.mark.parametrize("cursor", ["\ud800", "a\nb", "\x00"])
+    async def test_an_unprintable_cursor_costs_no_call(
+        self, store: ConvexStore, cursor: str
+    ) -> None:
+        route = respx.post(f"{URL}/api/query").mock(return_value=success(None))
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_a", 10, cursor)
+        assert not route.called
 
 
 class TestGetOrCreateUser:
@@ -408,7 +438,7 @@ class TestGetOrCreateUser:
     async def test_failed_read_creates_nothing(self, store: ConvexStore) -> None:
         respx.post(f"{URL}/api/query").respond(502)
         mutation = respx.post(f"{URL}/api/mutation").mock(return_value=success(USER))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.get_or_create_user("user_a")
         assert mutation.call_count == 0
 
@@ -416,9 +446,27 @@ class TestGetOrCreateUser:
     async def test_create_is_not_retried_after_sending(self, store: ConvexStore) -> None:
         respx.post(f"{URL}/api/query").mock(return_value=success(None))
         mutation = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ReadTimeout("slow"))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.get_or_create_user("user_a")
         assert mutation.call_count == 1
+
+
+class TestErrorDataShapes:
+    @pytest.mark.parametrize("code", [["INSUFFICIENT_CREDITS"], {"a": 1}, 7, None])
+    def test_a_code_that_is_not_text_is_an_upstream_error(self, code: object) -> None:
+        """A list is unhashable: looking it up among the codes must not raise TypeError."""
+        body = {"status": "error", "errorMessage": "x", "errorData": {"code": code}}
+        mapped = error_from_response(httpx.Response(200, json=body))
+        assert isinstance(mapped, UpstreamError) and mapped.status_code == 502
+
+    @respx.mock
+    async def test_a_value_nested_too_deep_is_502(self, store: ConvexStore) -> None:
+        deep = "[" * 100_000 + "]" * 100_000
+        body = '{"status": "success", "value": ' + deep + "}"
+        respx.post(f"{URL}/api/query").respond(200, content=body.encode())
+        with pytest.raises(UpstreamError) as raised:
+            await store.find_job(JOB_ID)
+        assert_gateway_error(raised.value, 502, "UPSTREAM_ERROR")
 
 
 class TestRetries:
@@ -434,7 +482,7 @@ class TestRetries:
     @respx.mock
     async def test_query_gives_up_with_503(self, store: ConvexStore) -> None:
         route = respx.post(f"{URL}/api/query").respond(502)
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.ping()
         assert route.call_count == QUERY_ATTEMPTS
 
@@ -449,7 +497,7 @@ class TestRetries:
     @respx.mock
     async def test_mutation_is_not_retried_after_sending(self, store: ConvexStore) -> None:
         route = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ReadTimeout("slow"))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(StoreUnavailable):
             await store.grant_credits("user_a", 5, "test")
         assert route.call_count == 1
 
@@ -550,7 +598,7 @@ class TestUsersSeeWhatSQLiteShows:
             httpx.post(f"{convex_server}/_test/occ", json=occ).raise_for_status()
             refused = await client.post("/jobs/create", json=CREATE, headers=user)
             assert refused.status_code == 503, refused.text
-            assert refused.json()["code"] == "UPSTREAM_UNAVAILABLE"
+            assert refused.json()["code"] == "STORE_UNAVAILABLE"
             assert (await client.get("/credits", headers=user)).json()["credits"] == 100
             assert (await client.get("/jobs", headers=user)).json()["jobs"] == []
             assert runpod_and_convex.routes["run"].call_count == 0  # nothing submitted

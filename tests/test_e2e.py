@@ -63,6 +63,18 @@ class TestLocalMode:
         # With Convex configured, nothing may have gone to the embedded store.
         assert (tmp_path / "data" / "gateway.db").exists() == ("CONVEX_URL" not in store_env)
 
+    def test_a_poll_shows_running_while_the_stand_in_renders(self, tmp_path: Path) -> None:
+        with running_gateway(tmp_path / "data", LOCAL_RENDER_SECONDS="3") as (base, env):
+            token = manage(env, "mint-token", "user_e2e")
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+                body = {"prompt": "A slow pan over a harbour", "durationSec": 1}
+                job_id = client.post("/jobs/create", json=body).json()["jobId"]
+                seen = [wait_for_status(client, job_id, "running")["status"]]
+                seen.append(wait_for_status(client, job_id, "done")["status"])
+                assert seen == ["running", "done"]
+                assert client.get("/credits").json()["credits"] == 99
+
     def test_worker_failure_is_refunded(self, tmp_path: Path, store_env) -> None:
         settings = {"LOCAL_RENDER_SECONDS": "0", **store_env}
         with running_gateway(tmp_path / "data", **settings) as (base, env):

@@ -50,7 +50,7 @@ class TestConvexUnreachable:
             ]:
                 response = await client.request(method, path, json=body, headers=headers)
                 assert response.status_code == 503, (path, response.text)
-                assert response.json()["code"] == "UPSTREAM_UNAVAILABLE"
+                assert response.json()["code"] == "STORE_UNAVAILABLE"
                 assert "retry-after" in response.headers
 
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from jobs import echoed_job_id
 from local_runpod import create_local_runpod_app, main, render_mp4
 from runpod_client import RunPodClient, RunPodNotFound, RunPodStatus, build_http_client
 
@@ -151,6 +152,7 @@ class TestRun:
         assert status["id"] == runpod_id
         assert status["status"] == "COMPLETED"
         assert status["output"]["objectKey"] == OBJECT_KEY
+        assert status["output"]["jobId"] == "job_1"  # the worker contract's echo
         assert {"delayTime", "executionTime"} <= status.keys()
         content_type, data = receiver.uploads[OBJECT_KEY]
         assert content_type == "video/mp4"
@@ -198,21 +200,59 @@ class TestRun:
         assert len(receiver.webhooks) == 3
 
     @pytest.mark.asyncio
-    async def test_fail_marker_fails_the_job_like_a_worker(
+    async def test_fail_marker_fails_the_job_echoing_its_id(
         self, api: httpx.AsyncClient, receiver: Receiver
     ) -> None:
         runpod_id = await run(api, job_input(prompt="a fox [[fail]]"))
 
         status = await finished(api, runpod_id)
 
-        assert status["status"] == "FAILED"
+        assert status["status"] == "FAILED" and "output" not in status
         error = json.loads(status["error"])
-        assert {"error_type", "error_message", "error_traceback"} <= error.keys()
-        assert "[[fail]]" in error["error_message"]
+        assert error.pop("error_traceback").startswith("Traceback (most recent call last)")
+        assert error == {
+            "jobId": "job_1",
+            "error_type": "WorkerFailure",
+            "error_message": "Simulated worker failure: the prompt contains [[fail]]",
+        }
         assert receiver.uploads == {}
         await eventually(lambda: len(receiver.webhooks) == 1)
         assert receiver.webhooks[0]["status"] == "FAILED"
-        assert RunPodStatus.from_payload(receiver.webhooks[0]).error == error["error_message"]
+        parsed = RunPodStatus.from_payload(receiver.webhooks[0])
+        assert parsed.error == error["error_message"] and echoed_job_id(parsed) == "job_1"
+
+    @pytest.mark.asyncio
+    async def test_handler_crash_is_reported_as_the_sdk_does_without_echo(
+        self, api: httpx.AsyncClient
+    ) -> None:
+        status = await finished(api, await run(api, job_input(prompt="a fox [[crash]]")))
+
+        assert status["status"] == "FAILED"
+        error = json.loads(status["error"])
+        # runpod-python's `run_job` reports an escaped exception with exactly these keys.
+        sdk_keys = {"error_type", "error_message", "error_traceback", "hostname", "worker_id"}
+        assert error.keys() == sdk_keys | {"runpod_version"}
+        assert error["error_type"] == "<class 'local_runpod.HandlerCrash'>"
+        assert echoed_job_id(RunPodStatus.from_payload(status)) is None
+
+    @pytest.mark.asyncio
+    async def test_runs_in_progress_while_rendering(self, receiver: Receiver) -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver.app)) as http:
+            app = create_local_runpod_app(render_seconds=0.4, webhook_retry_delay=0, http=http)
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                base = "http://runpod.test/v2/ep-local"
+                async with httpx.AsyncClient(
+                    transport=transport, base_url=base, headers=AUTH
+                ) as client:
+                    runpod_id = await run(client, job_input())
+                    seen = []
+                    while not seen or seen[-1] not in TERMINAL:
+                        body = (await client.get(f"/status/{runpod_id}")).json()
+                        seen.append(body["status"])
+                        await asyncio.sleep(0.02)
+
+        assert list(dict.fromkeys(seen)) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 
     @pytest.mark.asyncio
     async def test_refused_upload_fails_the_job(
@@ -223,7 +263,8 @@ class TestRun:
         status = await finished(api, await run(api, job_input()))
 
         assert status["status"] == "FAILED"
-        assert "403" in json.loads(status["error"])["error_message"]
+        error = json.loads(status["error"])
+        assert "403" in error["error_message"] and error["jobId"] == "job_1"
 
     @pytest.mark.asyncio
     async def test_input_without_upload_url_fails_the_job(self, api: httpx.AsyncClient) -> None:

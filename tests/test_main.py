@@ -53,6 +53,18 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return body
 
 
+# Pydantic's own phrasing, which means little to a person using the API.
+LIBRARY_WORDING = re.compile(r"Value error|Input should|JSON decode error|^\d+$")
+
+
+def assert_written_for_people(body: dict[str, Any]) -> None:
+    """Each message names its field and reads as a sentence, not as pydantic's output."""
+    for error in body["errors"]:
+        assert error["message"].startswith(error["field"]), error
+        assert not LIBRARY_WORDING.search(error["message"]), error
+        assert error["message"] in body["detail"]
+
+
 class TestCreateJob:
     async def test_success_charges_and_submits(self, client, runpod, alice) -> None:
         response = await create(client, alice)
@@ -120,20 +132,67 @@ class TestCreateJob:
     )
     async def test_invalid_body_is_400(self, client, runpod, alice, changes) -> None:
         body = assert_error(await create(client, alice, **changes), 400, "INVALID_REQUEST")
-        assert body["errors"] and {"field", "message"} <= set(body["errors"][0])
+        assert [error["field"] for error in body["errors"]] == list(changes)
+        assert_written_for_people(body)
         assert not runpod.routes[0].called
         assert await credits_of(client, alice) == 100
 
     async def test_missing_field_names_it(self, client, runpod, alice) -> None:
         response = await client.post("/jobs/create", json={"prompt": "x"}, headers=alice)
         body = assert_error(response, 400, "INVALID_REQUEST")
-        assert [e["field"] for e in body["errors"]] == ["durationSec"]
+        assert body["errors"] == [{"field": "durationSec", "message": "durationSec is required"}]
 
-    @pytest.mark.parametrize("raw", [b"{not json", b"[]", b"null", b'"text"'])
-    async def test_malformed_json_is_400(self, client, runpod, alice, raw) -> None:
+    async def test_every_bad_field_is_named_in_one_answer(self, client, runpod, alice) -> None:
+        """The configured limits are checked in the same pass as the model's own rules."""
+        bad = {"prompt": "", "durationSec": 11, "seed": -1, "imageUrl": "http://a.example/x"}
+        body = assert_error(await create(client, alice, **bad), 400, "INVALID_REQUEST")
+        assert body["errors"] == [
+            {"field": "prompt", "message": "prompt must not be empty"},
+            {"field": "imageUrl", "message": "imageUrl must be an https URL"},
+            {"field": "durationSec", "message": "durationSec must be from 1 to 10"},
+            {"field": "seed", "message": "seed must be at least 0"},
+        ]
+        assert body["detail"] == "Invalid request: " + "; ".join(
+            error["message"] for error in body["errors"]
+        )
+        assert not runpod.routes[0].called and await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("raw", "message"),
+        [
+            (
+                b'{"prompt": "x",\n  "durationSec": 5,}',
+                "body is not valid JSON (line 2, column 20): "
+                "expecting property name enclosed in double quotes",
+            ),
+            (b"{not json", None),
+            (b'{"prompt": "\xff"}', "body must be JSON in UTF-8"),
+            (b"[]", "body must be a JSON object"),
+            (b"null", "body must be a JSON object"),
+            (b'"text"', "body must be a JSON object"),
+        ],
+    )
+    async def test_malformed_json_is_400(self, client, runpod, alice, raw, message) -> None:
         headers = {**alice, "content-type": "application/json"}
         response = await client.post("/jobs/create", content=raw, headers=headers)
-        assert_error(response, 400, "INVALID_REQUEST")
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        [error] = body["errors"]
+        assert error["field"] == "body"
+        assert message is None or error["message"] == message
+        assert_written_for_people(body)
+        assert await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("path", "message"),
+        [
+            ("/jobs?limit=0", "limit must be at least 1"),
+            ("/jobs?limit=x", "limit must be a whole number"),
+            ("/jobs?cursor=" + "a" * 513, "cursor must be at most 512 characters"),
+        ],
+    )
+    async def test_query_errors_are_for_people(self, client, alice, path, message) -> None:
+        body = assert_error(await client.get(path, headers=alice), 400, "INVALID_REQUEST")
+        assert [error["message"] for error in body["errors"]] == [message]
 
     @pytest.mark.parametrize(
         "url",
@@ -177,7 +236,9 @@ class TestCreateJob:
             ok = await create(client, alice, imageUrl="https://CDN.cineweave.ai/a.png")
             assert ok.status_code == 200
             refused = await create(client, alice, imageUrl="https://evil.example.com/a.png")
-            assert_error(refused, 400, "INVALID_REQUEST")
+            body = assert_error(refused, 400, "INVALID_REQUEST")
+            message = "imageUrl must name an allowed host"
+            assert body["errors"] == [{"field": "imageUrl", "message": message}]
 
     async def test_insufficient_credits_is_402(self, settings_factory, runpod, alice) -> None:
         async with serve(settings_factory(signup_credits=4)) as client:
@@ -610,7 +671,9 @@ class TestTokenWebhook:
         response = await client.post(self.url(job_id), json={"id": "rp-1"})
         assert response.json()["status"] == "done"
 
-    async def test_forged_body_id_is_ignored_once_recorded(self, client, runpod, alice) -> None:
+    async def test_another_runpod_id_than_the_recorded_one_is_400(
+        self, client, runpod, alice
+    ) -> None:
         own = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
             200, json={"id": "rp-1", "status": "IN_QUEUE"}
         )
@@ -618,14 +681,17 @@ class TestTokenWebhook:
             200, json={"id": "rp-evil", "status": "FAILED", "error": "x"}
         )
         job_id = (await create(client, alice)).json()["jobId"]
-        await client.post(self.url(job_id), json={"id": "rp-evil", "status": "FAILED"})
-        assert own.called and not other.called
+        response = await client.post(self.url(job_id), json={"id": "rp-evil", "status": "FAILED"})
+        assert_error(response, 400, "INVALID_REQUEST")
+        assert not own.called and not other.called
+        job = await client.app_state["jobs"].store.find_job(job_id)
+        assert (job.status.value, job.runpod_id) == ("queued", "rp-1")
         assert await credits_of(client, alice) == 95
 
     async def test_runpod_forgot_the_job_fails_and_refunds(self, client, runpod, alice) -> None:
         runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(404, json={"error": "not found"})
         job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(self.url(job_id), json={})
+        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
         assert response.json()["status"] == "failed"
         assert await credits_of(client, alice) == 100
 
@@ -635,16 +701,139 @@ class TestTokenWebhook:
         )
         job_id = (await create(client, alice)).json()["jobId"]
         for _ in range(3):
-            assert (await client.post(self.url(job_id), json={})).status_code == 200
+            response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
+            assert response.status_code == 200
         assert status.call_count == 1
         assert await credits_of(client, alice) == 100
 
     async def test_runpod_down_is_503_and_changes_nothing(self, client, runpod, alice) -> None:
         runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(502)
         job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(self.url(job_id), json={})
+        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
         assert_error(response, 503, "UPSTREAM_UNAVAILABLE")
         assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+
+def contract_error(job_id: str | None, message: str = "CUDA out of memory") -> str:
+    """A failed worker's `error`, as the worker contract has it echo the job id."""
+    report = {"error_type": "RuntimeError", "error_message": message}
+    return json.dumps(report if job_id is None else {"jobId": job_id, **report})
+
+
+# An exception that escaped the handler, as runpod-python reports it (rp_job.py, `run_job`).
+SDK_CRASH = json.dumps(
+    {
+        "error_type": "<class 'RuntimeError'>",
+        "error_message": "CUDA out of memory",
+        "error_traceback": "Traceback (most recent call last): ...",
+        "hostname": "abc-1",
+        "worker_id": "abc",
+        "runpod_version": "1.12.0",
+    }
+)
+
+
+class TestTokenWebhookProof:
+    """A job whose `/run` answer was lost has no RunPod id: a webhook may bind one only with
+    the worker's echo of our job id in RunPod's own answer, never on the body's word."""
+
+    def url(self, job_id: str) -> str:
+        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
+
+    async def lost_submission(self, client, alice) -> str:
+        with respx.mock:
+            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+            job_id = (await create(client, alice)).json()["jobId"]
+        assert (await client.app_state["jobs"].store.find_job(job_id)).runpod_id is None
+        return job_id
+
+    async def stored(self, client, job_id: str) -> Any:
+        return await client.app_state["jobs"].store.find_job(job_id)
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            (200, {"id": "rp-other", "status": "FAILED", "error": contract_error("job_other0000")}),
+            (200, {"id": "rp-other", "status": "FAILED", "error": SDK_CRASH}),
+            (200, {"id": "rp-other", "status": "FAILED", "error": "plain text"}),
+            (200, {"id": "rp-other", "status": "COMPLETED", "output": {"jobId": "job_other0000"}}),
+            (200, {"id": "rp-other", "status": "CANCELLED"}),
+            (404, {"error": "request does not exist"}),
+        ],
+    )
+    async def test_leaked_token_cannot_attach_another_job(self, client, alice, answer) -> None:
+        job_id = await self.lost_submission(client, alice)
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        with respx.mock:
+            other = respx.get(f"{RUNPOD_URL}/status/rp-other").respond(answer[0], json=answer[1])
+            attack = await client.post(self.url(job_id), json={"id": "rp-other", "status": "X"})
+        assert attack.status_code == 200, attack.text
+        assert attack.json() == {"jobId": job_id, "status": "queued"}
+        assert other.call_count == 1
+        job = await self.stored(client, job_id)
+        assert (job.status.public.value, job.runpod_id, job.error_code) == ("queued", None, None)
+        assert await credits_of(client, alice) == 95
+
+        # RunPod's genuine webhook still finishes the job, and binds the real id.
+        with respx.mock:
+            output = {"jobId": job_id, "objectKey": f"videos/user_alice/{job_id}.mp4"}
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "COMPLETED", "output": output}
+            )
+            genuine = await client.post(self.url(job_id), json={"id": "rp-mine", "status": "X"})
+        assert genuine.status_code == 200 and genuine.json()["status"] == "done"
+        job = await self.stored(client, job_id)
+        assert (job.status.value, job.runpod_id) == ("done", "rp-mine")
+        assert await credits_of(client, alice) == 95
+
+    async def test_completed_with_echo_binds_and_completes(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        with respx.mock:
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "COMPLETED", "output": {"jobId": job_id}}
+            )
+            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+        assert response.status_code == 200 and response.json()["status"] == "done"
+        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["r2Url"]
+        assert await credits_of(client, alice) == 95
+
+    async def test_failed_with_echo_refunds_once(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        with respx.mock:
+            status = respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "FAILED", "error": contract_error(job_id)}
+            )
+            for _ in range(3):  # RunPod's tries, or replays: one refund whatever the count
+                response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+                assert response.status_code == 200 and response.json()["status"] == "failed"
+        assert status.call_count == 1
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
+        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
+        assert await credits_of(client, alice) == 100
+
+    async def test_failed_without_echo_waits_for_the_deadline(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        with respx.mock:
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "FAILED", "error": SDK_CRASH}
+            )
+            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+        assert response.status_code == 200 and response.json()["status"] == "queued"
+        job = await self.stored(client, job_id)
+        assert (job.runpod_id, job.error_code) == (None, None)
+        assert await credits_of(client, alice) == 95
+
+        # The reconciler never binds it either; past its deadline it is refunded, once.
+        jobs = client.app_state["jobs"]
+        assert await jobs.settle(job) == "waiting"
+        assert await jobs.settle(replace(job, created_at=job.created_at - 10**8)) == "expired"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert (job["status"], job["error"]["code"]) == ("failed", "DEADLINE_EXCEEDED")
+        assert await credits_of(client, alice) == 100
 
 
 class TestErrors:
@@ -656,6 +845,45 @@ class TestErrors:
 
     async def test_healthz(self, client) -> None:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+class TestHead:
+    """HEAD answers as GET does, without a body (RFC 9110 §9.3.2); it used to be a 405."""
+
+    async def assert_head_is_get(self, client, path: str, headers=None) -> None:
+        got = await client.get(path, headers=headers)
+        head = await client.head(path, headers=headers)
+        assert head.status_code == got.status_code and head.content == b""
+        for name in ("content-type", "content-length", "www-authenticate", "cache-control"):
+            assert head.headers.get(name) == got.headers.get(name), name
+
+    async def test_user_routes(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        for path in ("/credits", "/jobs", f"/jobs/{job_id}", "/jobs/job_doesnotexist00"):
+            await self.assert_head_is_get(client, path, alice)
+        await self.assert_head_is_get(client, "/credits")  # 401 without a session
+
+    async def test_public_routes(self, client) -> None:
+        for path in ("/healthz", "/openapi.json", "/docs", "/redoc", "/nope"):
+            await self.assert_head_is_get(client, path)
+        # /metrics changes with every request it counts, so only its status and type compare.
+        head = await client.head("/metrics")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-type"].startswith("text/plain")
+
+    async def test_a_route_without_get_still_refuses_head(self, client) -> None:
+        response = await client.head("/webhooks/runpod")
+        assert response.status_code == 405 and response.headers["allow"] == "POST"
+        assert response.content == b""
+
+    async def test_allow_names_head_beside_get(self, client) -> None:
+        response = await client.delete("/credits")
+        assert_error(response, 405, "METHOD_NOT_ALLOWED")
+        assert response.headers["allow"] == "GET, HEAD"
+
+    async def test_schema_lists_no_head_operations(self, client) -> None:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert not [path for path, operations in paths.items() if "head" in operations]
 
 
 class TestConcurrency:
@@ -718,7 +946,9 @@ class TestIdempotencyKey:
     async def test_malformed_key_is_400(self, client, runpod, alice, key) -> None:
         headers = {**alice, "Idempotency-Key": key.encode("utf-8")}
         response = await client.post("/jobs/create", json=JOB, headers=headers)
-        assert_error(response, 400, "INVALID_REQUEST")
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        assert body["errors"] == [{"field": "Idempotency-Key", "message": message}]
         assert not runpod.routes[0].called
 
     async def test_refusal_before_charging_frees_the_key(self, settings_factory, runpod, alice):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,26 @@ class TestShow:
         manage(env, "grant", "user_known", "7", "--reason", "test")
         shown = manage(env, "show", "user_known")
         assert shown.startswith("user_known: 107 credits (starter)")
+
+
+class TestAudit:
+    def test_counts_users_and_exits_0_on_each_store(
+        self, env: dict[str, str], store_env: dict[str, str]
+    ) -> None:
+        # On Convex the audit walks its pages across calls (`convex_client.py`); the output and
+        # the exit code are the same as on SQLite.
+        env = {**env, **store_env}
+        manage(env, "grant", "user_a", "7", "--reason", "test")
+        manage(env, "grant", "user_b", "3", "--reason", "test")
+        done = run(env, "audit")
+        assert (done.returncode, done.stdout) == (0, "audit: 2 users, 0 problems\n")
+
+    def test_exits_1_and_names_each_problem(self, env: dict[str, str]) -> None:
+        manage(env, "grant", "user_a", "7", "--reason", "test")
+        database = Path(env["LOCAL_DATA_DIR"]) / "gateway.db"
+        with sqlite3.connect(database) as db:
+            db.execute("UPDATE users SET credits = 1 WHERE user_id = 'user_a'")
+        done = run(env, "audit")
+        assert done.returncode == 1
+        assert done.stdout.splitlines()[-1] == "audit: 1 users, 1 problems"
+        assert done.stdout.startswith("user_a: balance 1 != grants 107")

@@ -442,3 +442,55 @@ class TestRunPodStatus:
 
         parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
         assert parsed.error == "The worker failed"
+
+
+class TestHostileAnswers:
+    """What RunPod (or anything answering in its place) sends is parsed without a 500."""
+
+    DEEP = b"[" * 10_000 + b"]" * 10_000
+
+    async def test_deeply_nested_status_is_rejected(
+        self, client: RunPodClient, respx_mock: respx.MockRouter
+    ) -> None:
+        respx_mock.get(f"{URL}/status/{JOB_ID}").mock(
+            return_value=httpx.Response(200, content=self.DEEP)
+        )
+        with pytest.raises(RunPodRejected, match="not JSON"):
+            await client.status(JOB_ID)
+
+    async def test_deeply_nested_refusal_keeps_its_status(
+        self, client: RunPodClient, respx_mock: respx.MockRouter
+    ) -> None:
+        respx_mock.get(f"{URL}/status/{JOB_ID}").mock(
+            return_value=httpx.Response(400, content=self.DEEP)
+        )
+        with pytest.raises(RunPodRejected, match="HTTP 400"):
+            await client.status(JOB_ID)
+
+    @pytest.mark.parametrize("runpod_id", BAD_IDS[1:])
+    def test_an_id_of_another_shape_is_rejected(self, runpod_id: str) -> None:
+        with pytest.raises(RunPodRejected, match="unknown shape"):
+            RunPodStatus.from_payload({"id": runpod_id, "status": "COMPLETED"})
+
+    def test_deeply_nested_error_string_is_kept_as_text(self) -> None:
+        error = "[" * 10_000
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == error[:1000]
+
+    def test_lone_surrogates_in_the_error_become_replacement_characters(self) -> None:
+        error = json.dumps({"error_message": "CUDA \ud800 out of memory"})
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == "CUDA \ufffd out of memory"
+        assert parsed.error.encode("utf-8")  # what the store must be able to do with it
+
+    @pytest.mark.parametrize("error", [[1, 2], {"nested": [[]]}, [[[]]] * 3])
+    def test_an_error_that_is_not_text_is_not_printed(self, error: object) -> None:
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == "The worker failed"
+
+    def test_an_error_nested_past_the_repr_limit(self) -> None:
+        error: list = []
+        for _ in range(5000):  # deeper than str() can go: a RecursionError before
+            error = [error]
+        parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})
+        assert parsed.error == "The worker failed"

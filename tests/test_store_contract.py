@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 
 import pytest
@@ -318,6 +319,29 @@ class TestPagination:
 
     @pytest.mark.parametrize("cursor", ["!!!", "bm90IGpzb24", "WzEsMl0", "e30"])
     async def test_malformed_cursor(self, store: Store, cursor: str) -> None:
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_p", 3, cursor)
+
+    @pytest.mark.parametrize(
+        "decoded",
+        [
+            '[1000000000000000000000000000000, "job_x"]',  # past SQLite's 64-bit INTEGER
+            '[-1, "job_aaaaaaaaaaaa"]',
+            '[true, "job_aaaaaaaaaaaa"]',  # JSON true is an int to Python
+            '[1e400, "job_aaaaaaaaaaaa"]',
+            '[1, "\\ud800"]',  # a lone surrogate: UTF-8, and so SQLite, cannot hold it
+            '[1, "job_x\' OR 1=1 --"]',
+            "[" * 400,
+        ],
+    )
+    async def test_tampered_cursor(self, store: Store, decoded: str) -> None:
+        cursor = base64.urlsafe_b64encode(decoded.encode()).decode().rstrip("=")
+        await store.charge_and_create_job(new_job("user_p", cost=1), 100)
+        with pytest.raises(InvalidCursor):
+            await store.list_jobs("user_p", 3, cursor)
+
+    @pytest.mark.parametrize("cursor", ["", "\ud800", "abc\ndef", "\x00", "é" * 10])
+    async def test_cursor_that_is_not_text(self, store: Store, cursor: str) -> None:
         with pytest.raises(InvalidCursor):
             await store.list_jobs("user_p", 3, cursor)
 

@@ -29,6 +29,7 @@ from models import JobStatus, NewJob, StatusUpdate
 from runpod_client import RunPodClient, RunPodNotFound, RunPodUnavailable, build_http_client
 from store import SQLiteStore, Store
 from telemetry import (
+    TRACEBACK_INDENT,
     CloudLoggingFormatter,
     ConsoleFormatter,
     InstrumentedStorage,
@@ -39,6 +40,7 @@ from telemetry import (
     RequestTelemetryMiddleware,
     configure_logging,
     current_request_id,
+    escape_controls,
     metrics_route,
     redact,
     request_id_var,
@@ -386,6 +388,70 @@ class TestJsonFormatter:
         )
         text = ConsoleFormatter().format(record)
         assert "INFO gateway: calling Bearer [redacted]" in text and "eyJ" not in text
+
+
+# --- Log injection in the text format ---------------------------------------------------------
+
+FORGED = '{"severity":"CRITICAL","message":"forged"}'
+# A text record starts with its timestamp; anything else must be an indented continuation.
+RECORD_START = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} [A-Z]+ ")
+
+
+@pytest.fixture
+def text_lines() -> Iterator[Callable[[], list[str]]]:
+    """Every physical line the text (console) formatter writes."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ConsoleFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: stream.getvalue().splitlines()
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def assert_no_forged_lines(lines: list[str]) -> None:
+    for line in lines:
+        assert RECORD_START.match(line) or line.startswith(TRACEBACK_INDENT), line
+
+
+class TestTextLogInjection:
+    @pytest.mark.parametrize(
+        "path",
+        [f"/jobs/x%0A{FORGED}", f"/jobs/x%0D%0A{FORGED}", "/jobs/x%E2%80%A8forged", "/x%0A"],
+    )
+    async def test_access_line_stays_one_line(self, client, text_lines, path) -> None:
+        await client.get(path)
+        lines = text_lines()
+        assert all(RECORD_START.match(line) for line in lines), lines  # no traceback here
+        [access] = [line for line in lines if "gateway.access" in line]
+        assert ": GET /" in access
+
+    async def test_escapes_are_readable(self, client, text_lines) -> None:
+        await client.get("/jobs/x%0A%1B%5B31mred%09tab")
+        [line] = [line for line in text_lines() if "gateway.access" in line]
+        assert "GET /jobs/x\\n\\x1b[31mred\\ttab 200" in line
+
+    async def test_internal_error_line_and_traceback(self, client, text_lines) -> None:
+        await client.get(f"/boom%0A{FORGED}")  # an unknown route: 404, one line
+        log.error("job %s failed", f"x\n{FORGED}", exc_info=ValueError(f"bad\n{FORGED}"))
+        lines = text_lines()
+        assert_no_forged_lines(lines)
+        assert not [line for line in lines if line.startswith("{")]
+        error = [line for line in lines if "job x" in line]
+        assert error == [error[0]] and error[0].endswith(f"job x\\n{FORGED} failed")
+        assert f"{TRACEBACK_INDENT}ValueError: bad" in lines
+
+    def test_every_field_is_escaped(self, text_lines) -> None:
+        # A logger name or an argument from a library: the whole line is escaped, not only ours.
+        logging.getLogger("gateway.evil\nname").warning("%s", "\u2028\ud800\x85")
+        [line] = text_lines()
+        assert line.endswith("gateway.evil\\nname: \\u2028\\ud800\\x85")
+
+    def test_plain_text_is_untouched(self) -> None:
+        assert escape_controls("GET /jobs 200 1.2ms é ✓") == "GET /jobs 200 1.2ms é ✓"
 
 
 # --- Redaction --------------------------------------------------------------------------------

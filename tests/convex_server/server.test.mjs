@@ -226,9 +226,10 @@ describe("convex test server", () => {
       assert.equal(result.status, 200);
       assert.equal(result.body.errorData.code, "INSUFFICIENT_CREDITS");
     }
-    const totals = await call("query", "gateway:ledgerTotals", {});
-    assert.deepEqual(totals.body.value, [
-      { userId: "user_a", credits: 0, grants: 3, charges: 3, refunds: 0 },
-    ]);
+    const totals = await call("query", "gateway:ledgerTotals", { cursor: null });
+    assert.deepEqual(totals.body.value, {
+      totals: [{ userId: "user_a", credits: 0, grants: 3, charges: 3, refunds: 0 }],
+      cursor: null,
+    });
   });
 });
