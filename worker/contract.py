@@ -105,9 +105,13 @@ class WorkerError(BaseModel):
     job_id: StrictStr | None = Field(alias="jobId")
     error_type: StrictStr
     error_message: StrictStr
+    # Optional, for RunPod's console only: the gateway never shows it. This worker logs its
+    # tracebacks instead.
+    error_traceback: StrictStr | None = None
 
     def to_error_string(self) -> str:
-        return json.dumps(self.model_dump(by_alias=True))
+        unset = {"error_traceback"} if self.error_traceback is None else None
+        return json.dumps(self.model_dump(by_alias=True, exclude=unset))
 
     @classmethod
     def from_error_string(cls, error: str) -> WorkerError:
