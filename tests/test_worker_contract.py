@@ -4,7 +4,8 @@ The gateway submits a job; its RunPod input goes to the real worker handler (in 
 test pattern, uploading to moto's S3 server through the gateway's own presigned URL); the
 worker's answer comes back as RunPod's webhook would bring it. Every field the gateway sends
 must be one `WorkerInput` declares (and so one the worker parses), and every field the worker
-returns one `WorkerOutput` or `WorkerError` declares (and so one the gateway can read).
+returns one `WorkerOutput` or `WorkerError` declares, and the gateway's readers (`echoed_job_id`,
+the webhook) take what they need from it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from moto.server import ThreadedMotoServer
 from pydantic import BaseModel
 
 from config import Settings
-from jobs import sign_body
+from jobs import echoed_job_id, sign_body
 from r2_client import make_s3_client
+from runpod_client import RunPodStatus
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
 from worker.contract import WorkerError, WorkerInput, WorkerOutput
 from worker.generator import TestPattern
@@ -145,6 +147,8 @@ class TestWorkerToGateway:
             assert undeclared(output, WorkerOutput) == []
             assert WorkerOutput.model_validate(output).job_id == job_id
             completed = {"id": "rp-1", "status": "COMPLETED", "output": output}
+            # The echo the gateway binds a RunPod job by, read by the gateway's own reader.
+            assert echoed_job_id(RunPodStatus.from_payload(completed)) == job_id
             answered = await webhook(client, completed | {"input": job_input})
             job = (await client.get(f"/jobs/{job_id}", headers=user)).json()
 
@@ -173,6 +177,7 @@ class TestWorkerToGateway:
             assert undeclared(json.loads(error), WorkerError) == []
             assert WorkerError.from_error_string(error).job_id == job_id
             failed = {"id": "rp-1", "status": "FAILED", "error": error, "input": job_input}
+            assert echoed_job_id(RunPodStatus.from_payload(failed)) == job_id
             answered = await webhook(client, failed)
             job = (await client.get(f"/jobs/{job_id}", headers=user)).json()
 
