@@ -18,6 +18,8 @@ RUN groupadd --system --gid 10001 gateway \
 WORKDIR /app
 COPY --from=build /venv /venv
 COPY *.py ./
+# The worker contract's schema (pydantic only): jobs.py builds each RunPod input through it.
+COPY worker/__init__.py worker/contract.py ./worker/
 # Compiled once here: the non-root user cannot write __pycache__ (nor should it), so otherwise
 # every cold start would compile every module again, about 30 ms measured.
 RUN python -m compileall -q /app

@@ -71,7 +71,7 @@ vitest: $(NODE_STAMP)
 	npm run test:server
 
 ## Install everything, then lint and run every test.
-test: lint vitest pytest
+test: lint vitest pytest test-worker
 
 ## Render /docs and /redoc of a real gateway in headless Chromium (Debian's, installed if missing).
 .PHONY: test-browser
@@ -108,7 +108,22 @@ convex-deploy-check:
 	if [ -n "$$missing" ]; then printf "convex-deploy: nothing done; set:$$missing\n" >&2; exit 2; fi
 
 clean:
-	rm -rf $(VENV) .venv-serve node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-serve worker/.venv node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
+
+# --- The RunPod worker: worker/ -----------------------------------------------------------------
+WORKER_VENV := worker/.venv
+WORKER_STAMP := $(WORKER_VENV)/.installed
+
+# Built from the worker's own requirements alone, as its image (or a fresh machine) would be.
+$(WORKER_STAMP): worker/requirements.txt worker/requirements-test.txt
+	test -x $(WORKER_VENV)/bin/python || $(PYTHON) -m venv $(WORKER_VENV)
+	$(WORKER_VENV)/bin/pip install --quiet --disable-pip-version-check -r worker/requirements-test.txt
+	touch $@
+
+## Run the worker's tests (worker/tests) from its own venv.
+.PHONY: test-worker
+test-worker: $(WORKER_STAMP)
+	cd worker && .venv/bin/pytest
 
 # --- Benchmarks: bench/, BENCHMARKS.md ---------------------------------------------------------
 BENCH_STAMP := $(VENV)/.bench-installed

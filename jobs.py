@@ -46,6 +46,7 @@ from runpod_client import (
 )
 from store import Store
 from webhooks import webhook_token
+from worker.contract import CONTRACT_VERSION, OutputTarget, WorkerInput
 
 log = logging.getLogger("gateway.jobs")
 
@@ -180,23 +181,22 @@ class JobService:
             return job
 
     def _worker_input(self, job: Job) -> dict[str, object]:
+        """The RunPod job's input, built through the contract's schema the worker parses with."""
         upload_ttl = (
             self.settings.runpod_job_ttl_seconds + self.settings.runpod_execution_timeout_seconds
         )
-        return {
-            "jobId": job.job_id,
-            "prompt": job.prompt,
-            "imageUrl": job.image_url,
-            "durationSec": job.duration_sec,
-            "seed": job.seed,
-            "output": {
-                "uploadUrl": self.storage.presign_put(
-                    job.object_key, upload_ttl, VIDEO_CONTENT_TYPE
-                ),
-                "objectKey": job.object_key,
-                "contentType": VIDEO_CONTENT_TYPE,
-            },
-        }
+        upload_url = self.storage.presign_put(job.object_key, upload_ttl, VIDEO_CONTENT_TYPE)
+        return WorkerInput(
+            contract_version=CONTRACT_VERSION,
+            job_id=job.job_id,
+            prompt=job.prompt,
+            image_url=job.image_url,
+            duration_sec=job.duration_sec,
+            seed=job.seed,
+            output=OutputTarget(
+                upload_url=upload_url, object_key=job.object_key, content_type=VIDEO_CONTENT_TYPE
+            ),
+        ).to_wire()
 
     def webhook_url(self, job_id: str) -> str:
         token = webhook_token(self.webhook_secret, job_id)

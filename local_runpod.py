@@ -1,4 +1,4 @@
-"""A local stand-in for RunPod Serverless: RunPod's HTTP API, and jobs that render real MP4s.
+"""A local stand-in for RunPod Serverless: RunPod's HTTP API, its jobs run by the real worker.
 
 With no RunPod configured (`make run`), the gateway builds it in-process and reaches it through
 httpx's ASGI transport (wiring.py, `build_runpod_http`): no port and no route of the gateway's
@@ -10,20 +10,21 @@ Routes, for any endpoint id, each requiring `Authorization: Bearer <anything>` (
 `POST /v2/{endpoint}/run`, `GET /v2/{endpoint}/status/{id}`, `POST /v2/{endpoint}/cancel/{id}`,
 `GET /v2/{endpoint}/health`, with RunPod's JSON shapes; an unknown id answers 404.
 
-Each job runs a worker that honours the README's worker contract. What it reads from `input`:
+Each job runs the real worker's handler (`worker/handler.py`, the code a RunPod endpoint runs),
+with the test pattern as its generator: it reads the input through the worker contract's schema
+(`worker/contract.py`), renders the video, PUTs it (and a poster, when the input asks) to the
+presigned URLs, and answers with the contract's output or its `{"error": ...}` echo.
 
-    {"jobId": str, "prompt": str, "durationSec": int (1-60), "seed": int,
-     "output": {"uploadUrl": presigned PUT URL, "contentType": "video/mp4", "objectKey": str}}
+A job waits IN_QUEUE for a quarter of `render_seconds`, then is IN_PROGRESS (as `/status` shows,
+its `output` holding the worker's latest progress, as `runpod.serverless.progress_update` makes
+RunPod show it) while the handler runs in a thread, and ends about `render_seconds` after
+submission. The handler's answer passes through a copy of runpod-python's `run_job`
+(`sdk_result`), so the status holds exactly what the real SDK would report:
 
-A job waits IN_QUEUE for a quarter of `render_seconds`, then is IN_PROGRESS (as `/status` shows)
-while it renders the video in a worker thread and PUTs it to `output.uploadUrl` with
-`output.contentType`, and ends, about `render_seconds` after submission. The handler's answer
-passes through a copy of runpod-python's `run_job` (`sdk_result`), so the status holds exactly
-what the real SDK would report:
-
-- success: COMPLETED, output `{"jobId", "objectKey", "sizeBytes", "durationSec"}`;
+- success: COMPLETED, output `{"contractVersion", "jobId", "objectKey", "sizeBytes",
+  "durationSec", "posterUploaded"}`;
 - a failure the handler caught: it returns `{"error": json.dumps({"jobId", "error_type",
-  "error_message", "error_traceback"})}`, so FAILED with that JSON string as `error`;
+  "error_message"})}`, so FAILED with that JSON string as `error`;
 - an exception that escapes the handler: FAILED with the SDK's own JSON string (`error_type`,
   `error_message`, `error_traceback`, `hostname`, `worker_id`, `runpod_version`), no `jobId`.
 
@@ -32,7 +33,7 @@ trying twice more on any answer but 200, `webhook_retry_delay` seconds apart. `/
 job CANCELLED; no webhook follows.
 
 Failure injection, for tests and demos:
-    a prompt containing `[[fail]]` makes the render fail: the handler reports it, with jobId;
+    a prompt containing `[[fail]]` makes the generator fail: the handler reports it, with jobId;
     a prompt containing `[[crash]]` makes the handler itself raise: the SDK reports it, no jobId.
 
 Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
@@ -44,8 +45,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
-import tempfile
 import time
 import traceback
 import uuid
@@ -64,111 +63,41 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from worker.generator import TestPattern
+from worker.handler import Worker
+from worker.progress import RunPodProgress
+
 logger = logging.getLogger(__name__)
 
 FAIL_MARKER = "[[fail]]"
 CRASH_MARKER = "[[crash]]"
 # What the real SDK puts in its error report when the pod's environment does not say.
 SDK_VERSION = "1.12.0"
-WIDTH, HEIGHT, FPS = 320, 180, 12
-# Keeps a bogus input from tying up the stand-in for minutes.
-MAX_DURATION_SEC = 60
 # Share of `render_seconds` a job spends IN_QUEUE, so a poller sees every state.
 QUEUE_SHARE = 0.25
 # RunPod tries a webhook once, then twice more on any answer but 200.
 WEBHOOK_ATTEMPTS = 3
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
-SCROLL_PX_PER_FRAME = 6
-PROGRESS_BAR_PX = 12
 
 
 class WorkerFailure(Exception):
-    """The render failed, as a real worker's can: the handler reports it."""
+    """The generator failed, as a real model can: the handler reports it."""
 
 
 class HandlerCrash(Exception):
     """A bug in the handler itself: it escapes, and the SDK reports it."""
 
 
-# --- The video --------------------------------------------------------------------------------
+class FailOnMarker(TestPattern):
+    """The worker's test pattern, failing on demand so the refund path can be tried by hand."""
 
-
-def render_mp4(duration_sec: int, seed: int) -> bytes:
-    """A playable H.264 MP4: a gradient in the seed's colours slides over a progress bar."""
-    if not 1 <= duration_sec <= MAX_DURATION_SEC:
-        raise ValueError(f"durationSec must be between 1 and {MAX_DURATION_SEC}")
-    import av  # here, not at the top: the production image does not ship PyAV
-
-    strip = _gradient_strip(seed)
-    frame_count = duration_sec * FPS
-    # `+faststart` puts the index first so a browser can play before the download ends; it
-    # rewrites the finished file, which needs a real path rather than a BytesIO.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "video.mp4"
-        with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            stream = out.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            for index in range(frame_count):
-                frame = av.VideoFrame(WIDTH, HEIGHT, "rgb24")
-                # 320 px * 3 bytes is already 32-byte aligned, so the plane has no row padding.
-                frame.planes[0].update(_frame_pixels(strip, index, frame_count))
-                out.mux(stream.encode(frame))
-            out.mux(stream.encode())  # flush the frames the encoder still holds
-        return path.read_bytes()
-
-
-def _gradient_strip(seed: int) -> bytes:
-    """Two widths of RGB pixels blending through three colours picked by the seed."""
-    rng = random.Random(seed)
-    colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(3)]
-    pixels = bytearray()
-    for x in range(2 * WIDTH):
-        position = (x % WIDTH) / WIDTH * len(colours)
-        start, end = colours[int(position)], colours[(int(position) + 1) % len(colours)]
-        blend = position - int(position)
-        pixels += bytes(round(a + (b - a) * blend) for a, b in zip(start, end, strict=True))
-    return bytes(pixels)
-
-
-def _frame_pixels(strip: bytes, index: int, frame_count: int) -> bytes:
-    # Every row of a frame is the same slice of the strip: cheap to build without numpy.
-    offset = (index * SCROLL_PX_PER_FRAME) % WIDTH * 3
-    row = strip[offset : offset + WIDTH * 3]
-    done = WIDTH * (index + 1) // frame_count
-    bar = b"\xff" * 3 * done + b"\x20" * 3 * (WIDTH - done)
-    return row * (HEIGHT - PROGRESS_BAR_PX) + bar * PROGRESS_BAR_PX
+    def generate(self, prompt: str, image: bytes | None, duration_sec: int, seed: int) -> Path:
+        if FAIL_MARKER in prompt:
+            raise WorkerFailure(f"Simulated worker failure: the prompt contains {FAIL_MARKER}")
+        return super().generate(prompt, image, duration_sec, seed)
 
 
 # --- Jobs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RenderRequest:
-    """The part of a job's input the worker needs, checked."""
-
-    prompt: str
-    duration_sec: int
-    seed: int
-    upload_url: str
-    content_type: str
-    object_key: str | None
-
-    @classmethod
-    def from_input(cls, job_input: dict[str, Any]) -> RenderRequest:
-        output = job_input.get("output")
-        if not isinstance(output, dict) or not isinstance(output.get("uploadUrl"), str):
-            raise WorkerFailure("input.output.uploadUrl is missing")
-        duration, seed = job_input.get("durationSec"), job_input.get("seed", 0)
-        if not isinstance(duration, int) or not isinstance(seed, int):
-            raise WorkerFailure("input.durationSec and input.seed must be integers")
-        return cls(
-            prompt=str(job_input.get("prompt", "")),
-            duration_sec=duration,
-            seed=seed,
-            upload_url=output["uploadUrl"],
-            content_type=str(output.get("contentType") or "video/mp4"),
-            object_key=output.get("objectKey"),
-        )
 
 
 @dataclass(slots=True)
@@ -180,6 +109,8 @@ class LocalJob:
     output: Any = None
     error: Any = None
     submitted_at: float = field(default_factory=time.monotonic)
+    # The event loop that runs the job: the worker's thread reports progress through it.
+    loop: asyncio.AbstractEventLoop | None = None
     started_at: float | None = None
     ended_at: float | None = None
 
@@ -189,6 +120,11 @@ class LocalJob:
 
     def start(self) -> None:
         self.status, self.started_at = "IN_PROGRESS", time.monotonic()
+
+    def report_progress(self, progress: dict[str, Any]) -> None:
+        """What `progress_update` does on RunPod: `/status` shows it as the running job's output."""
+        if self.status == "IN_PROGRESS":
+            self.output = progress
 
     def end(self, status: str, *, output: Any = None, error: Any = None) -> None:
         self.status, self.output, self.error = status, output, error
@@ -210,17 +146,6 @@ class LocalJob:
         if self.error is not None:
             body["error"] = self.error
         return body
-
-
-def contract_error(job_input: dict[str, Any], exc: BaseException) -> dict[str, Any]:
-    """What a contract-honouring handler returns when it fails: the SDK's report, plus `jobId`."""
-    report = {
-        "jobId": job_input.get("jobId"),
-        "error_type": type(exc).__name__,
-        "error_message": str(exc),
-        "error_traceback": "".join(traceback.format_exception(exc)),
-    }
-    return {"error": json.dumps(report)}
 
 
 def sdk_error(exc: BaseException) -> str:
@@ -270,17 +195,26 @@ class LocalRunPod:
         render_seconds: float,
         webhook_retry_delay: float,
         http: httpx.AsyncClient | None = None,
+        worker_client: httpx.Client | None = None,
     ) -> None:
         self.render_seconds = render_seconds
         self.webhook_retry_delay = webhook_retry_delay
         self.jobs: dict[str, LocalJob] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._owns_http = http is None
-        # Uploads go to presigned URLs and webhooks to the gateway: neither should take 30 s.
+        # Webhooks go to the gateway: none should take 30 s.
         self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0))
+        self._owns_worker_client = worker_client is None
+        # The worker's uploads and progress POSTs, made from its thread (it is synchronous, as
+        # on RunPod).
+        client = worker_client or httpx.Client(timeout=httpx.Timeout(30.0, connect=3.0))
+        self.worker = Worker(
+            generator=FailOnMarker(), client=client, runpod_progress=self._progress_for
+        )
 
     def submit(self, job_input: dict[str, Any], webhook: str | None) -> LocalJob:
         job = LocalJob(id=f"{uuid.uuid4()}-local", input=job_input, webhook=webhook)
+        job.loop = asyncio.get_running_loop()
         self.jobs[job.id] = job
         task = asyncio.create_task(self._run(job), name=f"local-runpod-{job.id}")
         self._tasks[job.id] = task
@@ -303,13 +237,15 @@ class LocalRunPod:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_worker_client:
+            self.worker.client.close()
 
     async def _run(self, job: LocalJob) -> None:
         deadline = time.monotonic() + self.render_seconds
         await asyncio.sleep(self.render_seconds * QUEUE_SHARE)
         job.start()
         try:
-            result = sdk_result(await self._handler(job.input))
+            result = sdk_result(await self._handler(job))
         except Exception as exc:  # escaped the handler: the SDK reports it (rp_job.run_job)
             result = {"error": sdk_error(exc)}
         # Rendering is quick here: the job stays IN_PROGRESS until its time is up, so a poll
@@ -321,32 +257,19 @@ class LocalRunPod:
         job.end(status, output=result.get("output"), error=result.get("error"))
         await self._deliver_webhook(job)
 
-    async def _handler(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        """The worker's handler, as the contract asks: it catches its failures and echoes."""
-        if CRASH_MARKER in str(job_input.get("prompt", "")):
+    async def _handler(self, job: LocalJob) -> Any:
+        """The worker's own handler, on the job as RunPod hands it over (`id` and `input`)."""
+        if CRASH_MARKER in str(job.input.get("prompt", "")):
             raise HandlerCrash(f"Simulated handler bug: the prompt contains {CRASH_MARKER}")
-        try:
-            return await self._render_and_upload(job_input)
-        except Exception as exc:
-            return contract_error(job_input, exc)
+        # It renders and uploads, blocking: keep it off the event loop.
+        return await asyncio.to_thread(self.worker.handle, {"id": job.id, "input": job.input})
 
-    async def _render_and_upload(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        request = RenderRequest.from_input(job_input)
-        if FAIL_MARKER in request.prompt:
-            raise WorkerFailure(f"Simulated worker failure: the prompt contains {FAIL_MARKER}")
-        # Encoding blocks for a while: keep it off the event loop.
-        video = await asyncio.to_thread(render_mp4, request.duration_sec, request.seed)
-        response = await self._http.put(
-            request.upload_url, content=video, headers={"Content-Type": request.content_type}
-        )
-        if not response.is_success:
-            raise WorkerFailure(f"Uploading the video failed with HTTP {response.status_code}")
-        return {
-            "jobId": job_input.get("jobId"),
-            "objectKey": request.object_key,
-            "sizeBytes": len(video),
-            "durationSec": request.duration_sec,
-        }
+    def _progress_for(self, job: dict[str, Any]) -> RunPodProgress:
+        """The worker's `progress_update`: it calls from its thread, the job lives on the loop."""
+        local_job = self.jobs[job["id"]]
+        loop = local_job.loop
+        assert loop is not None, "a job's handler runs only after it was submitted on the loop"
+        return lambda body: loop.call_soon_threadsafe(local_job.report_progress, body)
 
     async def _deliver_webhook(self, job: LocalJob) -> None:
         if not job.webhook:
@@ -456,6 +379,7 @@ def create_local_runpod_app(
     render_seconds: float = 3.0,
     webhook_retry_delay: float = 10.0,
     http: httpx.AsyncClient | None = None,
+    worker_client: httpx.Client | None = None,
 ) -> Starlette:
     """The stand-in as an ASGI app, its jobs run by `app.state.runner`.
 
@@ -463,7 +387,10 @@ def create_local_runpod_app(
     mounts: a gateway that mounts it must `await app.state.runner.aclose()` on shutdown.
     """
     runner = LocalRunPod(
-        render_seconds=render_seconds, webhook_retry_delay=webhook_retry_delay, http=http
+        render_seconds=render_seconds,
+        webhook_retry_delay=webhook_retry_delay,
+        http=http,
+        worker_client=worker_client,
     )
 
     @asynccontextmanager

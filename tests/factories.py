@@ -24,7 +24,7 @@ CLOUD_TRACE = "105445aa7843bc8bf206b12000100000"
 W3C_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJ1c2VyX2FsaWNlIn0.c2lnbmF0dXJlLXBhcnQ"
 METRICS_TOKEN = "metrics-token-0123456789"
-log = logging.getLogger("gateway.test_telemetry")
+log = logging.getLogger("gateway.test_app")
 
 
 def new_job(

@@ -48,14 +48,22 @@ def dockerfile_command(path: Path = DOCKERFILE) -> list[str]:
 
 
 def image_files(root: Path = ROOT) -> list[Path]:
-    """The files `COPY *.py ./` puts in the image: every top-level .py not in .dockerignore."""
+    """The files the image copies: every top-level .py not in .dockerignore (`COPY *.py ./`),
+    and the files of `worker/` its `COPY worker/... ./worker/` line names."""
     ignored = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()]
     patterns = [line for line in ignored if line and not line.startswith("#")]
-    return [
+    top_level = [
         path
         for path in sorted(root.glob("*.py"))
         if not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns)
     ]
+    return top_level + [root / name for name in copied_worker_files()]
+
+
+def copied_worker_files(path: Path = DOCKERFILE) -> list[str]:
+    lines = path.read_text().replace("\\\n", " ").splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY worker/")]
+    return [name for names in copies for name in names]
 
 
 def app_dir(tmp_path: Path) -> Path:
@@ -63,7 +71,9 @@ def app_dir(tmp_path: Path) -> Path:
     target = tmp_path / "app"
     target.mkdir()
     for path in image_files():
-        shutil.copy2(path, target / path.name)
+        destination = target / path.relative_to(ROOT)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
     return target
 
 
@@ -260,9 +270,14 @@ class TestDockerfile:
         assert "--timeout-graceful-shutdown 8" in line
 
     def test_image_leaves_out_test_and_local_only_code(self) -> None:
-        names = {path.name for path in image_files()}
+        names = {str(path.relative_to(ROOT)) for path in image_files()}
         assert {"main.py", "config.py", "manage.py"} <= names
         assert "local_runpod.py" not in names  # needs PyAV, which the image does not ship
+        # Of the worker, only the contract's schema: the rest needs PyAV and the RunPod SDK.
+        assert {name for name in names if name.startswith("worker/")} == {
+            "worker/__init__.py",
+            "worker/contract.py",
+        }
 
 
 class TestImage:

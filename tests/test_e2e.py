@@ -85,4 +85,7 @@ class TestLocalMode:
                 job_id = client.post("/jobs/create", json=body).json()["jobId"]
                 job = wait_for_status(client, job_id, "failed")
                 assert job["error"]["code"] == "WORKER_FAILED"
+                # The worker's own message, carried in its jobId-echoing error, reaches the user.
+                detail = "Simulated worker failure: the prompt contains [[fail]]"
+                assert job["error"]["detail"] == detail
                 assert client.get("/credits").json()["credits"] == 100

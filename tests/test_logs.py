@@ -37,9 +37,7 @@ from tests.factories import (
     http_count,
 )
 
-log = logging.getLogger("gateway.test_telemetry")
-
-log = logging.getLogger("gateway.test_telemetry")
+log = logging.getLogger("gateway.test_logs")
 
 
 @pytest.fixture

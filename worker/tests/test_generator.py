@@ -1,0 +1,54 @@
+"""The default generator: a playable, deterministic test pattern (moved from local_runpod.py)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import pytest
+
+from worker.generator import TestPattern, render_mp4
+
+
+def probe(data: bytes) -> tuple[float, int, int]:
+    """Duration in seconds, width and height, as a player would read them."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert container.duration is not None
+        return container.duration / av.time_base, stream.width, stream.height
+
+
+def rendered(tmp_path: Path, duration_sec: int, seed: int) -> bytes:
+    path = tmp_path / f"{duration_sec}-{seed}.mp4"
+    render_mp4(duration_sec, seed, path)
+    return path.read_bytes()
+
+
+class TestRenderMp4:
+    @pytest.mark.parametrize("duration_sec", [1, 2])
+    def test_playable_video_of_the_asked_length(self, tmp_path: Path, duration_sec: int) -> None:
+        duration, width, height = probe(rendered(tmp_path, duration_sec, seed=3))
+
+        assert abs(duration - duration_sec) <= 0.2
+        assert (width, height) == (320, 180)
+
+    def test_seed_decides_the_picture(self, tmp_path: Path) -> None:
+        first = rendered(tmp_path, 1, 1)
+
+        assert rendered(tmp_path, 1, 1) == first
+        assert rendered(tmp_path, 1, 2) != first
+
+    @pytest.mark.parametrize("duration_sec", [0, -1])
+    def test_refuses_durations_below_one_second(self, tmp_path: Path, duration_sec: int) -> None:
+        with pytest.raises(ValueError):
+            render_mp4(duration_sec, 1, tmp_path / "video.mp4")
+
+
+class TestTestPattern:
+    def test_returns_a_file_the_caller_owns(self) -> None:
+        path = TestPattern().generate("a red fox", None, 1, 42)
+        try:
+            assert path.suffix == ".mp4" and path.stat().st_size > 0
+        finally:
+            path.unlink()
