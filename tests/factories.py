@@ -86,6 +86,12 @@ def outcomes(metrics: Metrics) -> dict[str, float | None]:
     return {name: sample(metrics, "gateway_job_outcomes_total", outcome=name) for name in names}
 
 
+def app_client(app: FastAPI) -> httpx.AsyncClient:
+    """A client for a small app: an exception the app raises becomes the 500 a server sends."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
+
+
 def build_app(metrics: Metrics, token: str | None = None, min_logged_status: int = 0) -> FastAPI:
     """A small app shaped like the gateway: a templated route, a failing one, probes, /metrics."""
     app = FastAPI()

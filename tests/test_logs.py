@@ -32,6 +32,7 @@ from tests.factories import (
     JWT,
     W3C_TRACE,
     access_lines,
+    app_client,
     build_app,
     gateway_lines,
     http_count,
@@ -42,8 +43,7 @@ log = logging.getLogger("gateway.test_logs")
 
 @pytest.fixture
 async def client(metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=build_app(metrics), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as opened:
+    async with app_client(build_app(metrics)) as opened:
         yield opened
 
 

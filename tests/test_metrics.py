@@ -17,6 +17,7 @@ from tests.factories import (
     METRICS_TOKEN,
     access_lines,
     all_label_values,
+    app_client,
     build_app,
     credits,
     gateway_lines,
@@ -28,8 +29,7 @@ from tests.factories import (
 
 @pytest.fixture
 async def client(metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=build_app(metrics), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as opened:
+    async with app_client(build_app(metrics)) as opened:
         yield opened
 
 
