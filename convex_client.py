@@ -320,7 +320,7 @@ class ConvexStore:
         assert settings.convex_url and settings.convex_deploy_key
         http = httpx.AsyncClient(
             base_url=settings.convex_url.rstrip("/"),
-            headers={"Authorization": f"Convex {settings.convex_deploy_key}"},
+            headers={"Authorization": f"Convex {settings.convex_deploy_key.get_secret_value()}"},
             # A mutation's user code may run 1 s, and the backend retries an OCC conflict four
             # times (100 ms doubling); the rest is queueing and the network.
             timeout=httpx.Timeout(10.0, connect=3.0),

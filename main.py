@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import AccessLog, Settings, get_settings, settings_or_exit
+from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -153,7 +153,8 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         endpoint = settings.r2_endpoint
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
-        client = make_s3_client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
+        key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
+        client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
         return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
@@ -168,7 +169,7 @@ def build_runpod_http(
         http = build_http_client(
             settings.runpod_api_base,
             settings.runpod_endpoint_id,
-            settings.runpod_api_key,
+            settings.runpod_api_key.get_secret_value(),
             transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
         )
         return http, f"runpod ({settings.runpod_api_base})"
@@ -185,7 +186,7 @@ def build_runpod_http(
 
 async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> State:
     data_dir = settings.local_data_dir
-    secret = settings.runpod_webhook_secret or _local_secret(data_dir, "webhook_secret")
+    secret = revealed(settings.runpod_webhook_secret) or _local_secret(data_dir, "webhook_secret")
     bare_store, store_name = build_store(settings)
     store = InstrumentedStore(bare_store, metrics)
     stack.push_async_callback(store.close)
@@ -1070,7 +1071,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     install_docs(app)
     if settings.metrics_token or not settings.is_production:
-        endpoint = metrics_route(metrics.registry, settings.metrics_token)
+        endpoint = metrics_route(metrics.registry, revealed(settings.metrics_token))
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
@@ -1116,17 +1117,10 @@ def install_cors(app: FastAPI, settings: Settings) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    known = (
-        settings.runpod_api_key,
-        settings.runpod_webhook_secret,
-        settings.r2_secret_access_key,
-        settings.convex_deploy_key,
-        settings.metrics_token,
-    )
     configure_logging(
         json_logs=settings.json_logs,
         project_id=settings.google_cloud_project,
-        known_secrets=known,
+        known_secrets=settings.secret_values,
     )
 
 
