@@ -123,6 +123,10 @@ class Backends:
     runpod: str
     storage: str
 
+    def __str__(self) -> str:
+        parts = ("store", self.store), ("storage", self.storage), ("RunPod", self.runpod)
+        return "; ".join(f"{name}: {value}" for name, value in (*parts, ("auth", self.auth)))
+
 
 def _local_secret(data_dir: Path, name: str) -> str:
     """A random secret kept in the data dir, so local restarts keep URLs and tokens valid."""
@@ -142,10 +146,10 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     if settings.uses_convex:
         from convex_client import ConvexStore
 
-        return ConvexStore.from_settings(settings), "convex"
+        return ConvexStore.from_settings(settings), f"Convex at {settings.convex_url}"
     path = settings.local_data_dir / "gateway.db"
     store = SQLiteStore(path, settings.effective_signup_credits, settings.default_plan)
-    return store, f"sqlite ({path})"
+    return store, f"SQLite at {path}"
 
 
 def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
@@ -155,10 +159,10 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         assert settings.r2_bucket
         key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
         client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
-        return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
+        return R2Storage(client, settings.r2_bucket), f"R2 at {endpoint}"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
-    return storage, f"local directory ({root})"
+    return storage, f"local files in {root}"
 
 
 def build_runpod_http(
@@ -172,7 +176,7 @@ def build_runpod_http(
             settings.runpod_api_key.get_secret_value(),
             transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
         )
-        return http, f"runpod ({settings.runpod_api_base})"
+        return http, f"endpoint {settings.runpod_endpoint_id} at {settings.runpod_api_base}"
     # The stand-in runs in this process and is reached through httpx's ASGI transport, so
     # runpod_client.py speaks real RunPod HTTP to it; its uploads and webhooks use real sockets.
     from local_runpod import create_local_runpod_app
@@ -218,10 +222,10 @@ async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metri
 
 def _build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, str]:
     if settings.uses_real_clerk:
-        source = "PEM key" if settings.clerk_jwt_key else f"JWKS ({settings.jwks_url})"
-        return ClerkAuth(settings, http), f"clerk, {source}"
+        source = "a PEM key" if settings.clerk_jwt_key else f"keys from {settings.jwks_url}"
+        return ClerkAuth(settings, http), f"Clerk, {source}"
     _, public_pem = ensure_dev_key(settings.local_data_dir)
-    return ClerkAuth(settings, http, public_key_pem=public_pem), "local dev issuer"
+    return ClerkAuth(settings, http, public_key_pem=public_pem), "dev issuer"
 
 
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from dataclasses import replace
@@ -1102,3 +1103,17 @@ class TestReconciler:
         job_id = (await create(client, alice)).json()["jobId"]
         await client.get(f"/jobs/{job_id}", headers=alice)
         assert not status.called
+
+
+class TestStartupLog:
+    async def test_names_each_backend_in_words(self, settings_factory, caplog) -> None:
+        settings = settings_factory(clerk_jwt_key=None, runpod_api_key=None)
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            async with serve(settings):
+                pass
+        data = settings.local_data_dir
+        line = next(r.getMessage() for r in caplog.records if "starting" in r.getMessage())
+        assert line == (
+            f"gateway starting in local mode: store: SQLite at {data / 'gateway.db'}; "
+            f"storage: local files in {data / 'objects'}; RunPod: local stand-in; auth: dev issuer"
+        )
