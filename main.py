@@ -73,6 +73,7 @@ from models import (
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness, failed_parts
 from runpod_client import (
+    CONNECT_RETRIES,
     RUNPOD_ID_PATTERN,
     RunPodClient,
     RunPodError,
@@ -174,7 +175,9 @@ def build_runpod_http(
             settings.runpod_api_base,
             settings.runpod_endpoint_id,
             settings.runpod_api_key.get_secret_value(),
-            transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
+            transport=InstrumentedTransport(
+                httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES), metrics
+            ),
         )
         return http, f"endpoint {settings.runpod_endpoint_id} at {settings.runpod_api_base}"
     # The stand-in runs in this process and is reached through httpx's ASGI transport, so
