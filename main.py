@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import ClerkAuth, dev_jwks, ensure_dev_key
-from config import AccessLog, Settings, get_settings, settings_or_exit
+from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
 from errors import (
     AuthUnavailable,
     GatewayError,
@@ -73,6 +73,7 @@ from models import (
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness, failed_parts
 from runpod_client import (
+    CONNECT_RETRIES,
     RUNPOD_ID_PATTERN,
     RunPodClient,
     RunPodError,
@@ -123,6 +124,10 @@ class Backends:
     runpod: str
     storage: str
 
+    def __str__(self) -> str:
+        parts = ("store", self.store), ("storage", self.storage), ("RunPod", self.runpod)
+        return "; ".join(f"{name}: {value}" for name, value in (*parts, ("auth", self.auth)))
+
 
 def _local_secret(data_dir: Path, name: str) -> str:
     """A random secret kept in the data dir, so local restarts keep URLs and tokens valid."""
@@ -142,10 +147,10 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     if settings.uses_convex:
         from convex_client import ConvexStore
 
-        return ConvexStore.from_settings(settings), "convex"
+        return ConvexStore.from_settings(settings), f"Convex at {settings.convex_url}"
     path = settings.local_data_dir / "gateway.db"
     store = SQLiteStore(path, settings.effective_signup_credits, settings.default_plan)
-    return store, f"sqlite ({path})"
+    return store, f"SQLite at {path}"
 
 
 def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
@@ -153,11 +158,12 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         endpoint = settings.r2_endpoint
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
-        client = make_s3_client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
-        return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
+        key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
+        client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
+        return R2Storage(client, settings.r2_bucket), f"R2 at {endpoint}"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
-    return storage, f"local directory ({root})"
+    return storage, f"local files in {root}"
 
 
 def build_runpod_http(
@@ -168,10 +174,12 @@ def build_runpod_http(
         http = build_http_client(
             settings.runpod_api_base,
             settings.runpod_endpoint_id,
-            settings.runpod_api_key,
-            transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
+            settings.runpod_api_key.get_secret_value(),
+            transport=InstrumentedTransport(
+                httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES), metrics
+            ),
         )
-        return http, f"runpod ({settings.runpod_api_base})"
+        return http, f"endpoint {settings.runpod_endpoint_id} at {settings.runpod_api_base}"
     # The stand-in runs in this process and is reached through httpx's ASGI transport, so
     # runpod_client.py speaks real RunPod HTTP to it; its uploads and webhooks use real sockets.
     from local_runpod import create_local_runpod_app
@@ -185,7 +193,7 @@ def build_runpod_http(
 
 async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> State:
     data_dir = settings.local_data_dir
-    secret = settings.runpod_webhook_secret or _local_secret(data_dir, "webhook_secret")
+    secret = revealed(settings.runpod_webhook_secret) or _local_secret(data_dir, "webhook_secret")
     bare_store, store_name = build_store(settings)
     store = InstrumentedStore(bare_store, metrics)
     stack.push_async_callback(store.close)
@@ -217,10 +225,10 @@ async def _build_state(settings: Settings, stack: AsyncExitStack, metrics: Metri
 
 def _build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, str]:
     if settings.uses_real_clerk:
-        source = "PEM key" if settings.clerk_jwt_key else f"JWKS ({settings.jwks_url})"
-        return ClerkAuth(settings, http), f"clerk, {source}"
+        source = "a PEM key" if settings.clerk_jwt_key else f"keys from {settings.jwks_url}"
+        return ClerkAuth(settings, http), f"Clerk, {source}"
     _, public_pem = ensure_dev_key(settings.local_data_dir)
-    return ClerkAuth(settings, http, public_key_pem=public_pem), "local dev issuer"
+    return ClerkAuth(settings, http, public_key_pem=public_pem), "dev issuer"
 
 
 def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
@@ -1070,7 +1078,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     install_docs(app)
     if settings.metrics_token or not settings.is_production:
-        endpoint = metrics_route(metrics.registry, settings.metrics_token)
+        endpoint = metrics_route(metrics.registry, revealed(settings.metrics_token))
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
@@ -1116,17 +1124,10 @@ def install_cors(app: FastAPI, settings: Settings) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    known = (
-        settings.runpod_api_key,
-        settings.runpod_webhook_secret,
-        settings.r2_secret_access_key,
-        settings.convex_deploy_key,
-        settings.metrics_token,
-    )
     configure_logging(
         json_logs=settings.json_logs,
         project_id=settings.google_cloud_project,
-        known_secrets=known,
+        known_secrets=settings.secret_values,
     )
 
 
