@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values `.env.example` ships with; a production deploy that still has one is misconfigured.
@@ -50,22 +50,22 @@ class Settings(BaseSettings):
     clerk_authorized_parties: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # RunPod
-    runpod_api_key: str | None = None
+    runpod_api_key: SecretStr | None = None
     runpod_endpoint_id: str | None = None
     runpod_api_base: str = "https://api.runpod.ai/v2"
-    runpod_webhook_secret: str | None = None
+    runpod_webhook_secret: SecretStr | None = None
     public_base_url: str | None = None
 
     # Cloudflare R2
     r2_account_id: str | None = None
-    r2_access_key_id: str | None = None
-    r2_secret_access_key: str | None = None
+    r2_access_key_id: SecretStr | None = None
+    r2_secret_access_key: SecretStr | None = None
     r2_bucket: str | None = None
     r2_endpoint_url: str | None = None
 
     # Convex
     convex_url: str | None = None
-    convex_deploy_key: str | None = None
+    convex_deploy_key: SecretStr | None = None
 
     # Limits
     max_concurrent_jobs: int = Field(default=5, ge=1)
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     # Operations
     # Required as `Authorization: Bearer <token>` on /metrics; without it, production serves no
     # /metrics at all (the service is public) and local mode serves it openly.
-    metrics_token: str | None = None
+    metrics_token: SecretStr | None = None
     # Names the Cloud Trace project in log lines; Cloud Run does not set it by itself.
     google_cloud_project: str | None = None
     # Unset: JSON for Cloud Logging in production, text for a terminal locally. Set `json` to
@@ -144,6 +144,12 @@ class Settings(BaseSettings):
             if problems:
                 raise IncompleteProductionConfig(problems)
         return self
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret that is set, for the log redactor; a repr shows them as `**********`."""
+        secrets = (getattr(self, name) for name in SECRET_FIELDS)
+        return tuple(secret.get_secret_value() for secret in secrets if secret)
 
     @property
     def is_production(self) -> bool:
@@ -212,6 +218,16 @@ class IncompleteProductionConfig(ValueError):
         super().__init__("production configuration is incomplete: " + "; ".join(problems))
 
 
+# Each is a `SecretStr`: read it with `.get_secret_value()` where it is sent, nowhere else.
+SECRET_FIELDS = (
+    "runpod_api_key",
+    "runpod_webhook_secret",
+    "r2_access_key_id",
+    "r2_secret_access_key",
+    "convex_deploy_key",
+    "metrics_token",
+)
+
 REQUIRED_IN_PRODUCTION = (
     "runpod_api_key",
     "runpod_endpoint_id",
@@ -223,6 +239,11 @@ REQUIRED_IN_PRODUCTION = (
     "convex_url",
     "convex_deploy_key",
 )
+
+
+def revealed(secret: SecretStr | None) -> str | None:
+    """The value of a secret setting that may be unset, for the one place that sends it."""
+    return secret.get_secret_value() if secret else None
 
 
 def cors_origin(value: str) -> str:
@@ -256,9 +277,11 @@ def production_problems(settings: Settings) -> list[str]:
     problems: list[str] = []
     for name in REQUIRED_IN_PRODUCTION:
         value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if not value:
             problems.append(f"{name.upper()} is missing")
-        elif _is_placeholder(str(value)):
+        elif _is_placeholder(value):
             problems.append(f"{name.upper()} is still the .env.example placeholder")
     if not (settings.clerk_jwt_key or settings.jwks_url):
         problems.append("CLERK_JWT_KEY or CLERK_ISSUER (or CLERK_JWKS_URL) is missing")

@@ -87,6 +87,9 @@ _REQUEST_ID = re.compile(r"\[Request ID: (\w+)\]")
 _REDACTED = re.compile(r"^(?:\[Request ID: \w+\] )?Server Error")
 _SAFE_CODE = re.compile(r"[A-Za-z]{1,64}")
 
+# The one bound on how often a call is POSTed. A query runs again on any failure to answer; a
+# mutation only on the OCC 503 below, which says it committed nothing. A connection that never
+# opened is retried once more by the transport (CONNECT_RETRIES), not by a loop here.
 QUERY_ATTEMPTS = 3
 # One try plus two more after an OCC 503: the backend already retried four times with backoff
 # (100 ms doubling to 2 s), so a conflict that outlives two more tries is contention to report.
@@ -95,6 +98,9 @@ BACKOFF_SECONDS = 0.05  # doubled each attempt, with full jitter so instances do
 # A mismatch seen on a call keeps /readyz failing this long, unless that function then works.
 OUT_OF_DATE_MEMORY_SECONDS = 300.0
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# httpx's transport retries only ConnectError and ConnectTimeout (httpcore
+# `_async/connection.py`), at once: the request was never sent, so even a mutation is safe.
+CONNECT_RETRIES = 1
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -320,10 +326,11 @@ class ConvexStore:
         assert settings.convex_url and settings.convex_deploy_key
         http = httpx.AsyncClient(
             base_url=settings.convex_url.rstrip("/"),
-            headers={"Authorization": f"Convex {settings.convex_deploy_key}"},
+            headers={"Authorization": f"Convex {settings.convex_deploy_key.get_secret_value()}"},
             # A mutation's user code may run 1 s, and the backend retries an OCC conflict four
             # times (100 ms doubling); the rest is queueing and the network.
             timeout=httpx.Timeout(10.0, connect=3.0),
+            transport=httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES),
         )
         return cls(http, settings.effective_signup_credits, settings.default_plan)
 
@@ -350,17 +357,14 @@ class ConvexStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, kind: str, body: dict[str, Any]) -> httpx.Response:
-        # A mutation whose request may have reached Convex is never repeated on a transport
-        # error: it may have committed. Only a connection that never opened is safe to retry.
-        for attempt in range(2):
-            try:
-                return await self._http.post(f"/api/{kind}", json=body)
-            except _NEVER_SENT as exc:
-                if attempt == 1:
-                    raise ConvexUnavailable("The store could not be reached") from exc
-            except httpx.HTTPError as exc:
-                raise ConvexUnavailable("The store did not answer in time") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        # One POST: the transport already retried a connection that never opened. A mutation
+        # whose request may have reached Convex is never repeated: it may have committed.
+        try:
+            return await self._http.post(f"/api/{kind}", json=body)
+        except _NEVER_SENT as exc:
+            raise ConvexUnavailable("The store could not be reached") from exc
+        except httpx.HTTPError as exc:
+            raise ConvexUnavailable("The store did not answer in time") from exc
 
     @staticmethod
     def _outcome(path: str, response: httpx.Response) -> Any:

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from config import Settings
@@ -127,6 +127,8 @@ class JobService:
     storage: ObjectStorage
     webhook_secret: str
     public_base_url: str
+    # Now, in epoch milliseconds: every time read below goes through it, so a test can move it.
+    clock: Callable[[], int] = now_ms
 
     # --- create -----------------------------------------------------------------------
 
@@ -209,11 +211,11 @@ class JobService:
         if job.status is not JobStatus.DONE:
             return job
         expires = job.download_expires_at or 0
-        if job.download_url and expires - now_ms() > URL_REUSE_MARGIN_MS:
+        if job.download_url and expires - self.clock() > URL_REUSE_MARGIN_MS:
             return job
         ttl = self.settings.signed_url_ttl_seconds
         url = self.storage.presign_get(job.object_key, ttl)
-        expires_at = expiry_ms(ttl)
+        expires_at = expiry_ms(ttl, self.clock() / 1000)
         await self.store.save_download_url(job.job_id, url, expires_at)
         return replace(job, download_url=url, download_expires_at=expires_at)
 
@@ -288,7 +290,7 @@ class JobService:
 
     async def settle(self, job: Job) -> str:
         """One reconciler look at a quiet job; returns what was done, for logs and metrics."""
-        if now_ms() > self.deadline_ms(job):
+        if self.clock() > self.deadline_ms(job):
             await self._expire(job)
             return "expired"
         if not job.runpod_id:
@@ -312,7 +314,7 @@ class JobService:
         """On a poll: one bounded status check for a job that has gone quiet, then the result."""
         if job.status.is_terminal:
             return job
-        now = now_ms()
+        now = self.clock()
         stale_before = now - int(self.settings.effective_reconcile_after_seconds * 1000)
         if (job.checked_at or now) >= stale_before:
             return job  # the common case, decided without a store call
@@ -345,22 +347,28 @@ class Reconciler:
 
     BATCH = 50
 
-    def __init__(self, jobs: JobService, on_action: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        jobs: JobService,
+        on_action: Callable[[str], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.jobs = jobs
         self.on_action = on_action or (lambda action: None)
+        self._sleep = sleep
 
     async def run_forever(self) -> None:
         interval = self.jobs.settings.reconcile_interval_seconds
         while True:
             # Jitter spreads instances that started together.
-            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            await self._sleep(interval * random.uniform(0.5, 1.5))
             try:
                 await self.reconcile_once()
             except Exception:  # the loop must outlive any one bad pass
                 log.exception("reconciler pass failed")
 
     async def reconcile_once(self) -> dict[str, int]:
-        now = now_ms()
+        now = self.jobs.clock()
         stale_before = now - int(self.jobs.settings.effective_reconcile_after_seconds * 1000)
         claimed = await self.jobs.store.claim_stale_jobs(stale_before, now, self.BATCH)
         actions: dict[str, int] = {}

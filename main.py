@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from auth import dev_jwks
-from config import AccessLog, Settings, get_settings, settings_or_exit
+from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
 from deps import CurrentUser, SettingsDep
 from errors import (
     IdempotencyKeyInUse,
@@ -329,7 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     install_docs(app)
     if settings.metrics_token or not settings.is_production:
-        endpoint = metrics_route(metrics.registry, settings.metrics_token)
+        endpoint = metrics_route(metrics.registry, revealed(settings.metrics_token))
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())

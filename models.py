@@ -25,6 +25,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
+from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
@@ -181,7 +182,9 @@ class JobPage:
 
 
 class ApiModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """A shape on the wire: camelCase names there (`job_id` is `jobId`), snake_case in Python."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
 
 
 # JSON's "\ud800" escape decodes to a lone UTF-16 surrogate: a Python str, but not Unicode text.
@@ -361,16 +364,14 @@ WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
 class CreateJobRequest(RequestModel):
     prompt: StrictStr = Field(description="What to render, 1-2000 characters after trimming.")
     image_url: StrictStr | None = Field(
-        default=None, alias="imageUrl", description="Optional https URL of a start image."
+        default=None, description="Optional https URL of a start image."
     )
-    duration_sec: StrictInt = Field(alias="durationSec", description="Video length in seconds.")
+    duration_sec: StrictInt = Field(description="Video length in seconds.")
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         default=None, description="Random seed; the gateway picks and records one when omitted."
     )
 
     model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
         json_schema_extra={
             "examples": [
                 {
@@ -420,7 +421,7 @@ def create_job_request_model(
 
 
 class CreateJobResponse(ApiModel):
-    job_id: str = Field(alias="jobId", examples=["job_Xk3v9QyL0aPz7wRt"])
+    job_id: str = Field(examples=["job_Xk3v9QyL0aPz7wRt"])
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"jobId": "job_Xk3v9QyL0aPz7wRt"}]})
 
@@ -431,17 +432,17 @@ class JobError(ApiModel):
 
 
 class JobResponse(ApiModel):
-    job_id: str = Field(alias="jobId")
+    job_id: str
     status: JobStatus
-    r2_url: str | None = Field(alias="r2Url")
-    expires_at: str | None = Field(alias="expiresAt")
-    duration_sec: int = Field(alias="durationSec")
+    r2_url: str | None
+    expires_at: str | None
+    duration_sec: int
     prompt: str
-    image_url: str | None = Field(alias="imageUrl")
+    image_url: str | None
     seed: int
     cost: int
-    created_at: str = Field(alias="createdAt")
-    updated_at: str = Field(alias="updatedAt")
+    created_at: str
+    updated_at: str
     error: JobError | None
 
     model_config = ConfigDict(
@@ -472,7 +473,7 @@ class JobResponse(ApiModel):
 
 class JobListResponse(ApiModel):
     jobs: list[JobResponse]
-    next_cursor: str | None = Field(alias="nextCursor")
+    next_cursor: str | None
 
     model_config = ConfigDict(
         json_schema_extra={

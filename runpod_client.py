@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ RUNPOD_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_BACKOFF_SECONDS = 5.0
 # `/status`, `/cancel` and `/health` are cheap and safe to repeat: a couple of tries is enough.
 SAFE_ATTEMPTS = 3
+# httpx's transport tries a connection that failed to open once more, at once. It retries only
+# ConnectError and ConnectTimeout (httpcore `_async/connection.py`): the request was never sent,
+# so this is safe even for `/run`, and no loop of ours repeats it.
+CONNECT_RETRIES = 1
 # Upstream text ends up in a user-facing error: keep it short.
 MAX_DETAIL_CHARS = 200
 MAX_ERROR_MESSAGE_CHARS = 1000
@@ -175,11 +180,12 @@ class RunPodClient:
         max_submit_attempts: int = 4,
         backoff_base: float = 0.5,
         sleep: Sleep = asyncio.sleep,
+        jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self._http = http
         self._max_submit_attempts = max(1, max_submit_attempts)
         self._backoff_base = backoff_base
-        self._sleep = sleep
+        self._sleep, self._jitter = sleep, jitter
 
     async def submit(
         self, job_input: dict[str, Any], webhook_url: str, *, execution_timeout_ms: int, ttl_ms: int
@@ -191,14 +197,10 @@ class RunPodClient:
             "policy": {"executionTimeout": execution_timeout_ms, "ttl": ttl_ms},
         }
         for attempt in range(self._max_submit_attempts):
-            last = attempt == self._max_submit_attempts - 1
-            response = await self._post_run(body, give_up=last)
-            if response is None:
-                await self._sleep(self._backoff(attempt))
-            elif response.status_code == 429 and not last:
-                await self._sleep(self._backoff(attempt, response))
-            else:
+            response = await self._post_run(body)
+            if response.status_code != 429 or attempt == self._max_submit_attempts - 1:
                 return _submitted_id(response)
+            await self._sleep(self._backoff(attempt, response))
         raise AssertionError("unreachable: the last attempt always returns or raises")
 
     async def status(self, runpod_id: str) -> RunPodStatus:
@@ -215,15 +217,13 @@ class RunPodClient:
             raise RunPodRejected("RunPod sent a health report that is not a JSON object")
         return body
 
-    async def _post_run(self, body: dict[str, Any], *, give_up: bool) -> httpx.Response | None:
-        """One `/run` attempt; None means it never left and may be tried again."""
+    async def _post_run(self, body: dict[str, Any]) -> httpx.Response:
+        """One `/run` request; its connection was already retried by the transport."""
         try:
             return await self._http.post("/run", json=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # No connection, or none free in the pool: RunPod never saw this request.
-            if give_up:
-                raise RunPodUnavailable("Could not connect to RunPod") from exc
-            return None
+            raise RunPodUnavailable("Could not connect to RunPod") from exc
         except httpx.RequestError as exc:
             # The request may have reached RunPod: sending it again could start a second job.
             raise RunPodSubmitUncertain() from exc
@@ -247,9 +247,12 @@ class RunPodClient:
         raise AssertionError("unreachable: the last attempt always returns or raises")
 
     def _backoff(self, attempt: int, response: httpx.Response | None = None) -> float:
+        """RunPod's Retry-After when it sent one, else a full-jitter exponential backoff, so
+        that instances refused together do not all come back together."""
         retry_after = _retry_after_seconds(response) if response is not None else None
-        delay = retry_after if retry_after is not None else self._backoff_base * 2**attempt
-        return min(delay, MAX_BACKOFF_SECONDS)
+        if retry_after is not None:
+            return min(retry_after, MAX_BACKOFF_SECONDS)
+        return self._jitter(0, min(self._backoff_base * 2**attempt, MAX_BACKOFF_SECONDS))
 
 
 def build_http_client(
@@ -266,7 +269,7 @@ def build_http_client(
         headers={"Authorization": f"Bearer {api_key}"},
         # RunPod answers these calls in well under a second; 10 s means it is in trouble.
         timeout=httpx.Timeout(10.0, connect=3.0),
-        transport=transport,
+        transport=transport or httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES),
     )
 
 

@@ -12,7 +12,7 @@ from typing import TypedDict
 import httpx
 
 from auth import ClerkAuth, ensure_dev_key
-from config import Settings
+from config import Settings, revealed
 from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
 from jobs import JobService
 from local_storage import LocalStorage
@@ -20,7 +20,7 @@ from logs import configure_logging
 from metrics import Metrics
 from r2_client import ObjectStorage, R2Storage, make_s3_client
 from readiness import Readiness
-from runpod_client import RunPodClient, build_http_client
+from runpod_client import CONNECT_RETRIES, RunPodClient, build_http_client
 from sqlite_store import SQLiteStore
 from store import Store
 
@@ -47,6 +47,10 @@ class Backends:
     runpod: str
     storage: str
 
+    def __str__(self) -> str:
+        parts = ("store", self.store), ("storage", self.storage), ("RunPod", self.runpod)
+        return "; ".join(f"{name}: {value}" for name, value in (*parts, ("auth", self.auth)))
+
 
 def _local_secret(data_dir: Path, name: str) -> str:
     """A random secret kept in the data dir, so local restarts keep URLs and tokens valid."""
@@ -66,10 +70,10 @@ def build_store(settings: Settings) -> tuple[Store, str]:
     if settings.uses_convex:
         from convex_client import ConvexStore
 
-        return ConvexStore.from_settings(settings), "convex"
+        return ConvexStore.from_settings(settings), f"Convex at {settings.convex_url}"
     path = settings.local_data_dir / "gateway.db"
     store = SQLiteStore(path, settings.effective_signup_credits, settings.default_plan)
-    return store, f"sqlite ({path})"
+    return store, f"SQLite at {path}"
 
 
 def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
@@ -77,11 +81,12 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         endpoint = settings.r2_endpoint
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
-        client = make_s3_client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
-        return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
+        key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
+        client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
+        return R2Storage(client, settings.r2_bucket), f"R2 at {endpoint}"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
-    return storage, f"local directory ({root})"
+    return storage, f"local files in {root}"
 
 
 def build_runpod_http(
@@ -92,10 +97,12 @@ def build_runpod_http(
         http = build_http_client(
             settings.runpod_api_base,
             settings.runpod_endpoint_id,
-            settings.runpod_api_key,
-            transport=InstrumentedTransport(httpx.AsyncHTTPTransport(), metrics),
+            settings.runpod_api_key.get_secret_value(),
+            transport=InstrumentedTransport(
+                httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES), metrics
+            ),
         )
-        return http, f"runpod ({settings.runpod_api_base})"
+        return http, f"endpoint {settings.runpod_endpoint_id} at {settings.runpod_api_base}"
     # The stand-in runs in this process and is reached through httpx's ASGI transport, so
     # runpod_client.py speaks real RunPod HTTP to it; its uploads and webhooks use real sockets.
     from local_runpod import create_local_runpod_app
@@ -109,7 +116,7 @@ def build_runpod_http(
 
 async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> State:
     data_dir = settings.local_data_dir
-    secret = settings.runpod_webhook_secret or _local_secret(data_dir, "webhook_secret")
+    secret = revealed(settings.runpod_webhook_secret) or _local_secret(data_dir, "webhook_secret")
     bare_store, store_name = build_store(settings)
     store = InstrumentedStore(bare_store, metrics)
     stack.push_async_callback(store.close)
@@ -141,23 +148,16 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
 
 def build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, str]:
     if settings.uses_real_clerk:
-        source = "PEM key" if settings.clerk_jwt_key else f"JWKS ({settings.jwks_url})"
-        return ClerkAuth(settings, http), f"clerk, {source}"
+        source = "a PEM key" if settings.clerk_jwt_key else f"keys from {settings.jwks_url}"
+        return ClerkAuth(settings, http), f"Clerk, {source}"
     _, public_pem = ensure_dev_key(settings.local_data_dir)
-    return ClerkAuth(settings, http, public_key_pem=public_pem), "local dev issuer"
+    return ClerkAuth(settings, http, public_key_pem=public_pem), "dev issuer"
 
 
 def configure_logging_for(settings: Settings) -> None:
     """Logs as the settings ask, with every configured secret redacted by value."""
-    known = (
-        settings.runpod_api_key,
-        settings.runpod_webhook_secret,
-        settings.r2_secret_access_key,
-        settings.convex_deploy_key,
-        settings.metrics_token,
-    )
     configure_logging(
         json_logs=settings.json_logs,
         project_id=settings.google_cloud_project,
-        known_secrets=known,
+        known_secrets=settings.secret_values,
     )

@@ -93,6 +93,31 @@ class TestProduction:
             build(**{**COMPLETE, field: value})
 
 
+class TestSecrets:
+    SECRETS = {
+        "runpod_api_key": "rp_live_0123456789abcdef",
+        "runpod_webhook_secret": "whsec-0123456789abcdef0123456789",
+        "r2_access_key_id": "AKIA0123456789ABCDEF",
+        "r2_secret_access_key": "r2-secret-0123456789abcdef",
+        "convex_deploy_key": "prod:happy-animal-123|0123456789abcdef",
+        "metrics_token": "metrics-0123456789abcdef",
+    }
+
+    def test_no_rendering_of_the_settings_shows_a_secret(self) -> None:
+        settings = build(**{**COMPLETE, **self.SECRETS})
+        for rendered in (repr(settings), str(settings), settings.model_dump_json()):
+            for value in self.SECRETS.values():
+                assert value not in rendered
+
+    def test_the_log_redactor_gets_every_secret_value(self) -> None:
+        settings = build(**{**COMPLETE, **self.SECRETS})
+        assert sorted(settings.secret_values) == sorted(self.SECRETS.values())
+
+    def test_a_placeholder_secret_is_still_refused_in_production(self) -> None:
+        with pytest.raises(ValidationError, match="CONVEX_DEPLOY_KEY is still the .env.example"):
+            build(**{**COMPLETE, "convex_deploy_key": "prod:change-me"})
+
+
 class TestEnvExample:
     def test_every_setting_is_in_env_example_and_nothing_else(self) -> None:
         """`.env.example` is the list of settings an operator reads: it must stay complete."""

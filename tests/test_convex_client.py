@@ -19,6 +19,8 @@ import respx
 
 from config import Settings
 from convex_client import (
+    BACKOFF_SECONDS,
+    CONNECT_RETRIES,
     MUTATION_ATTEMPTS,
     OUT_OF_DATE_MEMORY_SECONDS,
     QUERY_ATTEMPTS,
@@ -501,13 +503,43 @@ class TestRetries:
             await store.grant_credits("user_a", 5, "test")
         assert route.call_count == 1
 
+    # respx stands in for the connection pool, above the transport's own connect retry: a
+    # ConnectError here is a connection that failed to open twice.
     @respx.mock
-    async def test_mutation_is_retried_when_never_sent(self, store: ConvexStore) -> None:
-        route = respx.post(f"{URL}/api/mutation").mock(
-            side_effect=[httpx.ConnectError("refused"), success(USER)]
-        )
-        assert (await store.grant_credits("user_a", 5, "test")).credits == 100
-        assert route.call_count == 2
+    async def test_mutation_that_could_not_connect_is_not_posted_again(
+        self, store: ConvexStore, time_source
+    ) -> None:
+        route = respx.post(f"{URL}/api/mutation").mock(side_effect=httpx.ConnectError("refused"))
+        with pytest.raises(StoreUnavailable):
+            await store.grant_credits("user_a", 5, "test")
+        assert route.call_count == 1 and time_source.sleeps == []
+
+    @respx.mock
+    async def test_query_that_could_not_connect_is_posted_at_most_query_attempts(
+        self, store: ConvexStore
+    ) -> None:
+        route = respx.post(f"{URL}/api/query").mock(side_effect=httpx.ConnectError("refused"))
+        with pytest.raises(StoreUnavailable):
+            await store.find_job(JOB_ID)
+        assert route.call_count == QUERY_ATTEMPTS == 3
+
+    @respx.mock
+    async def test_backoff_has_full_jitter(self, store: ConvexStore, time_source) -> None:
+        respx.post(f"{URL}/api/query").respond(502)
+        for _ in range(20):
+            with pytest.raises(StoreUnavailable):
+                await store.find_job(JOB_ID)
+        firsts, seconds = time_source.sleeps[::2], time_source.sleeps[1::2]
+        assert all(0 <= s <= BACKOFF_SECONDS * 2 for s in firsts)
+        assert all(0 <= s <= BACKOFF_SECONDS * 4 for s in seconds)
+        assert len(set(time_source.sleeps)) > 20  # drawn, not fixed
+
+    async def test_the_transport_retries_a_connection_that_never_opened(self) -> None:
+        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="k")
+        store = ConvexStore.from_settings(settings)
+        pool = store._http._transport._pool  # type: ignore[attr-defined]
+        assert pool._retries == CONNECT_RETRIES == 1
+        await store.close()
 
 
 class TestProductionConfig:

@@ -67,7 +67,7 @@ def settled_jobs(gateway: GatewayProcess, auth: dict[str, str], timeout: float =
         jobs = httpx.get(f"{gateway.base_url}/jobs", headers=auth).json()["jobs"]
         if jobs and all(job["status"] in TERMINAL for job in jobs):
             return jobs
-        time.sleep(0.3)
+        time.sleep(0.3)  # real processes render real videos: poll, there is no clock to move
     raise TimeoutError(f"jobs never settled: {jobs}")
 
 

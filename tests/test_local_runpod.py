@@ -341,6 +341,7 @@ class TestCancel:
         response = await slow_api.post(f"/cancel/{runpod_id}")
 
         assert response.json() == {"id": runpod_id, "status": "CANCELLED"}
+        # Past when the render would have finished: proves a cancelled render never uploads.
         await asyncio.sleep(0.6)
         status = (await slow_api.get(f"/status/{runpod_id}")).json()
         assert status["status"] == "CANCELLED"

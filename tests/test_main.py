@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from dataclasses import replace
@@ -14,6 +15,7 @@ import pytest
 import respx
 
 from jobs import Reconciler
+from models import now_ms
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, bearer, serve
 from tests.factories import (
     JOB,
@@ -342,11 +344,16 @@ class TestGetJob:
         # A TTL inside the one-hour reuse margin forces a fresh URL on every poll.
         async with serve(settings_factory(signed_url_ttl_seconds=1800)) as client:
             job_id = await finished_job(client, runpod, alice)
-            first = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-            await asyncio.sleep(1.05)
-            second = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-            assert second["expiresAt"] != first["expiresAt"]
-            assert second["r2Url"] != first["r2Url"]
+            assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["r2Url"]
+            now = [now_ms()]
+            jobs = replace(client.app_state["jobs"], clock=lambda: now[0])
+            first = await jobs.with_download_url(await jobs.store.get_job("user_alice", job_id))
+            now[0] += 1000  # a second later, not waited for
+            second = await jobs.with_download_url(first)
+            assert first.download_expires_at is not None
+            assert second.download_expires_at == first.download_expires_at + 1000
+            saved = await jobs.store.get_job("user_alice", job_id)
+            assert saved.download_expires_at == second.download_expires_at
 
 
 def _parse_iso(value: str) -> float:
@@ -605,3 +612,31 @@ class TestReconciler:
         job_id = (await create(client, alice)).json()["jobId"]
         await client.get(f"/jobs/{job_id}", headers=alice)
         assert not status.called
+
+
+class TestReconcilerLoop:
+    async def test_waits_a_jittered_interval_between_passes(self, client, runpod) -> None:
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) == 3:
+                raise asyncio.CancelledError  # as the lifespan's task.cancel() would
+
+        with pytest.raises(asyncio.CancelledError):
+            await Reconciler(client.app_state["jobs"], sleep=sleep).run_forever()
+        assert len(waits) == 3 and all(15 <= wait <= 45 for wait in waits)  # 30 s, ±50 %
+
+
+class TestStartupLog:
+    async def test_names_each_backend_in_words(self, settings_factory, caplog) -> None:
+        settings = settings_factory(clerk_jwt_key=None, runpod_api_key=None)
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            async with serve(settings):
+                pass
+        data = settings.local_data_dir
+        line = next(r.getMessage() for r in caplog.records if "starting" in r.getMessage())
+        assert line == (
+            f"gateway starting in local mode: store: SQLite at {data / 'gateway.db'}; "
+            f"storage: local files in {data / 'objects'}; RunPod: local stand-in; auth: dev issuer"
+        )

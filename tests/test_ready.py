@@ -118,7 +118,9 @@ class TestStoreDown:
             other.execute("BEGIN EXCLUSIVE")
             try:
                 waiting = asyncio.create_task(client.get("/credits", headers=bearer(token)))
-                await asyncio.sleep(0.2)  # the write is now queued behind the lock
+                # The write is now queued behind the lock. A real wait: the lock is SQLite's, in the
+                # store's own thread, and nothing outside the store can see the write reach it.
+                await asyncio.sleep(0.2)
                 started = time.monotonic()
                 response = await client.get("/readyz")
                 elapsed = time.monotonic() - started

@@ -11,6 +11,7 @@ import respx
 
 from errors import UpstreamError, UpstreamUnavailable
 from runpod_client import (
+    CONNECT_RETRIES,
     MAX_BACKOFF_SECONDS,
     RunPodClient,
     RunPodError,
@@ -21,6 +22,7 @@ from runpod_client import (
     RunPodUnavailable,
     build_http_client,
 )
+from tests.servers import free_port
 
 API_BASE = "https://runpod.test/v2"
 ENDPOINT = "ep123"
@@ -48,7 +50,8 @@ def client(http: httpx.AsyncClient, sleeps: list[float]) -> RunPodClient:
     async def record_sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    return RunPodClient(http, sleep=record_sleep)
+    # The top of each full-jitter range, so that the backoffs can be asserted exactly.
+    return RunPodClient(http, sleep=record_sleep, jitter=lambda low, high: high)
 
 
 async def submit(client: RunPodClient) -> str:
@@ -173,25 +176,46 @@ class TestSubmit:
             await submit(client)
         assert route.call_count == 1
 
-    async def test_connect_error_then_success(
-        self, client: RunPodClient, respx_mock: respx.MockRouter, sleeps: list[float]
+    @pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ConnectTimeout("x")])
+    async def test_a_connection_that_never_opened_is_unavailable_at_once(
+        self, client: RunPodClient, respx_mock: respx.MockRouter, sleeps: list[float], error
     ) -> None:
-        route = respx_mock.post(f"{URL}/run").mock(
-            side_effect=[httpx.ConnectError("refused"), queued()]
-        )
-
-        assert await submit(client) == JOB_ID
-        assert route.call_count == 2
-        assert sleeps == [0.5]
-
-    async def test_connect_timeouts_exhausted_are_unavailable(
-        self, client: RunPodClient, respx_mock: respx.MockRouter
-    ) -> None:
-        route = respx_mock.post(f"{URL}/run").mock(side_effect=httpx.ConnectTimeout("slow"))
+        # respx stands in for the connection pool, above the transport's own connect retry.
+        route = respx_mock.post(f"{URL}/run").mock(side_effect=error)
 
         with pytest.raises(RunPodUnavailable):
             await submit(client)
-        assert route.call_count == 4
+        assert route.call_count == 1 and sleeps == []
+
+    async def test_the_transport_retries_the_connect(self) -> None:
+        async def no_sleep(seconds: float) -> None:
+            raise AssertionError("a connection that never opened is not retried by a loop of ours")
+
+        dead = f"http://127.0.0.1:{free_port()}"
+        async with build_http_client(dead, ENDPOINT, API_KEY) as http:
+            # The one retry of a connection that never opened is httpcore's, not a loop of ours.
+            pool = http._transport._pool  # type: ignore[attr-defined]
+            assert pool._retries == CONNECT_RETRIES == 1
+            with pytest.raises(RunPodUnavailable):
+                await submit(RunPodClient(http, sleep=no_sleep))
+
+    async def test_backoff_has_full_jitter(self, http: httpx.AsyncClient, respx_mock) -> None:
+        draws: list[tuple[float, float]] = []
+        sleeps: list[float] = []
+
+        async def record_sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+
+        def jitter(low: float, high: float) -> float:
+            draws.append((low, high))
+            return high / 4
+
+        respx_mock.post(f"{URL}/run").respond(429)
+        client = RunPodClient(http, sleep=record_sleep, jitter=jitter)
+        with pytest.raises(RunPodUnavailable):
+            await submit(client)
+        assert draws == [(0, 0.5), (0, 1.0), (0, 2.0)]
+        assert sleeps == [0.125, 0.25, 0.5]
 
     async def test_400_is_rejected_without_echoing_the_key(
         self, client: RunPodClient, respx_mock: respx.MockRouter
