@@ -234,6 +234,25 @@ class TestCreateJob:
         assert_error(response, 413, "PAYLOAD_TOO_LARGE")
 
 
+class TestCreateJobLimits:
+    """Each app validates /jobs/create with its own settings' limits (main.create_job_route)."""
+
+    async def test_two_apps_keep_their_own_limits(self, settings_factory, tmp_path, alice) -> None:
+        strict = settings_factory(max_duration_sec=4, local_data_dir=tmp_path / "strict")
+        async with serve(strict) as strict_client, serve(settings_factory()) as default_client:
+            with respx.mock(assert_all_called=False) as runpod:
+                runpod.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1"})
+                refused = await create(strict_client, alice, durationSec=5)
+                accepted = await create(default_client, alice, durationSec=5)
+            schemas = [
+                (await c.get("/openapi.json")).json() for c in (strict_client, default_client)
+            ]
+        assert_error(refused, 400, "INVALID_REQUEST")
+        assert accepted.status_code == 200, accepted.text
+        limits = [s["components"]["schemas"]["CreateJobRequest"] for s in schemas]
+        assert [limit["properties"]["durationSec"]["maximum"] for limit in limits] == [4, 10]
+
+
 class TestCreateJobUpstream:
     async def _refused(self, client, alice, status: int, code: str) -> dict[str, Any]:
         response = await create(client, alice)
