@@ -69,7 +69,7 @@ from models import (
     json_dump,
     now_ms,
 )
-from r2_client import ObjectStorage, R2Storage, make_s3_client
+from r2_client import ObjectStorage, PendingS3Client, R2Storage
 from readiness import Readiness, failed_parts
 from runpod_client import RunPodClient, RunPodError, RunPodStatus, build_http_client
 from store import SQLiteStore, Store
@@ -146,7 +146,7 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         endpoint = settings.r2_endpoint
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
-        client = make_s3_client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
+        client = PendingS3Client(endpoint, settings.r2_access_key_id, settings.r2_secret_access_key)
         return R2Storage(client, settings.r2_bucket), f"r2 ({endpoint})"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
