@@ -12,7 +12,8 @@ time per call; the fastest of several repeats counts, so it holds on a busy mach
 Clients, from the gateway's own down to bytes on a socket:
 - httpx, as `ConvexStore.from_settings` builds it (`base_url`, auth header, timeouts), `json=`;
 - the same with the body encoded once (`content=`), to price httpx's JSON encoding;
-- httpx with `Limits(max_keepalive_connections=...)` sized to the calls in flight;
+- httpx whose pool keeps every connection it may open alive (`max_keepalive_connections=100`,
+  httpx's default `max_connections`), where the default keeps 20 and closes the rest;
 - httpcore's `AsyncConnectionPool` alone: httpx's transport without httpx's client layers;
 - httpx and httpcore on `AsyncioBackend` below, a prototype network backend on plain asyncio
   streams in place of httpcore's AnyIO one (same exception mapping; not TLS-tested: bench only);
@@ -49,7 +50,8 @@ from bench.processes import LOOPBACK, ProcessGroups, cpu_seconds, minimal_env
 
 CALLS = 2000
 REPEATS = 5
-IN_FLIGHT = (1, 16)
+# 64: past httpx's default keep-alive pool (20), as Cloud Run's 80 requests at once would be.
+IN_FLIGHT = (1, 16, 64)
 PATH = "/v2/bench/run"
 # About the size of a Convex query the gateway sends (path, args, format).
 BODY: dict[str, Any] = {
@@ -105,7 +107,7 @@ async def open_httpx_content(
 async def open_httpx_tuned(
     base_url: str, in_flight: int
 ) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=in_flight)
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     client = _httpx_client(base_url, limits=limits)
 
     async def call() -> None:
@@ -308,7 +310,7 @@ async def open_raw(base_url: str, in_flight: int) -> tuple[Call, Callable[[], Aw
 CLIENTS = (
     Client("httpx, as the gateway's Convex client (json=)", open_httpx),
     Client("httpx, body encoded once (content=)", open_httpx_content),
-    Client("httpx, max_keepalive_connections = in flight", open_httpx_tuned),
+    Client("httpx, max_keepalive_connections=100", open_httpx_tuned),
     Client("httpx on a plain-asyncio network backend (prototype)", open_httpx_asyncio),
     Client("httpcore AsyncConnectionPool alone", open_httpcore),
     Client("httpcore on a plain-asyncio network backend (prototype)", open_httpcore_asyncio),
@@ -352,12 +354,14 @@ async def _drive(call: Call, in_flight: int, calls: int) -> None:
     await asyncio.gather(*(worker(calls // in_flight) for _ in range(in_flight)))
 
 
-async def measure_all(base_url: str, server_pid: int, calls: int, repeats: int) -> list[str]:
+async def measure_all(
+    base_url: str, server_pid: int, calls: int, repeats: int, in_flights: list[int]
+) -> list[str]:
     rows = [
         "| client | in flight | client CPU µs/call | server CPU µs/call | wall µs/call |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for in_flight in IN_FLIGHT:
+    for in_flight in in_flights:
         best: dict[str, Cost] = {}
         for _ in range(repeats):
             # Interleaved: a drift of the machine falls on every client alike.
@@ -374,10 +378,15 @@ async def measure_all(base_url: str, server_pid: int, calls: int, repeats: int) 
     return rows
 
 
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.client_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=CALLS, help="calls per timed batch")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="batches; the cheapest counts")
+    parser.add_argument("--in-flight", type=_ints, default=list(IN_FLIGHT), help="e.g. 1,16,64")
     return parser.parse_args(argv)
 
 
@@ -394,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" h11 {h11.__version__}; server pid {server.pid}",
             flush=True,
         )
-        rows = uvloop.run(measure_all(server.base_url, server.pid, args.calls, args.repeats))
+        rows = uvloop.run(
+            measure_all(server.base_url, server.pid, args.calls, args.repeats, args.in_flight)
+        )
     print("\n".join(["", *rows]))
     return 0
 
