@@ -2,12 +2,15 @@
 
     .venv-serve/bin/python -m bench.client_cost            # as the container runs it
     .venv-serve/bin/python -m bench.client_cost --calls 1000 --repeats 3
+    .venv-serve/bin/python -m bench.client_cost --server convex   # the Convex imitation instead
 
 Starts the bench's RunPod stand-in (raw ASGI under uvicorn, httptools, uvloop) as the trivial
 server on loopback, then makes the same small JSON POST with each client below, on uvloop as the
 gateway does, at 1 and 16 calls in flight. For each it reports this process's CPU per call (all
 its threads: the client alone), the server process's CPU per call (the other side), and wall
-time per call; the fastest of several repeats counts, so it holds on a busy machine.
+time per call; the fastest of several repeats counts, so it holds on a busy machine. With
+`--server convex` the other side is the project's Convex imitation (node), answering
+`gateway:ping`: the same client against a server that answers differently on the wire.
 
 Clients, from the gateway's own down to bytes on a socket:
 - httpx, as `ConvexStore.from_settings` builds it (`base_url`, auth header, timeouts), `json=`;
@@ -46,7 +49,15 @@ from httpcore import (
     WriteTimeout,
 )
 
-from bench.processes import LOOPBACK, ProcessGroups, cpu_seconds, minimal_env
+from bench.processes import (
+    LOOPBACK,
+    ROOT,
+    ProcessGroups,
+    Server,
+    cpu_seconds,
+    free_port,
+    minimal_env,
+)
 
 CALLS = 2000
 REPEATS = 5
@@ -387,7 +398,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=CALLS, help="calls per timed batch")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="batches; the cheapest counts")
     parser.add_argument("--in-flight", type=_ints, default=list(IN_FLIGHT), help="e.g. 1,16,64")
+    parser.add_argument("--server", choices=("stub", "convex"), default="stub")
     return parser.parse_args(argv)
+
+
+def _start_convex(procs: ProcessGroups, scratch: Path) -> Server:
+    """The Convex imitation, and every client aimed at its `gateway:ping` query."""
+    from bench.production import DEPLOY_KEY, wait_for_convex
+
+    global PATH, BODY, HEADERS
+    PATH, HEADERS = "/api/query", {"Authorization": f"Convex {DEPLOY_KEY}"}
+    BODY = {"path": "gateway:ping", "args": {}, "format": "convex_encoded_json"}
+    port, log = free_port(), scratch / "convex.log"
+    command = ["node", "--import", "tsx", "tests/convex_server/server.mjs", str(port)]
+    process = procs.spawn(command, minimal_env(CONVEX_TEST_DEPLOY_KEY=DEPLOY_KEY), ROOT, log)
+    wait_for_convex(port, process, log)
+    return Server("convex", process, port, 0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,7 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ProcessGroups() as procs, tempfile.TemporaryDirectory(prefix="client-cost-") as tmp:
         scratch = Path(tmp)
         log = scratch / "server.log"
-        server = procs.start_server("server", "bench.runpod_stub:app", minimal_env(), scratch, log)
+        if args.server == "convex":
+            server = _start_convex(procs, scratch)
+        else:
+            server = procs.start_server(
+                "stub", "bench.runpod_stub:app", minimal_env(), scratch, log
+            )
         print(
             f"{sys.executable}: httpx {httpx.__version__}, httpcore {httpcore.__version__},"
             f" h11 {h11.__version__}; server pid {server.pid}",

@@ -166,7 +166,7 @@ def start_upstreams(procs: ProcessGroups, cwd: Path, logs: Path) -> Upstreams:
         cwd,
         moto_log,
     )
-    _wait_for_convex(convex_port, convex, convex_log)
+    wait_for_convex(convex_port, convex, convex_log)
     wait_for_port(r2_port, moto, moto_log)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return Upstreams(
@@ -174,7 +174,7 @@ def start_upstreams(procs: ProcessGroups, cwd: Path, logs: Path) -> Upstreams:
     )
 
 
-def _wait_for_convex(port: int, process: Any, log: Path) -> None:
+def wait_for_convex(port: int, process: Any, log: Path) -> None:
     # The imitation loads every module and the schema before it listens; then /_test/health.
     wait_for_port(port, process, log)
     deadline = time.monotonic() + CONVEX_START_SECONDS
