@@ -14,7 +14,8 @@ time per call; the fastest of several repeats counts, so it holds on a busy mach
 
 Clients, from the gateway's own down to bytes on a socket:
 - httpx, as `ConvexStore.from_settings` builds it (`base_url`, auth header, timeouts), `json=`;
-- the same with the body encoded once (`content=`), to price httpx's JSON encoding;
+- the same with the body encoded once (`content=`), to price httpx's JSON encoding, and with
+  the whole request built once (`send()`), to price `build_request`;
 - httpx whose pool keeps every connection it may open alive (`max_keepalive_connections=100`,
   httpx's default `max_connections`), where the default keeps 20 and closes the rest;
 - httpcore's `AsyncConnectionPool` alone: httpx's transport without httpx's client layers;
@@ -111,6 +112,18 @@ async def open_httpx_content(
 
     async def call() -> None:
         (await client.post(PATH, content=body, headers=headers)).raise_for_status()
+
+    return call, client.aclose
+
+
+async def open_httpx_prebuilt(
+    base_url: str, in_flight: int
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    client = _httpx_client(base_url)
+    request = client.build_request("POST", PATH, json=BODY)  # its body is bytes: reusable
+
+    async def call() -> None:
+        (await client.send(request)).raise_for_status()
 
     return call, client.aclose
 
@@ -321,6 +334,7 @@ async def open_raw(base_url: str, in_flight: int) -> tuple[Call, Callable[[], Aw
 CLIENTS = (
     Client("httpx, as the gateway's Convex client (json=)", open_httpx),
     Client("httpx, body encoded once (content=)", open_httpx_content),
+    Client("httpx, send() of a request built once", open_httpx_prebuilt),
     Client("httpx, max_keepalive_connections=100", open_httpx_tuned),
     Client("httpx on a plain-asyncio network backend (prototype)", open_httpx_asyncio),
     Client("httpcore AsyncConnectionPool alone", open_httpcore),
