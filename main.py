@@ -70,7 +70,7 @@ from models import (
     json_dump,
     now_ms,
 )
-from r2_client import ObjectStorage, R2Storage, make_s3_client
+from r2_client import ObjectStorage, PendingS3Client, R2Storage
 from readiness import Readiness, failed_parts
 from runpod_client import (
     CONNECT_RETRIES,
@@ -159,7 +159,7 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
         key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
-        client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
+        client = PendingS3Client(endpoint, key_id.get_secret_value(), key.get_secret_value())
         return R2Storage(client, settings.r2_bucket), f"R2 at {endpoint}"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))
