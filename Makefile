@@ -159,13 +159,14 @@ $(SERVE_STAMP): requirements.txt
 	$(SERVE_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-## Measure the gateway against a bare FastAPI app (about 7 min): BENCHMARKS.md, bench/latency.png.
-bench: $(BENCH_STAMP) $(SERVE_STAMP)
+## Measure the gateway against a bare FastAPI app (about 13 min): BENCHMARKS.md, bench/latency.png.
+# node_modules: production mode runs the Convex imitation (tests/convex_server/server.mjs).
+bench: $(BENCH_STAMP) $(SERVE_STAMP) $(NODE_STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	BENCH_COMMAND="make bench" $(BIN)/python -m bench.run --server-python $(SERVE_VENV)/bin/python
 
 ## Prove the harness still works: 1 s runs at 1 connection, written to a temp dir (no timings asserted).
-bench-smoke: $(BENCH_STAMP) $(SERVE_STAMP)
+bench-smoke: $(BENCH_STAMP) $(SERVE_STAMP) $(NODE_STAMP)
 	out=$$(mktemp -d) && BENCH_COMMAND="make bench-smoke" \
 		$(BIN)/python -m bench.run --quick --server-python $(SERVE_VENV)/bin/python \
 		--output $$out/BENCHMARKS.md --plot $$out/latency.png \

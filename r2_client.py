@@ -7,13 +7,18 @@ network call, so it runs in a worker thread and never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 from errors import UpstreamUnavailable
 
 # boto3's client class is generated at run time; there is nothing precise to annotate it with.
 S3Client = Any
+
+log = logging.getLogger("gateway.r2")
 
 VIDEO_CONTENT_TYPE = "video/mp4"
 
@@ -62,10 +67,62 @@ def make_s3_client(
     )
 
 
+# How long after the lifespan asks for it the R2 client starts building. Built at once, in a
+# thread, it bought nothing: its import and the rest of the start-up take turns on the GIL, so
+# the port opened no sooner (bench/PROFILE.md). Half a second is ample for the port to open.
+R2_BUILD_DELAY_SECONDS = 0.5
+
+
+class PendingS3Client:
+    """An S3 client built in a background thread a moment after start-up, or at first need.
+
+    Importing boto3 and building its client takes 250-340 ms, a third of a production cold
+    start (bench/PROFILE.md), and R2 is not a readiness check: nothing needs it before the
+    first create, the first poll of a done job or the first COMPLETED webhook. Whichever comes
+    first, the build starts then, and that one call waits for it.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        access_key_id: str,
+        secret_access_key: str,
+        *,
+        delay: float = R2_BUILD_DELAY_SECONDS,
+    ) -> None:
+        self._args = (endpoint_url, access_key_id, secret_access_key)
+        self._future: Future[S3Client] = Future()
+        self._needed = threading.Event()
+        threading.Thread(target=self._build, args=(delay,), name="r2-client", daemon=True).start()
+
+    def _build(self, delay: float) -> None:
+        self._needed.wait(delay)
+        try:
+            self._future.set_result(make_s3_client(*self._args))
+        except BaseException as exc:  # a bad endpoint URL: every R2 call will say so
+            log.error("could not build the R2 client for %s", self._args[0], exc_info=True)
+            self._future.set_exception(exc)
+
+    def result(self) -> S3Client:
+        """The client, waiting for its build (and starting it now if it has not started)."""
+        self._needed.set()
+        return self._future.result()
+
+
 class R2Storage:
-    def __init__(self, client: S3Client, bucket: str) -> None:
-        self._client = client
+    def __init__(self, client: S3Client | PendingS3Client, bucket: str) -> None:
+        self._pending = client if isinstance(client, PendingS3Client) else None
+        self._built = None if isinstance(client, PendingS3Client) else client
         self._bucket = bucket
+
+    @property
+    def _client(self) -> S3Client:
+        # A pending client may still be building in the first second after start: the first
+        # call then waits for it (on the event loop for a presign), once per instance.
+        if self._built is None:
+            assert self._pending is not None
+            self._built = self._pending.result()
+        return self._built
 
     def presign_get(self, key: str, ttl_seconds: int) -> str:
         return self._client.generate_presigned_url(
@@ -100,7 +157,14 @@ class R2Storage:
         return True
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._client.close)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        try:
+            client = self._client  # waits for a client still building
+        except Exception:
+            return  # it was never built: nothing to close
+        client.close()
 
 
 def expiry_ms(ttl_seconds: int, clock: float | None = None) -> int:

@@ -18,7 +18,7 @@ from jobs import JobService
 from local_storage import LocalStorage
 from logs import configure_logging
 from metrics import Metrics
-from r2_client import ObjectStorage, R2Storage, make_s3_client
+from r2_client import ObjectStorage, PendingS3Client, R2Storage
 from readiness import Readiness
 from runpod_client import CONNECT_RETRIES, RunPodClient, build_http_client
 from sqlite_store import SQLiteStore
@@ -82,7 +82,7 @@ def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket
         key_id, key = settings.r2_access_key_id, settings.r2_secret_access_key
-        client = make_s3_client(endpoint, key_id.get_secret_value(), key.get_secret_value())
+        client = PendingS3Client(endpoint, key_id.get_secret_value(), key.get_secret_value())
         return R2Storage(client, settings.r2_bucket), f"R2 at {endpoint}"
     root = settings.local_data_dir / "objects"
     storage = LocalStorage(root, secret.encode(), _public_base_url(settings))

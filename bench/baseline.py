@@ -5,12 +5,18 @@
 Each route has the gateway's method and path and answers with a constant body. `make bench`
 passes the gateway's own answers (`BENCH_BASELINE_BODIES`, a JSON file keyed by route) so both
 send the same bytes; the bodies are encoded once, so the baseline does routing and nothing else.
+
+With `BENCH_UPSTREAM_URL` set (production mode), every route first makes one upstream call, as the
+gateway's reads make one Convex call each: a `gateway:getUser` query for `BENCH_UPSTREAM_USER`
+through one shared `httpx.AsyncClient` built as `ConvexStore.from_settings` builds the gateway's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +56,56 @@ def load_bodies() -> dict[str, bytes]:
     return {name: json.dumps(body, separators=(",", ":")).encode() for name, body in bodies.items()}
 
 
+UpstreamCall = Callable[[], Awaitable[None]]
+
+
+async def _no_call() -> None:
+    return None
+
+
+@asynccontextmanager
+async def _upstream(url: str | None) -> AsyncIterator[UpstreamCall]:
+    """One upstream call per request, or none: the call the baseline adds to each answer."""
+    if not url:
+        yield _no_call
+        return
+    # Imported only here: the local baseline is FastAPI alone, the production one adds httpx.
+    import httpx
+
+    key = os.environ.get("BENCH_UPSTREAM_KEY", "")
+    body = {
+        "path": "gateway:getUser",
+        "args": {"userId": os.environ.get("BENCH_UPSTREAM_USER", "user_bench")},
+        "format": "convex_encoded_json",
+    }
+    # The same client settings as ConvexStore.from_settings (convex_client.py): keep them equal.
+    async with httpx.AsyncClient(
+        base_url=url.rstrip("/"),
+        headers={"Authorization": f"Convex {key}"},
+        timeout=httpx.Timeout(10.0, connect=3.0),
+    ) as client:
+
+        async def call() -> None:
+            response = await client.post("/api/query", json=body)
+            response.raise_for_status()
+
+        yield call
+
+
 def create_app() -> FastAPI:
     bodies = load_bodies()
-    app = FastAPI(title="bench baseline")
+    upstream: list[UpstreamCall] = [_no_call]
 
-    def constant(name: str) -> Response:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with _upstream(os.environ.get("BENCH_UPSTREAM_URL")) as call:
+            upstream[0] = call
+            yield
+
+    app = FastAPI(title="bench baseline", lifespan=lifespan)
+
+    async def constant(name: str) -> Response:
+        await upstream[0]()
         return Response(content=bodies[name], media_type="application/json")
 
     @app.get("/healthz")
@@ -63,23 +114,23 @@ def create_app() -> FastAPI:
 
     @app.get("/credits")
     async def credits() -> Response:
-        return constant("credits")
+        return await constant("credits")
 
     @app.get("/jobs")
     async def list_jobs() -> Response:
-        return constant("jobs")
+        return await constant("jobs")
 
     @app.post("/jobs/create")
     async def create_job() -> Response:
-        return constant("create")
+        return await constant("create")
 
     @app.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> Response:
-        return constant("job")
+        return await constant("job")
 
     @app.post("/webhooks/runpod")
     async def runpod_webhook() -> Response:
-        return constant("webhook")
+        return await constant("webhook")
 
     return app
 

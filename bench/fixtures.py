@@ -1,8 +1,9 @@
 """What the gateway holds before the load: users with credits, tokens, and finished jobs.
 
-Users and credits are written to the gateway's SQLite store before it starts; the finished jobs
-go through the API like real ones (create, the video lands in local storage, a signed
-COMPLETED webhook), so `GET /jobs/{id}` serves a done job with its download URL.
+Locally, users and credits are written to the gateway's SQLite store before it starts (production
+mode grants them through Convex: bench/production.py); the finished jobs go through the API like
+real ones (create, the video lands in storage, a signed COMPLETED webhook), so `GET /jobs/{id}`
+serves a done job with its download URL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -70,9 +72,13 @@ def gateway_settings(data_dir: Path, port: int, runpod_port: int, secret: str) -
     }
 
 
+def creator_ids() -> list[str]:
+    return [f"user_bench_create_{index:03d}" for index in range(CREATOR_COUNT)]
+
+
 def prepare_store(data_dir: Path) -> Fixtures:
     """Grant credits and mint tokens before the gateway starts."""
-    creators = [f"user_bench_create_{index:03d}" for index in range(CREATOR_COUNT)]
+    creators = creator_ids()
     asyncio.run(_grant_credits(data_dir / "gateway.db", [USER, *creators]))
     ensure_dev_key(data_dir)
     return Fixtures(
@@ -98,14 +104,33 @@ async def _grant_credits(db_path: Path, users: list[str]) -> None:
 # --- Finished jobs, through the API -------------------------------------------------------------
 
 
-def seed_done_jobs(base_url: str, data_dir: Path, fixtures: Fixtures) -> None:
+class Backend(Protocol):
+    """Where a mode keeps what the API does not show: RunPod's id of a job, and the videos."""
+
+    def runpod_id_of(self, job_id: str) -> str: ...
+
+    def store_video(self, job_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    data_dir: Path
+
+    def runpod_id_of(self, job_id: str) -> str:
+        return runpod_id_of(self.data_dir, job_id)
+
+    def store_video(self, job_id: str) -> None:
+        _store_video(self.data_dir, job_id)
+
+
+def seed_done_jobs(base_url: str, backend: Backend, fixtures: Fixtures) -> None:
     """Create `SEEDED_JOBS` jobs and finish each with a stored video and a signed webhook."""
     headers = {"Authorization": f"Bearer {fixtures.token}"}
     with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
         for _ in range(SEEDED_JOBS):
             job_id = _create(client)
-            runpod_id = runpod_id_of(data_dir, job_id)
-            _store_video(data_dir, job_id)
+            runpod_id = backend.runpod_id_of(job_id)
+            backend.store_video(job_id)
             _complete(client, fixtures.secret, job_id, runpod_id)
     fixtures.done_job_id, fixtures.done_runpod_id = job_id, runpod_id
 
@@ -175,12 +200,13 @@ def routes(fixtures: Fixtures) -> list[Route]:
         Route("credits", "GET /credits", lambda: RequestSpec("GET", "/credits", None, auth)),
         Route("job", "GET /jobs/{id}", lambda: RequestSpec("GET", job_path, None, auth)),
         Route("jobs", "GET /jobs", lambda: RequestSpec("GET", "/jobs", None, auth)),
+        Route("webhook", "POST /webhooks/runpod (signed)", signed_webhook),
+        # Last: each create adds a job, and the runs before it should not read a grown store.
         Route(
             "create",
             "POST /jobs/create",
             lambda: RequestSpec("POST", "/jobs/create", CREATE_BODY, creators),
         ),
-        Route("webhook", "POST /webhooks/runpod (signed)", signed_webhook),
     ]
 
 

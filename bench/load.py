@@ -43,10 +43,23 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    # CPU seconds the server under test used during the measured seconds (all its threads), and
+    # the upstreams it called (production mode's Convex imitation); the harness fills them in.
+    cpu_seconds: float = 0.0
+    upstream_cpu_seconds: float = 0.0
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """The server's CPU per answered request, in µs: what one core's capacity is made of."""
+        return self.cpu_seconds / self.requests * 1e6 if self.requests else float("nan")
+
+    @property
+    def upstream_cpu_us(self) -> float:
+        return self.upstream_cpu_seconds / self.requests * 1e6 if self.requests else float("nan")
 
 
 class Generator(Protocol):

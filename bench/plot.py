@@ -29,7 +29,7 @@ def write_plot(results: Results, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed (make bench installs it): no plot")
         return False
-    routes = list(dict.fromkeys(m.route for m in results.measurements))
+    routes = list(dict.fromkeys((m.mode, m.route) for m in results.measurements))
     columns = 3
     rows = -(-(len(routes) + 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
@@ -47,24 +47,26 @@ def write_plot(results: Results, path: Path) -> bool:
     return True
 
 
-def _latency_panel(axis: Axes, results: Results, route: str) -> None:
-    found = results.for_route(route)
+def _latency_panel(axis: Axes, results: Results, route: tuple[str, str]) -> None:
+    found = results.for_route(route[1], route[0])
     conns = [m.connections for m in found]
     for server, colour in SERVERS:
         for name, field, style, marker in PERCENTILES:
             values = [getattr(getattr(m, server), field) for m in found]
             axis.plot(conns, values, style, color=colour, marker=marker, label=f"{server} {name}")
-    axis.set_title(found[0].label)
+    axis.set_title(f"{route[0]}: {found[0].label}", fontsize=10)
     _log_connections(axis, conns)
     _log_values(axis, "latency (ms)")
     axis.legend(fontsize=7, ncol=2)
 
 
-def _ratio_panel(axis: Axes, results: Results, routes: list[str]) -> None:
-    for route in routes:
-        found = results.for_route(route)
+def _ratio_panel(axis: Axes, results: Results, routes: list[tuple[str, str]]) -> None:
+    for mode, route in routes:
+        found = results.for_route(route, mode)
         conns = [m.connections for m in found]
-        axis.plot(conns, [m.latency_ratio("p99_ms") for m in found], marker="o", label=route)
+        style = "-" if mode == "local" else "--"
+        ratios = [m.latency_ratio("p99_ms") for m in found]
+        axis.plot(conns, ratios, style, marker="o", label=f"{mode}: {route}")
     axis.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="goal for GETs: 1.5×")
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.set_title("p99 latency ratio (gateway / baseline)")

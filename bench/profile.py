@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fixtures import Route, gateway_answers, prepare_store, routes, seed_done_jobs
+from bench.fixtures import Route, gateway_answers, routes, seed_done_jobs
 from bench.load import LoadResult
 from bench.processes import ProcessGroups, minimal_env
 from bench.run import Bench
@@ -34,6 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.profile", description=__doc__.split("\n")[0])
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="the py-spy binary")
     parser.add_argument("--routes", default="credits,job")
+    parser.add_argument("--mode", choices=("local", "production"), default="local")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
@@ -52,10 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_args = argparse.Namespace(generator=args.generator)
     with ProcessGroups() as procs, tempfile.TemporaryDirectory(prefix="cineweave-prof-") as tmp:
         bench = Bench(procs, Path(tmp), run_args)
-        fixtures = prepare_store(bench.data_dir)
         bench.runpod_port = bench.start("runpod", "bench.runpod_stub:app", minimal_env()).port
-        gateway = bench.start_gateway(fixtures)
-        seed_done_jobs(gateway.base_url, bench.data_dir, fixtures)
+        mode = bench.mode(args.mode)
+        fixtures = mode.fixtures
+        gateway = bench.start_gateway(mode)
+        seed_done_jobs(gateway.base_url, mode.backend, fixtures)
         gateway_answers(gateway.base_url, fixtures)  # the steady state: URLs saved, tokens cached
         wanted = args.routes.split(",")
         for route in (r for r in routes(fixtures) if r.key in wanted):

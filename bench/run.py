@@ -3,9 +3,11 @@
     .venv/bin/python -m bench.run                 # the full run: about 7 minutes
     .venv/bin/python -m bench.run --quick --output /tmp/b.md --plot /tmp/b.png
 
-Starts a RunPod stand-in, the gateway (local mode, seeded) and the baseline on loopback, drives
-every route at each concurrency on both in alternating order, then measures cold starts, and
-writes the tables, the goals and a plot. Every process it starts is ended on the way out.
+Starts a RunPod stand-in; then, for each mode, the gateway (seeded) and its baseline on loopback,
+drives every route at each concurrency on both in alternating order, and measures cold starts;
+then writes the tables, the goals and a plot. Local mode runs on SQLite; production mode on the
+Convex imitation and moto's S3 server (bench/production.py), against a baseline that makes one
+upstream call per request. Every process it starts is ended on the way out.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.fixtures import (
+    Backend,
     Fixtures,
+    LocalBackend,
     Route,
     gateway_answers,
     gateway_settings,
@@ -30,15 +35,25 @@ from bench.fixtures import (
 )
 from bench.load import Generator, LoadResult, pick_generator
 from bench.plot import write_plot
-from bench.processes import ROOT, ProcessGroups, Server, free_port, minimal_env, peak_rss_kib
+from bench.processes import (
+    ROOT,
+    ProcessGroups,
+    Server,
+    cpu_seconds,
+    free_port,
+    minimal_env,
+    peak_rss_kib,
+)
 from bench.report import goals_table, machine, now_utc, render
-from bench.results import Measurement, Results, results_from_json, results_to_json
+from bench.results import MODES, Measurement, Results, results_from_json, results_to_json
 
 DEFAULT_DURATION = 10
 DEFAULT_WARMUP = 2
 DEFAULT_CONNECTIONS = (1, 16, 64)
 DEFAULT_COLD_STARTS = 5
-ROUTE_KEYS = ("credits", "job", "jobs", "create", "webhook")
+ROUTE_KEYS = ("credits", "job", "jobs", "webhook", "create")
+# Production mode leaves out `GET /jobs`: one Convex query like the other reads, and 72 s more.
+PRODUCTION_ROUTE_KEYS = ("credits", "job", "webhook", "create")
 LOG_TAIL_LINES = 20
 # Above this 1-minute load average something else is using a core the measurement needs.
 BUSY_LOAD_AVERAGE = 0.5
@@ -52,6 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=_ints, default=list(DEFAULT_CONNECTIONS))
     parser.add_argument("--routes", type=_route_keys, default=list(ROUTE_KEYS))
     parser.add_argument("--cold-starts", type=int, default=DEFAULT_COLD_STARTS)
+    parser.add_argument("--modes", type=_modes, default=list(MODES), help="local,production")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
         "--server-python",
@@ -89,6 +105,13 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise argparse.ArgumentTypeError(f"modes are {MODES}")
+    return modes
+
+
 def _route_keys(text: str) -> list[str]:
     keys = [part.strip() for part in text.split(",") if part.strip()]
     unknown = set(keys) - set(ROUTE_KEYS)
@@ -97,18 +120,30 @@ def _route_keys(text: str) -> list[str]:
     return keys
 
 
+@dataclass
+class Mode:
+    """One mode's world: its fixtures, where it keeps videos, and how its servers are set."""
+
+    name: str
+    fixtures: Fixtures
+    backend: Backend
+    gateway_env: Callable[[int], dict[str, str]]  # by the gateway's port
+    baseline_env: dict[str, str] = field(default_factory=dict)
+    upstream_pids: list[int] = field(default_factory=list)  # their CPU is reported per request
+
+
 class Bench:
     """One benchmark run in a scratch directory: the servers, the fixtures, the measurements."""
 
     def __init__(self, procs: ProcessGroups, scratch: Path, args: argparse.Namespace) -> None:
         self.procs, self.args = procs, args
+        self.scratch = scratch
         self.data_dir = scratch / "data"
         # Servers run here, not in the repo: the gateway must not read a developer's `.env`.
         self.cwd = scratch / "cwd"
         self.logs = scratch / "logs"
         for directory in (self.data_dir, self.cwd, self.logs):
             directory.mkdir()
-        self.bodies_file = scratch / "baseline_bodies.json"
         self.generator: Generator = pick_generator(args.generator, procs, scratch)
         self.runpod_port = 0
 
@@ -118,27 +153,61 @@ class Bench:
             print(
                 f"warning: load average {load_before:.2f} before the run: other work will skew it"
             )
-        fixtures = prepare_store(self.data_dir)
         self.runpod_port = self.start("runpod", "bench.runpod_stub:app", minimal_env()).port
-        gateway = self.start_gateway(fixtures)
-        print("seeding: finished jobs through the API ...", flush=True)
-        seed_done_jobs(gateway.base_url, self.data_dir, fixtures)
-        self.bodies_file.write_text(json.dumps(gateway_answers(gateway.base_url, fixtures)))
-        baseline = self.start_baseline()
         args = self.args
         results = Results(self.generator.label, args.duration, args.warmup, args.connections)
         print(f"load generator: {results.generator}", flush=True)
-        selected = [route for route in routes(fixtures) if route.key in args.routes]
-        results.measurements = self.measure_load(gateway, baseline, selected)
-        results.peak_rss = {
+        for name in args.modes:
+            self.run_mode(self.mode(name), results)
+        results.load_average = [load_before, os.getloadavg()[0]]
+        return results
+
+    def mode(self, name: str) -> Mode:
+        if name == "local":
+            fixtures = prepare_store(self.data_dir)
+            return Mode(
+                name,
+                fixtures,
+                LocalBackend(self.data_dir),
+                lambda port: gateway_settings(
+                    self.data_dir, port, self.runpod_port, fixtures.secret
+                ),
+            )
+        from bench.production import start_upstreams
+
+        print("production: starting the Convex imitation and moto's S3 server ...", flush=True)
+        upstreams = start_upstreams(self.procs, self.cwd, self.logs)
+        fixtures = upstreams.prepare()
+        return Mode(
+            name,
+            fixtures,
+            upstreams,
+            lambda port: upstreams.settings(port, self.runpod_port, fixtures.secret),
+            upstreams.baseline_settings(),
+            [upstreams.convex_pid],
+        )
+
+    def run_mode(self, mode: Mode, results: Results) -> None:
+        print(f"{mode.name} mode:", flush=True)
+        gateway = self.start_gateway(mode)
+        print("seeding: finished jobs through the API ...", flush=True)
+        seed_done_jobs(gateway.base_url, mode.backend, mode.fixtures)
+        bodies = self.scratch / f"baseline_bodies_{mode.name}.json"
+        bodies.write_text(json.dumps(gateway_answers(gateway.base_url, mode.fixtures)))
+        mode.baseline_env["BENCH_BASELINE_BODIES"] = str(bodies)
+        baseline = self.start_baseline(mode)
+        keys = self.args.routes
+        if mode.name == "production":
+            keys = [key for key in keys if key in PRODUCTION_ROUTE_KEYS]
+        selected = [route for route in routes(mode.fixtures) if route.key in keys]
+        results.measurements += self.measure_load(mode, gateway, baseline, selected)
+        results.peak_rss[mode.name] = {
             "gateway": peak_rss_kib(gateway.pid),
             "baseline": peak_rss_kib(baseline.pid),
         }
         self.procs.stop(gateway.process)
         self.procs.stop(baseline.process)
-        self.measure_cold_starts(results, fixtures)
-        results.load_average = [load_before, os.getloadavg()[0]]
-        return results
+        self.measure_cold_starts(mode, results)
 
     # --- servers ------------------------------------------------------------------------------
 
@@ -146,26 +215,26 @@ class Bench:
         log = self.logs / f"{name}.log"
         return self.procs.start_server(name, app, env, self.cwd, log, port=port)
 
-    def start_gateway(self, fixtures: Fixtures) -> Server:
+    def start_gateway(self, mode: Mode) -> Server:
         port = free_port()
-        settings = gateway_settings(self.data_dir, port, self.runpod_port, fixtures.secret)
-        return self.start("gateway", "main:app", minimal_env(**settings), port)
+        return self.start("gateway", "main:app", minimal_env(**mode.gateway_env(port)), port)
 
-    def start_baseline(self) -> Server:
-        env = minimal_env(BENCH_BASELINE_BODIES=str(self.bodies_file))
-        return self.start("baseline", "bench.baseline:app", env)
+    def start_baseline(self, mode: Mode) -> Server:
+        return self.start("baseline", "bench.baseline:app", minimal_env(**mode.baseline_env))
 
     # --- load ---------------------------------------------------------------------------------
 
     def measure_load(
-        self, gateway: Server, baseline: Server, selected: list[Route]
+        self, mode: Mode, gateway: Server, baseline: Server, selected: list[Route]
     ) -> list[Measurement]:
-        found = []
+        found: list[Measurement] = []
         for route in selected:
             for connections in self.args.connections:
                 # ABBA order: a slow drift of the machine falls on both servers alike.
                 pair = (gateway, baseline) if len(found) % 2 == 0 else (baseline, gateway)
-                measured = {server.name: self.drive(server, route, connections) for server in pair}
+                measured = {
+                    server.name: self.drive(mode, server, route, connections) for server in pair
+                }
                 found.append(
                     Measurement(
                         route.key,
@@ -173,19 +242,28 @@ class Bench:
                         connections,
                         measured["gateway"],
                         measured["baseline"],
+                        mode.name,
                     )
                 )
                 _print_pair(found[-1])
         return found
 
-    def drive(self, server: Server, route: Route, connections: int) -> LoadResult:
+    def drive(self, mode: Mode, server: Server, route: Route, connections: int) -> LoadResult:
         if self.args.warmup:
             self.generator.run(server.port, route.spec(), connections, self.args.warmup)
-        return self.generator.run(server.port, route.spec(), connections, self.args.duration)
+        spec = route.spec()
+        before = cpu_seconds(server.pid), _cpu_of(mode.upstream_pids)
+        result = self.generator.run(server.port, spec, connections, self.args.duration)
+        # wrk's own start and exit fall inside this window; the server is idle for both.
+        return replace(
+            result,
+            cpu_seconds=cpu_seconds(server.pid) - before[0],
+            upstream_cpu_seconds=_cpu_of(mode.upstream_pids) - before[1],
+        )
 
     # --- cold starts --------------------------------------------------------------------------
 
-    def measure_cold_starts(self, results: Results, fixtures: Fixtures) -> None:
+    def measure_cold_starts(self, mode: Mode, results: Results) -> None:
         print(f"cold starts: {self.args.cold_starts} of each ...", flush=True)
         ready: dict[str, list[float]] = {"gateway": [], "baseline": []}
         start_rss: dict[str, list[int]] = {"gateway": [], "baseline": []}
@@ -193,15 +271,19 @@ class Bench:
             order = ("gateway", "baseline") if repetition % 2 == 0 else ("baseline", "gateway")
             for name in order:
                 server = (
-                    self.start_gateway(fixtures) if name == "gateway" else self.start_baseline()
+                    self.start_gateway(mode) if name == "gateway" else self.start_baseline(mode)
                 )
                 ready[name].append(server.ready_after)
                 start_rss[name].append(peak_rss_kib(server.pid))
                 self.procs.stop(server.process)
-        results.cold_start = ready
-        results.start_rss = {
+        results.cold_start[mode.name] = ready
+        results.start_rss[mode.name] = {
             name: sorted(values)[len(values) // 2] for name, values in start_rss.items()
         }
+
+
+def _cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def _print_pair(m: Measurement) -> None:
@@ -212,7 +294,9 @@ def _print_pair(m: Measurement) -> None:
             flush=True,
         )
     print(
-        f"  {'':32} ratio req/s {m.rps_ratio:.2f}  p99 {m.latency_ratio('p99_ms'):.2f}", flush=True
+        f"  {'':32} ratio req/s {m.rps_ratio:.2f}  p99 {m.latency_ratio('p99_ms'):.2f}"
+        f"  CPU µs/request {m.gateway.cpu_us:.0f} / {m.baseline.cpu_us:.0f}",
+        flush=True,
     )
 
 

@@ -48,12 +48,13 @@ QUERIES_PER_JOB = POLLS_PER_JOB + 1 + CREDITS_READS_PER_JOB
 
 @dataclass(frozen=True)
 class CpuCost:
-    """Gateway CPU milliseconds per request, from this run's throughput at most connections."""
+    """Gateway CPU milliseconds per request, from this run, at its most connections."""
 
     create: float
     webhook: float
     poll: float
     credits: float
+    measured: bool = True  # the server's own CPU in production mode, else 1 / req/s locally
 
     def per_job(self) -> float:
         return (
@@ -65,15 +66,20 @@ class CpuCost:
 
 
 def cpu_cost(results: Results) -> CpuCost | None:
-    """One saturated core serves `rps` requests a second: 1000 / rps ms each."""
+    """Production mode's CPU per request when measured; else local mode's 1 / req/s (one
+    saturated core serves `rps` requests a second), which leaves out every Convex call."""
+    measured = "production" in results.modes
     costs: dict[str, float] = {}
     for route in ("create", "webhook", "job", "credits"):
-        found = results.for_route(route)
+        found = results.for_route(route, "production" if measured else "local")
         if not found:
             return None
         busiest = max(found, key=lambda m: m.connections)
-        costs[route] = 1000 / busiest.gateway.rps if busiest.gateway.rps else math.nan
-    return CpuCost(costs["create"], costs["webhook"], costs["job"], costs["credits"])
+        if measured:
+            costs[route] = busiest.gateway.cpu_us / 1000
+        else:
+            costs[route] = 1000 / busiest.gateway.rps if busiest.gateway.rps else math.nan
+    return CpuCost(costs["create"], costs["webhook"], costs["job"], costs["credits"], measured)
 
 
 def in_flight_ms_per_job() -> float:
@@ -177,14 +183,23 @@ def _rounded(value: float) -> str:
 def _cost_text(cost: CpuCost | None) -> str:
     if cost is None:
         return "This run measured too few routes to price a job's gateway time."
-    return (
-        "Gateway time per request, from this run's busiest concurrency (one process, 1 / req/s):"
+    prices = (
         f" create {cost.create:.2f} ms, webhook {cost.webhook:.2f} ms, poll {cost.poll:.2f} ms,"
         f" credits {cost.credits:.2f} ms; one job with its {POLLS_PER_JOB:.0f} polls:"
-        f" {cost.per_job():.1f} ms. As CPU this is close for create, most of which is its RunPod"
-        " call through httpx, and low for the other routes in production, where every store call"
-        " is an HTTP call to Convex through the same client (up to 1 ms of CPU each on this"
-        " machine, see bench/PROFILE.md): read the instance counts as good to 2× either way."
+        f" {cost.per_job():.1f} ms."
+    )
+    if cost.measured:
+        return (
+            "Gateway CPU per request, measured in production mode at this run's busiest"
+            " concurrency (the process's CPU time over its answered requests, Convex calls"
+            " included):" + prices + " The webhook measured is the late-delivery path (one"
+            " findJob); a state change adds an applyStatus mutation and, when COMPLETED, an"
+            " R2 HEAD: read the instance counts as good to about 1.5×."
+        )
+    return (
+        "Gateway time per request, from this run's busiest concurrency in local mode (one"
+        " process, 1 / req/s):" + prices + " In production every store call is an HTTP call"
+        " to Convex, which this leaves out: read the instance counts as good to 2× either way."
     )
 
 

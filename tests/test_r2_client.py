@@ -8,7 +8,13 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
-from r2_client import R2Storage, StorageUnavailable, expiry_ms, make_s3_client
+from r2_client import (
+    PendingS3Client,
+    R2Storage,
+    StorageUnavailable,
+    expiry_ms,
+    make_s3_client,
+)
 
 BUCKET = "cineweave-videos"
 KEY = "videos/user_alice/job_abcdefghijklmnop.mp4"
@@ -69,3 +75,28 @@ class TestExists:
         client = make_s3_client("http://127.0.0.1:9", "k", "s", connect_timeout=0.5)
         with pytest.raises(StorageUnavailable):
             await R2Storage(client, BUCKET).exists(KEY)
+
+
+class TestPendingClient:
+    """The client the gateway builds a moment after start-up, so boto3 stays off the cold start."""
+
+    async def test_first_use_builds_it_at_once(
+        self, storage: R2Storage, moto_endpoint: str
+    ) -> None:
+        # An hour's delay: the call must start the build itself rather than wait for the timer.
+        pending = PendingS3Client(moto_endpoint, "test-key", "test-secret", delay=3600)
+        later = R2Storage(pending, BUCKET)
+        url = later.presign_put(KEY, 600, "video/mp4")
+        httpx.put(url, content=b"x", headers={"Content-Type": "video/mp4"})
+        assert await later.exists(KEY) is True
+        await later.close()
+
+    async def test_built_in_the_background_without_a_call(self, moto_endpoint: str) -> None:
+        pending = PendingS3Client(moto_endpoint, "test-key", "test-secret", delay=0)
+        assert "X-Amz-Signature=" in R2Storage(pending, BUCKET).presign_get(KEY, 60)
+
+    async def test_a_client_that_cannot_be_built_fails_each_call(self) -> None:
+        storage = R2Storage(PendingS3Client("not a url", "k", "s", delay=0), BUCKET)
+        with pytest.raises(ValueError):
+            storage.presign_get(KEY, 60)
+        await storage.close()  # nothing was built, so nothing to close
