@@ -1,7 +1,7 @@
 """The gateway's error family: every expected failure is a `GatewayError` with a code and status.
 
-One handler in `main.py` renders them all as `{"detail": ..., "code": ...}`; anything else that
-escapes a route is a bug and becomes a bare 500 `INTERNAL_ERROR`.
+One handler in `http_errors.py` renders them all as `{"detail": ..., "code": ...}`; anything
+else that escapes a route is a bug and becomes a bare 500 `INTERNAL_ERROR`.
 """
 
 from __future__ import annotations

@@ -1,26 +1,22 @@
 """The job lifecycle across the store, RunPod and storage: create, submit, apply outcomes, cancel.
 
 The store owns every rule about money (charge, refund once, forward-only status); this module
-decides *which* rule to invoke when RunPod or a user says something, and proves webhooks genuine.
+decides *which* rule to invoke when RunPod or a user says something (webhooks.py proves a
+webhook genuine first).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import os
 import random
-import re
 import secrets
-import signal
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from config import Settings
+from crash_points import crash_point
 from errors import (
     GatewayError,
     InvalidRequest,
@@ -49,6 +45,7 @@ from runpod_client import (
     RunPodSubmitUncertain,
 )
 from store import Store
+from webhooks import webhook_token
 from worker.contract import CONTRACT_VERSION, OutputTarget, WorkerInput
 
 log = logging.getLogger("gateway.jobs")
@@ -58,78 +55,9 @@ DEADLINE_GRACE_SECONDS = 10
 # How each store says it failed: SQLite locked or gone, Convex unreachable or answering nonsense.
 STORE_FAILURES = (StoreUnavailable, UpstreamUnavailable, UpstreamError)
 STALE_POLL_TIMEOUT_SECONDS = 2.5  # a polling client waits at most this for a fresh answer
-SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock drift and delay.
 # Reuse a download URL while more than an hour of it remains, so a browser that starts playing
 # it just before expiry can still finish the video.
 URL_REUSE_MARGIN_MS = 3_600_000
-
-
-# --- Crash points -----------------------------------------------------------------------------
-
-CRASH_POINT_ENV = "GATEWAY_CRASH_POINT"
-
-
-def crash_point(name: str) -> None:
-    """Test hook: `kill -9` this very process at a named step, when armed by the environment.
-
-    The crash tests arm one step, let a real gateway die there, restart it, and check that no
-    credit is lost. Never armed in production.
-    """
-    armed = os.environ.get(CRASH_POINT_ENV)
-    if armed == name and os.environ.get("GATEWAY_ENV", "local") != "production":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --- Webhook proof ----------------------------------------------------------------------------
-
-
-def webhook_token(secret: str, job_id: str) -> str:
-    """The per-job token in the webhook URL we hand RunPod: only we can mint it."""
-    message = f"runpod-webhook:{job_id}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
-def token_is_valid(secret: str, job_id: str, token: str) -> bool:
-    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
-    expected = webhook_token(secret, job_id).encode()
-    return hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape"))
-
-
-def sign_body(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    """An `X-RunPod-Signature` header value for `body` (what a relay or our worker sends)."""
-    t = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={digest}"
-
-
-def signature_is_valid(secret: str, header: str, body: bytes, now: float | None = None) -> bool:
-    timestamp, candidates = _parse_signature_header(header)
-    if timestamp is None or not candidates:
-        return False
-    current = time.time() if now is None else now
-    if abs(current - timestamp) > SIGNATURE_TOLERANCE_SECONDS:
-        return False
-    expected = sign_body(secret, body, timestamp).split("v1=", 1)[1]
-    # Check every candidate, so timing never reveals which one matched.
-    matches = [hmac.compare_digest(expected.encode(), candidate) for candidate in candidates]
-    return any(matches)
-
-
-# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-
-def _parse_signature_header(header: str) -> tuple[int | None, list[bytes]]:
-    timestamp: int | None = None
-    candidates: list[bytes] = []
-    for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "t" and _TIMESTAMP.fullmatch(value):
-            timestamp = int(value)
-        elif name == "v1" and value:
-            # Bytes, so a non-ASCII guess is just wrong, never a TypeError in compare_digest.
-            candidates.append(value.encode("utf-8", "surrogateescape"))
-    return timestamp, candidates
 
 
 # --- The worker contract: proof that a RunPod job is ours -------------------------------------

@@ -1,7 +1,8 @@
 """A local stand-in for RunPod Serverless: RunPod's HTTP API, its jobs run by the real worker.
 
-`make run` mounts it in the gateway at `/_local/runpod` (with RUNPOD_API_BASE pointing at
-`<base>/_local/runpod/v2`); it also runs on its own:
+With no RunPod configured (`make run`), the gateway builds it in-process and reaches it through
+httpx's ASGI transport (wiring.py, `build_runpod_http`): no port and no route of the gateway's
+serve it, yet runpod_client.py speaks real RunPod HTTP to it. It also runs on its own:
 
     python local_runpod.py --host 127.0.0.1 --port 8765 --render-seconds 3
 

@@ -19,11 +19,10 @@ from auth import mint_dev_token
 from config import Settings, settings_or_exit
 from models import JobResponse
 from store import Store
+from wiring import build_store
 
 
 def _store(settings: Settings) -> Store:
-    from main import build_store
-
     store, _ = build_store(settings)
     return store
 

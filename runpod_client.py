@@ -1,7 +1,7 @@
 """The RunPod Serverless client, and the errors it raises.
 
 Every failure is a `RunPodError`, and also one of the gateway's own errors, so the one handler in
-`main.py` renders it without knowing about RunPod:
+`http_errors.py` renders it without knowing about RunPod:
 
 * RunPodError
   + RunPodUnavailable      - 503: connect errors, timeouts, 5xx, or 429 after backing off.
@@ -62,12 +62,20 @@ Sleep = Callable[[float], Awaitable[None]]
 class RunPodError(GatewayError):
     """Base class of every error this module raises."""
 
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> Self:
+        """A refusal as RunPod answered it: the status, and RunPod's reason, shortened."""
+        reason = _short_reason(response)
+        detail = f"RunPod answered HTTP {response.status_code}"
+        return cls(f"{detail}: {reason}" if reason else detail)
+
 
 class RunPodUnavailable(RunPodError, UpstreamUnavailable):
     detail = "RunPod is unavailable"
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> Self:
+        """Transient: no reason to show, but when to try again (RunPod's Retry-After, else 5 s)."""
         retry_after = _retry_after_seconds(response)
         detail = f"RunPod answered HTTP {response.status_code}"
         return cls(detail, retry_after=math.ceil(retry_after) if retry_after else 5)
@@ -79,12 +87,6 @@ class RunPodSubmitUncertain(RunPodError, UpstreamUnavailable):
 
 class RunPodRejected(RunPodError, UpstreamError):
     detail = "RunPod refused the request"
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> Self:
-        reason = _short_reason(response)
-        detail = f"RunPod answered HTTP {response.status_code}"
-        return cls(f"{detail}: {reason}" if reason else detail)
 
 
 class RunPodNotFound(RunPodRejected):

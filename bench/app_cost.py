@@ -34,8 +34,8 @@ from bench.fixtures import (
     webhook_body,
 )
 from bench.processes import ProcessGroups, minimal_env
-from jobs import sign_body
 from models import object_key_for
+from webhooks import sign_body
 
 App = Any  # an ASGI app; FastAPI's own type would tie this tool to its internals
 BATCH = 2000

@@ -21,9 +21,9 @@ import httpx
 
 from auth import ensure_dev_key, mint_dev_token
 from bench.load import RequestSpec
-from jobs import sign_body
 from models import object_key_for
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
+from webhooks import sign_body
 
 USER = "user_bench"
 # Create requests go round many users. In production MAX_CONCURRENT_JOBS (5) keeps a user's

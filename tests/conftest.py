@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -11,13 +14,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import respx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from config import Settings
+from logs import CloudLoggingFormatter
 from main import create_app
+from metrics import Metrics
 from tests.servers import running_convex_server
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 
@@ -26,6 +32,9 @@ RUNPOD_ENDPOINT = "ep123"
 RUNPOD_URL = f"{RUNPOD_BASE}/{RUNPOD_ENDPOINT}"
 WEBHOOK_SECRET = "whsec-test-secret"
 PUBLIC_BASE = "https://gateway.test"
+# The Cloud project the JSON log lines name in their trace field.
+PROJECT = "cineweave-prod"
+LogLines = Callable[[], list[dict[str, Any]]]
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +140,41 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def json_logs() -> Iterator[LogLines]:
+    """Every log line, as the JSON formatter writes it for Cloud Logging."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(CloudLoggingFormatter(PROJECT))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture
+def runpod() -> Any:
+    """RunPod's API at the transport: `/run` accepts every job as `rp-1`."""
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1", "status": "IN_QUEUE"})
+        yield mock
+
+
+@pytest.fixture
+def alice(make_token: TokenFactory) -> dict[str, str]:
+    return bearer(make_token("user_alice"))
+
+
+@pytest.fixture
+def bob(make_token: TokenFactory) -> dict[str, str]:
+    return bearer(make_token("user_bob"))

@@ -86,7 +86,7 @@ SUCCESS_WITH_LOGS = Answer(
 )
 
 # The business errors convex/gateway.ts and convex/webapp.ts throw (`fail(...)` in model.ts),
-# with the status and code SQLiteStore raises for each (store.py, errors.py).
+# with the status and code SQLiteStore raises for each (sqlite_store.py, errors.py).
 BUSINESS_ERRORS: dict[str, tuple[int, str]] = {
     "INSUFFICIENT_CREDITS": (402, "This job costs 5 credits; you have 3"),
     "TOO_MANY_ACTIVE_JOBS": (429, "You already have 5 jobs queued or running"),

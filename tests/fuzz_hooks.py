@@ -25,7 +25,9 @@ import schemathesis
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from jobs import sign_body  # noqa: E402  (the gateway's own signer: one definition of the scheme)
+from webhooks import (
+    sign_body,
+)  # noqa: E402  (the gateway's own signer: one definition of the scheme)
 
 JOBS_ENV = "FUZZ_JOBS"  # JSON: [[jobId, runpodId], ...]
 SECRET_ENV = "FUZZ_WEBHOOK_SECRET"

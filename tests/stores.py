@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from convex_client import ConvexStore
-from store import SQLiteStore, Store
+from sqlite_store import SQLiteStore
+from store import Store
 
 STORE_KINDS = ["sqlite", "convex"]
 CONVEX_TEST_KEY = "test-deploy-key"  # the server's default CONVEX_TEST_DEPLOY_KEY

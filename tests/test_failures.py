@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from errors import StoreUnavailable
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from tests.conftest import bearer, serve
-from tests.test_store_contract import new_job
+from tests.factories import new_job
 
 
 class TestSQLiteLocked:
@@ -59,8 +59,8 @@ class TestStorageDown:
         import respx
 
         from tests.conftest import RUNPOD_URL
+        from tests.factories import completed, send_signed
         from tests.servers import free_port
-        from tests.test_main import completed, send_signed
 
         settings = settings_factory(
             r2_endpoint_url=f"http://127.0.0.1:{free_port()}",

@@ -14,57 +14,19 @@ import httpx
 import pytest
 import respx
 
-from jobs import Reconciler, sign_body, webhook_token
+from jobs import Reconciler
 from models import now_ms
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
-
-JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 5, "seed": 42}
-
-
-@pytest.fixture
-def runpod() -> Any:
-    with respx.mock(assert_all_called=False) as mock:
-        mock.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1", "status": "IN_QUEUE"})
-        yield mock
-
-
-@pytest.fixture
-def alice(make_token: TokenFactory) -> dict[str, str]:
-    return bearer(make_token("user_alice"))
-
-
-@pytest.fixture
-def bob(make_token: TokenFactory) -> dict[str, str]:
-    return bearer(make_token("user_bob"))
-
-
-async def credits_of(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
-    response = await client.get("/credits", headers=headers)
-    assert response.status_code == 200
-    return response.json()["credits"]
-
-
-async def create(client: httpx.AsyncClient, headers: dict[str, str], **changes: Any) -> Any:
-    return await client.post("/jobs/create", json={**JOB, **changes}, headers=headers)
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["code"] == code and isinstance(body["detail"], str) and body["detail"]
-    return body
-
-
-# Pydantic's own phrasing, which means little to a person using the API.
-LIBRARY_WORDING = re.compile(r"Value error|Input should|JSON decode error|^\d+$")
-
-
-def assert_written_for_people(body: dict[str, Any]) -> None:
-    """Each message names its field and reads as a sentence, not as pydantic's output."""
-    for error in body["errors"]:
-        assert error["message"].startswith(error["field"]), error
-        assert not LIBRARY_WORDING.search(error["message"]), error
-        assert error["message"] in body["detail"]
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, bearer, serve
+from tests.factories import (
+    JOB,
+    assert_error,
+    assert_written_for_people,
+    create,
+    credits_of,
+    finished_job,
+    store_object,
+)
+from webhooks import webhook_token
 
 
 class TestCreateJob:
@@ -272,6 +234,25 @@ class TestCreateJob:
         assert_error(response, 413, "PAYLOAD_TOO_LARGE")
 
 
+class TestCreateJobLimits:
+    """Each app validates /jobs/create with its own settings' limits (main.create_job_route)."""
+
+    async def test_two_apps_keep_their_own_limits(self, settings_factory, tmp_path, alice) -> None:
+        strict = settings_factory(max_duration_sec=4, local_data_dir=tmp_path / "strict")
+        async with serve(strict) as strict_client, serve(settings_factory()) as default_client:
+            with respx.mock(assert_all_called=False) as runpod:
+                runpod.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1"})
+                refused = await create(strict_client, alice, durationSec=5)
+                accepted = await create(default_client, alice, durationSec=5)
+            schemas = [
+                (await c.get("/openapi.json")).json() for c in (strict_client, default_client)
+            ]
+        assert_error(refused, 400, "INVALID_REQUEST")
+        assert accepted.status_code == 200, accepted.text
+        limits = [s["components"]["schemas"]["CreateJobRequest"] for s in schemas]
+        assert [limit["properties"]["durationSec"]["maximum"] for limit in limits] == [4, 10]
+
+
 class TestCreateJobUpstream:
     async def _refused(self, client, alice, status: int, code: str) -> dict[str, Any]:
         response = await create(client, alice)
@@ -400,35 +381,6 @@ def _parse_iso(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def store_object(client: httpx.AsyncClient, key: str, data: bytes = b"mp4") -> None:
-    storage = client.app_state["storage"]  # type: ignore[attr-defined]
-    storage.write(key, data)
-
-
-async def finished_job(client, runpod, headers, runpod_id: str = "rp-1") -> str:
-    """A job taken to `done` by a signed COMPLETED webhook, its video in storage."""
-    job_id = (await create(client, headers)).json()["jobId"]
-    user = (await client.app_state["jobs"].store.find_job(job_id)).user_id
-    store_object(client, f"videos/{user}/{job_id}.mp4")
-    response = await send_signed(client, completed(job_id, runpod_id))
-    assert response.status_code == 200, response.text
-    return job_id
-
-
-def completed(job_id: str, runpod_id: str = "rp-1", status: str = "COMPLETED", **extra: Any):
-    return {"id": runpod_id, "status": status, "input": {"jobId": job_id}, **extra}
-
-
-async def send_signed(client, payload: dict[str, Any], *, secret: str = WEBHOOK_SECRET, t=None):
-    raw = json.dumps(payload).encode()
-    header = sign_body(secret, raw, t)
-    return await client.post(
-        "/webhooks/runpod",
-        content=raw,
-        headers={"x-runpod-signature": header, "content-type": "application/json"},
-    )
-
-
 class TestListJobs:
     async def test_pages_newest_first(self, client, runpod, alice, bob) -> None:
         await create(client, bob, durationSec=1)
@@ -501,348 +453,6 @@ class TestCredits:
         assert settings_factory(signup_credits=7).effective_signup_credits == 7
 
 
-class TestWebhookProof:
-    async def test_no_proof_is_401(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post("/webhooks/runpod", json=completed(job_id))
-        assert_error(response, 401, "INVALID_SIGNATURE")
-        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
-
-    @pytest.mark.parametrize(
-        "header",
-        ["", "garbage", "t=abc,v1=00", "v1=deadbeef", "t=1", "t=99999999999999999999,v1=ab"],
-    )
-    async def test_malformed_signature_is_401(self, client, runpod, alice, header) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(
-            "/webhooks/runpod",
-            content=json.dumps(completed(job_id)),
-            headers={"x-runpod-signature": header},
-        )
-        assert_error(response, 401, "INVALID_SIGNATURE")
-
-    @pytest.mark.parametrize("skew", [-301, 301])
-    async def test_stale_or_future_timestamp_is_401(self, client, runpod, alice, skew) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        response = await send_signed(client, completed(job_id), t=int(time.time()) + skew)
-        assert_error(response, 401, "INVALID_SIGNATURE")
-        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
-
-    async def test_wrong_secret_is_401(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await send_signed(client, completed(job_id), secret="not-the-secret")
-        assert_error(response, 401, "INVALID_SIGNATURE")
-
-    async def test_signature_over_another_body_is_401(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        header = sign_body(WEBHOOK_SECRET, json.dumps(completed(job_id, status="FAILED")).encode())
-        response = await client.post(
-            "/webhooks/runpod",
-            content=json.dumps(completed(job_id)),
-            headers={"x-runpod-signature": header},
-        )
-        assert_error(response, 401, "INVALID_SIGNATURE")
-
-    async def test_rotated_secret_any_v1_matches(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        raw = json.dumps(completed(job_id)).encode()
-        good = sign_body(WEBHOOK_SECRET, raw)
-        t, v1 = good.split(",")
-        header = f"{t},v1={'0' * 64},{v1}"
-        response = await client.post(
-            "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
-        )
-        assert response.status_code == 200 and response.json()["status"] == "done"
-
-    async def test_bad_token_is_401(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        other = webhook_token(WEBHOOK_SECRET, "job_someotherjob000")
-        for params in [{"jobId": job_id, "token": other}, {"jobId": job_id}, {"token": other}]:
-            response = await client.post("/webhooks/runpod", params=params, json=completed(job_id))
-            assert_error(response, 401, "INVALID_SIGNATURE")
-
-    async def test_webhook_over_one_mib_is_413(self, client) -> None:
-        raw = b"{" + b" " * (1024 * 1024) + b"}"
-        response = await client.post("/webhooks/runpod", content=raw)
-        assert_error(response, 413, "PAYLOAD_TOO_LARGE")
-
-
-class TestSignedWebhook:
-    async def test_completed_with_video_is_done(self, client, runpod, alice) -> None:
-        job_id = await finished_job(client, runpod, alice)
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert job["status"] == "done" and job["error"] is None
-        assert await credits_of(client, alice) == 95
-
-    async def test_completed_without_video_fails_and_refunds(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await send_signed(client, completed(job_id))
-        assert response.status_code == 200 and response.json()["status"] == "failed"
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert job["error"]["code"] == "OUTPUT_MISSING" and job["r2Url"] is None
-        assert await credits_of(client, alice) == 100
-
-    async def test_failed_keeps_worker_message_and_refunds_once(self, client, runpod, alice):
-        job_id = (await create(client, alice)).json()["jobId"]
-        error = json.dumps(
-            {"error_type": "OOM", "error_message": "CUDA out of memory", "error_traceback": "..."}
-        )
-        payload = completed(job_id, status="FAILED", error=error)
-        for _ in range(3):
-            assert (await send_signed(client, payload)).status_code == 200
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert job["status"] == "failed"
-        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
-        assert await credits_of(client, alice) == 100
-
-    @pytest.mark.parametrize(
-        ("runpod_status", "status", "code"),
-        [("TIMED_OUT", "failed", "TIMED_OUT"), ("CANCELLED", "canceled", "CANCELED")],
-    )
-    async def test_other_endings_refund(self, client, runpod, alice, runpod_status, status, code):
-        job_id = (await create(client, alice)).json()["jobId"]
-        await send_signed(client, completed(job_id, status=runpod_status))
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert (job["status"], job["error"]["code"]) == (status, code)
-        assert await credits_of(client, alice) == 100
-
-    async def test_late_progress_after_done_changes_nothing(self, client, runpod, alice) -> None:
-        job_id = await finished_job(client, runpod, alice)
-        response = await send_signed(client, completed(job_id, status="IN_PROGRESS"))
-        assert response.status_code == 200 and response.json()["status"] == "done"
-        replay = await send_signed(client, completed(job_id))
-        assert replay.status_code == 200 and replay.json()["status"] == "done"
-        assert await credits_of(client, alice) == 95
-
-    async def test_progress_moves_to_running(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        await send_signed(client, completed(job_id, status="IN_PROGRESS", output=0.4))
-        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
-
-    async def test_arrives_before_the_runpod_id_was_recorded(self, client, alice) -> None:
-        with respx.mock:
-            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
-            job_id = (await create(client, alice)).json()["jobId"]
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        response = await send_signed(client, completed(job_id, runpod_id="rp-late"))
-        assert response.status_code == 200 and response.json()["status"] == "done"
-
-    async def test_found_by_runpod_id_alone(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await send_signed(client, {"id": "rp-1", "status": "IN_PROGRESS"})
-        assert response.status_code == 200
-        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
-
-    async def test_unknown_job_is_404(self, client) -> None:
-        response = await send_signed(client, completed("job_doesnotexist00", runpod_id="rp-x"))
-        assert_error(response, 404, "NOT_FOUND")
-
-    async def test_mismatched_runpod_id_is_404(self, client, runpod, alice) -> None:
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await send_signed(client, completed(job_id, runpod_id="rp-other"))
-        assert_error(response, 404, "NOT_FOUND")
-
-    async def test_signed_garbage_is_400(self, client) -> None:
-        for raw in [b"not json", b"[1]", b'{"status": "COMPLETED"}']:
-            header = sign_body(WEBHOOK_SECRET, raw)
-            response = await client.post(
-                "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
-            )
-            assert response.status_code in (400, 502)
-            assert response.json()["code"] in ("INVALID_REQUEST", "UPSTREAM_ERROR")
-
-
-class TestTokenWebhook:
-    def url(self, job_id: str) -> str:
-        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
-
-    async def test_runpod_decides_not_the_body(self, client, runpod, alice) -> None:
-        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
-            200, json={"id": "rp-1", "status": "IN_PROGRESS"}
-        )
-        job_id = (await create(client, alice)).json()["jobId"]
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        forged = completed(job_id)  # the body claims COMPLETED; RunPod says otherwise
-        response = await client.post(self.url(job_id), json=forged)
-        assert response.status_code == 200 and response.json()["status"] == "running"
-        assert status.called
-
-    async def test_completed_at_runpod_with_video_is_done(self, client, runpod, alice) -> None:
-        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
-            200, json={"id": "rp-1", "status": "COMPLETED", "output": {}}
-        )
-        job_id = (await create(client, alice)).json()["jobId"]
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        response = await client.post(self.url(job_id), json={"id": "rp-1"})
-        assert response.json()["status"] == "done"
-
-    async def test_another_runpod_id_than_the_recorded_one_is_400(
-        self, client, runpod, alice
-    ) -> None:
-        own = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
-            200, json={"id": "rp-1", "status": "IN_QUEUE"}
-        )
-        other = runpod.get(f"{RUNPOD_URL}/status/rp-evil").respond(
-            200, json={"id": "rp-evil", "status": "FAILED", "error": "x"}
-        )
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(self.url(job_id), json={"id": "rp-evil", "status": "FAILED"})
-        assert_error(response, 400, "INVALID_REQUEST")
-        assert not own.called and not other.called
-        job = await client.app_state["jobs"].store.find_job(job_id)
-        assert (job.status.value, job.runpod_id) == ("queued", "rp-1")
-        assert await credits_of(client, alice) == 95
-
-    async def test_runpod_forgot_the_job_fails_and_refunds(self, client, runpod, alice) -> None:
-        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(404, json={"error": "not found"})
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
-        assert response.json()["status"] == "failed"
-        assert await credits_of(client, alice) == 100
-
-    async def test_replay_after_terminal_does_not_ask_runpod(self, client, runpod, alice) -> None:
-        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
-            200, json={"id": "rp-1", "status": "FAILED", "error": "boom"}
-        )
-        job_id = (await create(client, alice)).json()["jobId"]
-        for _ in range(3):
-            response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
-            assert response.status_code == 200
-        assert status.call_count == 1
-        assert await credits_of(client, alice) == 100
-
-    async def test_runpod_down_is_503_and_changes_nothing(self, client, runpod, alice) -> None:
-        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(502)
-        job_id = (await create(client, alice)).json()["jobId"]
-        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
-        assert_error(response, 503, "UPSTREAM_UNAVAILABLE")
-        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
-
-
-def contract_error(job_id: str | None, message: str = "CUDA out of memory") -> str:
-    """A failed worker's `error`, as the worker contract has it echo the job id."""
-    report = {"error_type": "RuntimeError", "error_message": message}
-    return json.dumps(report if job_id is None else {"jobId": job_id, **report})
-
-
-# An exception that escaped the handler, as runpod-python reports it (rp_job.py, `run_job`).
-SDK_CRASH = json.dumps(
-    {
-        "error_type": "<class 'RuntimeError'>",
-        "error_message": "CUDA out of memory",
-        "error_traceback": "Traceback (most recent call last): ...",
-        "hostname": "abc-1",
-        "worker_id": "abc",
-        "runpod_version": "1.12.0",
-    }
-)
-
-
-class TestTokenWebhookProof:
-    """A job whose `/run` answer was lost has no RunPod id: a webhook may bind one only with
-    the worker's echo of our job id in RunPod's own answer, never on the body's word."""
-
-    def url(self, job_id: str) -> str:
-        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
-
-    async def lost_submission(self, client, alice) -> str:
-        with respx.mock:
-            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
-            job_id = (await create(client, alice)).json()["jobId"]
-        assert (await client.app_state["jobs"].store.find_job(job_id)).runpod_id is None
-        return job_id
-
-    async def stored(self, client, job_id: str) -> Any:
-        return await client.app_state["jobs"].store.find_job(job_id)
-
-    @pytest.mark.parametrize(
-        "answer",
-        [
-            (200, {"id": "rp-other", "status": "FAILED", "error": contract_error("job_other0000")}),
-            (200, {"id": "rp-other", "status": "FAILED", "error": SDK_CRASH}),
-            (200, {"id": "rp-other", "status": "FAILED", "error": "plain text"}),
-            (200, {"id": "rp-other", "status": "COMPLETED", "output": {"jobId": "job_other0000"}}),
-            (200, {"id": "rp-other", "status": "CANCELLED"}),
-            (404, {"error": "request does not exist"}),
-        ],
-    )
-    async def test_leaked_token_cannot_attach_another_job(self, client, alice, answer) -> None:
-        job_id = await self.lost_submission(client, alice)
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        with respx.mock:
-            other = respx.get(f"{RUNPOD_URL}/status/rp-other").respond(answer[0], json=answer[1])
-            attack = await client.post(self.url(job_id), json={"id": "rp-other", "status": "X"})
-        assert attack.status_code == 200, attack.text
-        assert attack.json() == {"jobId": job_id, "status": "queued"}
-        assert other.call_count == 1
-        job = await self.stored(client, job_id)
-        assert (job.status.public.value, job.runpod_id, job.error_code) == ("queued", None, None)
-        assert await credits_of(client, alice) == 95
-
-        # RunPod's genuine webhook still finishes the job, and binds the real id.
-        with respx.mock:
-            output = {"jobId": job_id, "objectKey": f"videos/user_alice/{job_id}.mp4"}
-            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
-                200, json={"id": "rp-mine", "status": "COMPLETED", "output": output}
-            )
-            genuine = await client.post(self.url(job_id), json={"id": "rp-mine", "status": "X"})
-        assert genuine.status_code == 200 and genuine.json()["status"] == "done"
-        job = await self.stored(client, job_id)
-        assert (job.status.value, job.runpod_id) == ("done", "rp-mine")
-        assert await credits_of(client, alice) == 95
-
-    async def test_completed_with_echo_binds_and_completes(self, client, alice) -> None:
-        job_id = await self.lost_submission(client, alice)
-        store_object(client, f"videos/user_alice/{job_id}.mp4")
-        with respx.mock:
-            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
-                200, json={"id": "rp-mine", "status": "COMPLETED", "output": {"jobId": job_id}}
-            )
-            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
-        assert response.status_code == 200 and response.json()["status"] == "done"
-        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert job["status"] == "done" and job["r2Url"]
-        assert await credits_of(client, alice) == 95
-
-    async def test_failed_with_echo_refunds_once(self, client, alice) -> None:
-        job_id = await self.lost_submission(client, alice)
-        with respx.mock:
-            status = respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
-                200, json={"id": "rp-mine", "status": "FAILED", "error": contract_error(job_id)}
-            )
-            for _ in range(3):  # RunPod's tries, or replays: one refund whatever the count
-                response = await client.post(self.url(job_id), json={"id": "rp-mine"})
-                assert response.status_code == 200 and response.json()["status"] == "failed"
-        assert status.call_count == 1
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
-        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
-        assert await credits_of(client, alice) == 100
-
-    async def test_failed_without_echo_waits_for_the_deadline(self, client, alice) -> None:
-        job_id = await self.lost_submission(client, alice)
-        with respx.mock:
-            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
-                200, json={"id": "rp-mine", "status": "FAILED", "error": SDK_CRASH}
-            )
-            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
-        assert response.status_code == 200 and response.json()["status"] == "queued"
-        job = await self.stored(client, job_id)
-        assert (job.runpod_id, job.error_code) == (None, None)
-        assert await credits_of(client, alice) == 95
-
-        # The reconciler never binds it either; past its deadline it is refunded, once.
-        jobs = client.app_state["jobs"]
-        assert await jobs.settle(job) == "waiting"
-        assert await jobs.settle(replace(job, created_at=job.created_at - 10**8)) == "expired"
-        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
-        assert (job["status"], job["error"]["code"]) == ("failed", "DEADLINE_EXCEEDED")
-        assert await credits_of(client, alice) == 100
-
-
 class TestErrors:
     async def test_unknown_route_is_404_in_shape(self, client) -> None:
         assert_error(await client.get("/nope"), 404, "NOT_FOUND")
@@ -903,94 +513,6 @@ class TestConcurrency:
         now = await credits_of(client, alice)
         charged = 3 * statuses.count(200)
         assert now >= 0 and now + charged == start
-
-
-def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
-    return {**headers, "Idempotency-Key": key}
-
-
-class TestIdempotencyKey:
-    async def test_retry_returns_the_first_answer(self, client, runpod, alice) -> None:
-        first = await create(client, keyed(alice, "order-1"))
-        again = await create(client, keyed(alice, "order-1"))
-        assert first.status_code == again.status_code == 200
-        assert first.json() == again.json()
-        assert again.headers["idempotent-replayed"] == "true"
-        assert runpod.routes[0].call_count == 1
-        assert await credits_of(client, alice) == 95
-
-    async def test_same_key_other_body_is_409(self, client, runpod, alice) -> None:
-        await create(client, keyed(alice, "order-1"))
-        response = await create(client, keyed(alice, "order-1"), durationSec=6)
-        assert_error(response, 409, "IDEMPOTENCY_KEY_REUSED")
-        assert runpod.routes[0].call_count == 1
-
-    async def test_json_formatting_does_not_matter(self, client, runpod, alice) -> None:
-        first = await create(client, keyed(alice, "order-1"))
-        raw = json.dumps({k: JOB[k] for k in reversed(list(JOB))}, indent=2).encode()
-        headers = {**keyed(alice, "order-1"), "content-type": "application/json"}
-        again = await client.post("/jobs/create", content=raw, headers=headers)
-        assert again.json() == first.json()
-
-    async def test_concurrent_retries_make_one_job(self, client, runpod, alice) -> None:
-        responses = await asyncio.gather(
-            *(create(client, keyed(alice, "burst")) for _ in range(10))
-        )
-        ok = {r.json()["jobId"] for r in responses if r.status_code == 200}
-        busy = [r for r in responses if r.status_code == 409]
-        assert len(ok) == 1 and {r.status_code for r in responses} <= {200, 409}
-        assert all(r.json()["code"] == "IDEMPOTENCY_KEY_IN_USE" for r in busy)
-        assert all("retry-after" in r.headers for r in busy)
-        assert runpod.routes[0].call_count == 1
-        assert await credits_of(client, alice) == 95
-
-    async def test_keys_are_per_user(self, client, runpod, alice, bob) -> None:
-        a = await create(client, keyed(alice, "same"))
-        b = await create(client, keyed(bob, "same"), durationSec=2)
-        assert a.status_code == b.status_code == 200 and a.json() != b.json()
-
-    @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "naïve"])
-    async def test_malformed_key_is_400(self, client, runpod, alice, key) -> None:
-        headers = {**alice, "Idempotency-Key": key.encode("utf-8")}
-        response = await client.post("/jobs/create", json=JOB, headers=headers)
-        body = assert_error(response, 400, "INVALID_REQUEST")
-        message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
-        assert body["errors"] == [{"field": "Idempotency-Key", "message": message}]
-        assert not runpod.routes[0].called
-
-    async def test_refusal_before_charging_frees_the_key(self, settings_factory, runpod, alice):
-        async with serve(settings_factory(signup_credits=3)) as client:
-            refused = await create(client, keyed(alice, "k"), durationSec=5)
-            assert_error(refused, 402, "INSUFFICIENT_CREDITS")
-            await client.app_state["store"].grant_credits("user_alice", 10, "test")
-            assert (await create(client, keyed(alice, "k"), durationSec=5)).status_code == 200
-
-    async def test_upstream_refusal_is_replayed(self, client, alice) -> None:
-        with respx.mock:
-            route = respx.post(f"{RUNPOD_URL}/run").respond(400, json={"error": "bad"})
-            first = await create(client, keyed(alice, "k"))
-            again = await create(client, keyed(alice, "k"))
-            assert route.call_count == 1
-        assert first.status_code == again.status_code == 502
-        assert again.json() == first.json()
-        assert await credits_of(client, alice) == 100
-
-    async def test_cancel_with_a_key(self, client, runpod, alice) -> None:
-        cancel = runpod.post(f"{RUNPOD_URL}/cancel/rp-1").respond(200, json={"id": "rp-1"})
-        job_id = (await create(client, alice)).json()["jobId"]
-        url = f"/jobs/{job_id}/cancel"
-        first = await client.post(url, headers=keyed(alice, "c1"))
-        again = await client.post(url, headers=keyed(alice, "c1"))
-        assert first.status_code == again.status_code == 200
-        assert first.json() == again.json() and first.json()["status"] == "canceled"
-        assert cancel.call_count == 1
-        other_key = await client.post(url, headers=keyed(alice, "c2"))
-        assert_error(other_key, 409, "JOB_NOT_CANCELABLE")
-
-    async def test_key_of_a_create_cannot_cancel(self, client, runpod, alice) -> None:
-        job_id = (await create(client, keyed(alice, "k"))).json()["jobId"]
-        response = await client.post(f"/jobs/{job_id}/cancel", headers=keyed(alice, "k"))
-        assert_error(response, 409, "IDEMPOTENCY_KEY_REUSED")
 
 
 def quiet(settings_factory, **changes: Any):

@@ -31,12 +31,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
-from jobs import sign_body, webhook_token
-from telemetry import TRACE_FIELD
+from logs import TRACE_FIELD
 from tests.conftest import TokenFactory, bearer, serve
 from tests.servers import GatewayProcess, manage, running_standin
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 from tests.test_config import COMPLETE
+from webhooks import sign_body, webhook_token
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ WEBHOOK_ROUTE = "/webhooks/runpod"
 TERMINAL = {"done", "failed", "canceled"}
 RUNPOD_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 SEVERITIES = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
-# Probes and scrapes that succeed are counted but not logged (telemetry.QUIET_ROUTES).
+# Probes and scrapes that succeed are counted but not logged (metrics.QUIET_ROUTES).
 QUIET = {"/healthz", "/metrics"}
 
 Series = tuple[str, str, str]  # method, route template, status

@@ -24,9 +24,9 @@ import respx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs import sign_body, webhook_token
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
 from tests.stores import CONVEX_TEST_KEY, reset_convex
+from webhooks import sign_body, webhook_token
 
 JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 1, "seed": 42}
 START_CREDITS = 10_000

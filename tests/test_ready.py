@@ -19,7 +19,7 @@ from config import Settings
 from errors import StoreUnavailable
 from readiness import Readiness
 from runpod_client import RunPodClient, build_http_client
-from store import SQLiteStore
+from sqlite_store import SQLiteStore
 from tests import convex_fixtures as shapes
 from tests.conftest import RUNPOD_BASE, RUNPOD_ENDPOINT, RUNPOD_URL, bearer, serve
 from tests.servers import free_port

@@ -16,8 +16,9 @@ from errors import (
     NotFound,
     TooManyActiveJobs,
 )
-from models import JobStatus, NewJob, StatusUpdate, new_job_id, now_ms, object_key_for
+from models import JobStatus, StatusUpdate, now_ms
 from store import Store
+from tests.factories import new_job
 from tests.stores import STORE_KINDS, open_store
 
 SIGNUP = 100
@@ -29,20 +30,6 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store
         yield opened
         # Whatever the scenario did, the books must balance afterwards.
         assert await opened.audit() == []
-
-
-def new_job(user_id: str, cost: int = 5, duration: int = 5) -> NewJob:
-    job_id = new_job_id()
-    return NewJob(
-        job_id=job_id,
-        user_id=user_id,
-        prompt="a drone over a neon city",
-        image_url=None,
-        duration_sec=duration,
-        seed=7,
-        cost=cost,
-        object_key=object_key_for(user_id, job_id),
-    )
 
 
 async def credits(store: Store, user_id: str) -> int:

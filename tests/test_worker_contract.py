@@ -23,10 +23,11 @@ from moto.server import ThreadedMotoServer
 from pydantic import BaseModel
 
 from config import Settings
-from jobs import echoed_job_id, sign_body
+from jobs import echoed_job_id
 from r2_client import make_s3_client
 from runpod_client import RunPodStatus
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from webhooks import sign_body
 from worker.contract import WorkerError, WorkerInput, WorkerOutput
 from worker.generator import TestPattern
 from worker.handler import Worker

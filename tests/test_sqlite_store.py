@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from errors import StoreUnavailable
-from store import SQLiteStore
-from tests.test_store_contract import new_job
+from sqlite_store import SQLiteStore
+from tests.factories import new_job
 
 
 @pytest.fixture

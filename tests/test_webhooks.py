@@ -1,0 +1,410 @@
+"""webhooks.py: the proofs (signature, per-job token), the body's shape, and what applying does."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from errors import InvalidRequest
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET
+from tests.factories import (
+    assert_error,
+    completed,
+    create,
+    credits_of,
+    finished_job,
+    send_signed,
+    store_object,
+)
+from webhooks import (
+    SIGNATURE_TOLERANCE_SECONDS,
+    sign_body,
+    signature_is_valid,
+    webhook_payload,
+    webhook_token,
+)
+
+
+class TestWebhookProof:
+    async def test_no_proof_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post("/webhooks/runpod", json=completed(job_id))
+        assert_error(response, 401, "INVALID_SIGNATURE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    @pytest.mark.parametrize(
+        "header",
+        ["", "garbage", "t=abc,v1=00", "v1=deadbeef", "t=1", "t=99999999999999999999,v1=ab"],
+    )
+    async def test_malformed_signature_is_401(self, client, runpod, alice, header) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(
+            "/webhooks/runpod",
+            content=json.dumps(completed(job_id)),
+            headers={"x-runpod-signature": header},
+        )
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    @pytest.mark.parametrize("skew", [-301, 301])
+    async def test_stale_or_future_timestamp_is_401(self, client, runpod, alice, skew) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await send_signed(client, completed(job_id), t=int(time.time()) + skew)
+        assert_error(response, 401, "INVALID_SIGNATURE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+    async def test_wrong_secret_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id), secret="not-the-secret")
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_signature_over_another_body_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        header = sign_body(WEBHOOK_SECRET, json.dumps(completed(job_id, status="FAILED")).encode())
+        response = await client.post(
+            "/webhooks/runpod",
+            content=json.dumps(completed(job_id)),
+            headers={"x-runpod-signature": header},
+        )
+        assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_rotated_secret_any_v1_matches(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        raw = json.dumps(completed(job_id)).encode()
+        good = sign_body(WEBHOOK_SECRET, raw)
+        t, v1 = good.split(",")
+        header = f"{t},v1={'0' * 64},{v1}"
+        response = await client.post(
+            "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
+        )
+        assert response.status_code == 200 and response.json()["status"] == "done"
+
+    async def test_bad_token_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        other = webhook_token(WEBHOOK_SECRET, "job_someotherjob000")
+        for params in [{"jobId": job_id, "token": other}, {"jobId": job_id}, {"token": other}]:
+            response = await client.post("/webhooks/runpod", params=params, json=completed(job_id))
+            assert_error(response, 401, "INVALID_SIGNATURE")
+
+    async def test_webhook_over_one_mib_is_413(self, client) -> None:
+        raw = b"{" + b" " * (1024 * 1024) + b"}"
+        response = await client.post("/webhooks/runpod", content=raw)
+        assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+class TestSignedWebhook:
+    async def test_completed_with_video_is_done(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["error"] is None
+        assert await credits_of(client, alice) == 95
+
+    async def test_completed_without_video_fails_and_refunds(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id))
+        assert response.status_code == 200 and response.json()["status"] == "failed"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["error"]["code"] == "OUTPUT_MISSING" and job["r2Url"] is None
+        assert await credits_of(client, alice) == 100
+
+    async def test_failed_keeps_worker_message_and_refunds_once(self, client, runpod, alice):
+        job_id = (await create(client, alice)).json()["jobId"]
+        error = json.dumps(
+            {"error_type": "OOM", "error_message": "CUDA out of memory", "error_traceback": "..."}
+        )
+        payload = completed(job_id, status="FAILED", error=error)
+        for _ in range(3):
+            assert (await send_signed(client, payload)).status_code == 200
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "failed"
+        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
+        assert await credits_of(client, alice) == 100
+
+    @pytest.mark.parametrize(
+        ("runpod_status", "status", "code"),
+        [("TIMED_OUT", "failed", "TIMED_OUT"), ("CANCELLED", "canceled", "CANCELED")],
+    )
+    async def test_other_endings_refund(self, client, runpod, alice, runpod_status, status, code):
+        job_id = (await create(client, alice)).json()["jobId"]
+        await send_signed(client, completed(job_id, status=runpod_status))
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert (job["status"], job["error"]["code"]) == (status, code)
+        assert await credits_of(client, alice) == 100
+
+    async def test_late_progress_after_done_changes_nothing(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        response = await send_signed(client, completed(job_id, status="IN_PROGRESS"))
+        assert response.status_code == 200 and response.json()["status"] == "done"
+        replay = await send_signed(client, completed(job_id))
+        assert replay.status_code == 200 and replay.json()["status"] == "done"
+        assert await credits_of(client, alice) == 95
+
+    async def test_progress_moves_to_running(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        await send_signed(client, completed(job_id, status="IN_PROGRESS", output=0.4))
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
+
+    async def test_arrives_before_the_runpod_id_was_recorded(self, client, alice) -> None:
+        with respx.mock:
+            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+            job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await send_signed(client, completed(job_id, runpod_id="rp-late"))
+        assert response.status_code == 200 and response.json()["status"] == "done"
+
+    async def test_found_by_runpod_id_alone(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, {"id": "rp-1", "status": "IN_PROGRESS"})
+        assert response.status_code == 200
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "running"
+
+    async def test_unknown_job_is_404(self, client) -> None:
+        response = await send_signed(client, completed("job_doesnotexist00", runpod_id="rp-x"))
+        assert_error(response, 404, "NOT_FOUND")
+
+    async def test_mismatched_runpod_id_is_404(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await send_signed(client, completed(job_id, runpod_id="rp-other"))
+        assert_error(response, 404, "NOT_FOUND")
+
+    async def test_signed_garbage_is_400(self, client) -> None:
+        for raw in [b"not json", b"[1]", b'{"status": "COMPLETED"}']:
+            header = sign_body(WEBHOOK_SECRET, raw)
+            response = await client.post(
+                "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
+            )
+            assert response.status_code in (400, 502)
+            assert response.json()["code"] in ("INVALID_REQUEST", "UPSTREAM_ERROR")
+
+
+class TestTokenWebhook:
+    def url(self, job_id: str) -> str:
+        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
+
+    async def test_runpod_decides_not_the_body(self, client, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_PROGRESS"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        forged = completed(job_id)  # the body claims COMPLETED; RunPod says otherwise
+        response = await client.post(self.url(job_id), json=forged)
+        assert response.status_code == 200 and response.json()["status"] == "running"
+        assert status.called
+
+    async def test_completed_at_runpod_with_video_is_done(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "COMPLETED", "output": {}}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        response = await client.post(self.url(job_id), json={"id": "rp-1"})
+        assert response.json()["status"] == "done"
+
+    async def test_another_runpod_id_than_the_recorded_one_is_400(
+        self, client, runpod, alice
+    ) -> None:
+        own = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_QUEUE"}
+        )
+        other = runpod.get(f"{RUNPOD_URL}/status/rp-evil").respond(
+            200, json={"id": "rp-evil", "status": "FAILED", "error": "x"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(self.url(job_id), json={"id": "rp-evil", "status": "FAILED"})
+        assert_error(response, 400, "INVALID_REQUEST")
+        assert not own.called and not other.called
+        job = await client.app_state["jobs"].store.find_job(job_id)
+        assert (job.status.value, job.runpod_id) == ("queued", "rp-1")
+        assert await credits_of(client, alice) == 95
+
+    async def test_runpod_forgot_the_job_fails_and_refunds(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(404, json={"error": "not found"})
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
+        assert response.json()["status"] == "failed"
+        assert await credits_of(client, alice) == 100
+
+    async def test_replay_after_terminal_does_not_ask_runpod(self, client, runpod, alice) -> None:
+        status = runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "FAILED", "error": "boom"}
+        )
+        job_id = (await create(client, alice)).json()["jobId"]
+        for _ in range(3):
+            response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
+            assert response.status_code == 200
+        assert status.call_count == 1
+        assert await credits_of(client, alice) == 100
+
+    async def test_runpod_down_is_503_and_changes_nothing(self, client, runpod, alice) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(502)
+        job_id = (await create(client, alice)).json()["jobId"]
+        response = await client.post(self.url(job_id), json={"id": "rp-1", "status": "FAILED"})
+        assert_error(response, 503, "UPSTREAM_UNAVAILABLE")
+        assert (await client.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+
+
+def contract_error(job_id: str | None, message: str = "CUDA out of memory") -> str:
+    """A failed worker's `error`, as the worker contract has it echo the job id."""
+    report = {"error_type": "RuntimeError", "error_message": message}
+    return json.dumps(report if job_id is None else {"jobId": job_id, **report})
+
+
+# An exception that escaped the handler, as runpod-python reports it (rp_job.py, `run_job`).
+SDK_CRASH = json.dumps(
+    {
+        "error_type": "<class 'RuntimeError'>",
+        "error_message": "CUDA out of memory",
+        "error_traceback": "Traceback (most recent call last): ...",
+        "hostname": "abc-1",
+        "worker_id": "abc",
+        "runpod_version": "1.12.0",
+    }
+)
+
+
+class TestTokenWebhookProof:
+    """A job whose `/run` answer was lost has no RunPod id: a webhook may bind one only with
+    the worker's echo of our job id in RunPod's own answer, never on the body's word."""
+
+    def url(self, job_id: str) -> str:
+        return f"/webhooks/runpod?jobId={job_id}&token={webhook_token(WEBHOOK_SECRET, job_id)}"
+
+    async def lost_submission(self, client, alice) -> str:
+        with respx.mock:
+            respx.post(f"{RUNPOD_URL}/run").mock(side_effect=httpx.ReadTimeout("slow"))
+            job_id = (await create(client, alice)).json()["jobId"]
+        assert (await client.app_state["jobs"].store.find_job(job_id)).runpod_id is None
+        return job_id
+
+    async def stored(self, client, job_id: str) -> Any:
+        return await client.app_state["jobs"].store.find_job(job_id)
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            (200, {"id": "rp-other", "status": "FAILED", "error": contract_error("job_other0000")}),
+            (200, {"id": "rp-other", "status": "FAILED", "error": SDK_CRASH}),
+            (200, {"id": "rp-other", "status": "FAILED", "error": "plain text"}),
+            (200, {"id": "rp-other", "status": "COMPLETED", "output": {"jobId": "job_other0000"}}),
+            (200, {"id": "rp-other", "status": "CANCELLED"}),
+            (404, {"error": "request does not exist"}),
+        ],
+    )
+    async def test_leaked_token_cannot_attach_another_job(self, client, alice, answer) -> None:
+        job_id = await self.lost_submission(client, alice)
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        with respx.mock:
+            other = respx.get(f"{RUNPOD_URL}/status/rp-other").respond(answer[0], json=answer[1])
+            attack = await client.post(self.url(job_id), json={"id": "rp-other", "status": "X"})
+        assert attack.status_code == 200, attack.text
+        assert attack.json() == {"jobId": job_id, "status": "queued"}
+        assert other.call_count == 1
+        job = await self.stored(client, job_id)
+        assert (job.status.public.value, job.runpod_id, job.error_code) == ("queued", None, None)
+        assert await credits_of(client, alice) == 95
+
+        # RunPod's genuine webhook still finishes the job, and binds the real id.
+        with respx.mock:
+            output = {"jobId": job_id, "objectKey": f"videos/user_alice/{job_id}.mp4"}
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "COMPLETED", "output": output}
+            )
+            genuine = await client.post(self.url(job_id), json={"id": "rp-mine", "status": "X"})
+        assert genuine.status_code == 200 and genuine.json()["status"] == "done"
+        job = await self.stored(client, job_id)
+        assert (job.status.value, job.runpod_id) == ("done", "rp-mine")
+        assert await credits_of(client, alice) == 95
+
+    async def test_completed_with_echo_binds_and_completes(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        with respx.mock:
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "COMPLETED", "output": {"jobId": job_id}}
+            )
+            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+        assert response.status_code == 200 and response.json()["status"] == "done"
+        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["r2Url"]
+        assert await credits_of(client, alice) == 95
+
+    async def test_failed_with_echo_refunds_once(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        with respx.mock:
+            status = respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "FAILED", "error": contract_error(job_id)}
+            )
+            for _ in range(3):  # RunPod's tries, or replays: one refund whatever the count
+                response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+                assert response.status_code == 200 and response.json()["status"] == "failed"
+        assert status.call_count == 1
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["error"] == {"code": "WORKER_FAILED", "detail": "CUDA out of memory"}
+        assert (await self.stored(client, job_id)).runpod_id == "rp-mine"
+        assert await credits_of(client, alice) == 100
+
+    async def test_failed_without_echo_waits_for_the_deadline(self, client, alice) -> None:
+        job_id = await self.lost_submission(client, alice)
+        with respx.mock:
+            respx.get(f"{RUNPOD_URL}/status/rp-mine").respond(
+                200, json={"id": "rp-mine", "status": "FAILED", "error": SDK_CRASH}
+            )
+            response = await client.post(self.url(job_id), json={"id": "rp-mine"})
+        assert response.status_code == 200 and response.json()["status"] == "queued"
+        job = await self.stored(client, job_id)
+        assert (job.runpod_id, job.error_code) == (None, None)
+        assert await credits_of(client, alice) == 95
+
+        # The reconciler never binds it either; past its deadline it is refunded, once.
+        jobs = client.app_state["jobs"]
+        assert await jobs.settle(job) == "waiting"
+        assert await jobs.settle(replace(job, created_at=job.created_at - 10**8)) == "expired"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert (job["status"], job["error"]["code"]) == ("failed", "DEADLINE_EXCEEDED")
+        assert await credits_of(client, alice) == 100
+
+
+class TestSignatureProof:
+    BODY = b'{"id": "rp-1", "status": "COMPLETED"}'
+
+    def test_a_fresh_signature_is_valid(self) -> None:
+        header = sign_body(WEBHOOK_SECRET, self.BODY, 1_000)
+        assert signature_is_valid(WEBHOOK_SECRET, header, self.BODY, now=1_010)
+
+    def test_another_body_or_secret_is_not(self) -> None:
+        header = sign_body(WEBHOOK_SECRET, self.BODY, 1_000)
+        assert not signature_is_valid(WEBHOOK_SECRET, header, self.BODY + b" ", now=1_000)
+        assert not signature_is_valid("another-secret", header, self.BODY, now=1_000)
+
+    def test_an_old_signature_is_not(self) -> None:
+        header = sign_body(WEBHOOK_SECRET, self.BODY, 1_000)
+        late = 1_000 + SIGNATURE_TOLERANCE_SECONDS + 1
+        assert not signature_is_valid(WEBHOOK_SECRET, header, self.BODY, now=late)
+
+    @pytest.mark.parametrize("header", ["", "t=abc,v1=00", "t=1000", "v1=00", "t=²,v1=00"])
+    def test_a_malformed_header_is_not(self, header: str) -> None:
+        assert not signature_is_valid(WEBHOOK_SECRET, header, self.BODY, now=1_000)
+
+
+class TestPayloadShape:
+    def test_a_signed_body_must_name_runpods_job_and_status(self) -> None:
+        with pytest.raises(InvalidRequest) as refused:
+            webhook_payload(b'{"output": {}}', signed=True)
+        assert {e["field"] for e in refused.value.errors} == {"id", "status"}  # type: ignore[attr-defined]
+
+    def test_a_tokened_body_may_omit_them(self) -> None:
+        assert webhook_payload(b"{}", signed=False) == {}
+
+    @pytest.mark.parametrize("body", [b"[]", b"not json", b"[" * 10_000])
+    def test_anything_but_a_json_object_is_refused(self, body: bytes) -> None:
+        with pytest.raises(InvalidRequest):
+            webhook_payload(body, signed=False)
