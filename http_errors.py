@@ -65,6 +65,9 @@ _FIELD_MESSAGES = {
     "less_than_equal": "{field} must be at most {le}",
     "string_too_short": "{field} must be at least {min_length} characters",
     "string_too_long": "{field} must be at most {max_length} characters",
+    # RequestModel's own check (models.py), worded like the rest: the field, then the rule.
+    "lone_surrogate": "{field} must be valid Unicode text: it holds a lone surrogate (an escape"
+    " from \\ud800 to \\udfff without its pair)",
 }
 # Headers whose pattern a person cannot read: say what the pattern means.
 _PATTERN_MESSAGES = {

@@ -224,6 +224,8 @@ class TestLoneSurrogates:
         [field] = changes
         [error] = response.json()["errors"]
         assert error["field"] == field and "surrogate" in error["message"]
+        # Worded as every other field error: the field's name, then the rule it broke.
+        assert error["message"].startswith(f"{field} must be valid Unicode text")
         await assert_nothing_charged(app, response, before)
 
     async def test_a_surrogate_key_is_400(self, app, alice) -> None:
