@@ -127,8 +127,8 @@ class TestSwaggerUI:
     def test_an_operation_shows_its_example_and_error_codes(self, gateway, browser) -> None:
         recorded = RecordedPage(browser)
         page = recorded.page
-        page.goto(f"{gateway}/docs#/default/create_job_jobs_create_post")
-        operation = page.locator("#operations-default-create_job_jobs_create_post")
+        page.goto(f"{gateway}/docs#/Jobs/create_job_jobs_create_post")
+        operation = page.locator("#operations-Jobs-create_job_jobs_create_post")
         operation.locator(".opblock-body").wait_for()
         body = operation.inner_text()
         assert "A silver drone flies through neon skyline" in body
