@@ -2,7 +2,8 @@
 
 A real model plugs in by implementing `Generator` (see the README's worker section). The test
 pattern needs no GPU and no weights: a gradient in the seed's colours slides over a progress bar,
-the same frames for the same seed, so tests can run the whole worker anywhere.
+the same picture for the same seed (not the same bytes: libx264's output varies from run to
+run), so tests can run the whole worker anywhere.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Generator(Protocol):
 
 
 class TestPattern:
-    """The default generator: a deterministic 320x180 H.264 pattern, rendered on the CPU."""
+    """The default generator: a 320x180 H.264 pattern, the same picture for the same seed."""
 
     __test__ = False  # a class named Test* is not a pytest test class
     # Keeps a bogus input from tying up a worker for minutes.

@@ -1,4 +1,4 @@
-"""The default generator: a playable, deterministic test pattern (moved from local_runpod.py)."""
+"""The default generator: a playable test pattern whose picture the seed decides."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def probe(data: bytes) -> tuple[float, int, int]:
         return container.duration / av.time_base, stream.width, stream.height
 
 
+def first_frame_luma(data: bytes) -> bytes:
+    """The first frame's brightness plane, the rows cut to the visible width."""
+    with av.open(io.BytesIO(data)) as container:
+        plane = next(container.decode(video=0)).planes[0]
+        raw = bytes(plane)
+    return b"".join(raw[row * plane.line_size :][: plane.width] for row in range(plane.height))
+
+
 def rendered(tmp_path: Path, duration_sec: int, seed: int) -> bytes:
     path = tmp_path / f"{duration_sec}-{seed}.mp4"
     render_mp4(duration_sec, seed, path)
@@ -34,10 +42,15 @@ class TestRenderMp4:
         assert (width, height) == (320, 180)
 
     def test_seed_decides_the_picture(self, tmp_path: Path) -> None:
-        first = rendered(tmp_path, 1, 1)
+        # The picture, not the file: libx264's bytes for the same frames vary from run to run
+        # (7 different files in 30 renders here, even with one encoder thread), while the
+        # decoded first frame is identical.
+        first = first_frame_luma(rendered(tmp_path, 1, 1))
 
-        assert rendered(tmp_path, 1, 1) == first
-        assert rendered(tmp_path, 1, 2) != first
+        assert first_frame_luma(rendered(tmp_path, 1, 1)) == first
+        other = first_frame_luma(rendered(tmp_path, 1, 2))
+        mean_difference = sum(abs(a - b) for a, b in zip(first, other, strict=True)) / len(first)
+        assert mean_difference > 10
 
     @pytest.mark.parametrize("duration_sec", [0, -1])
     def test_refuses_durations_below_one_second(self, tmp_path: Path, duration_sec: int) -> None:
