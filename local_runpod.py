@@ -196,9 +196,16 @@ class LocalRunPod:
         webhook_retry_delay: float,
         http: httpx.AsyncClient | None = None,
         worker_client: httpx.Client | None = None,
+        hold_jobs: bool = False,
     ) -> None:
         self.render_seconds = render_seconds
         self.webhook_retry_delay = webhook_retry_delay
+        # A test gate, not RunPod behaviour: held jobs wait in the queue until `release()`, so a
+        # crash test can restart the gateway before the worker needs it, however slow the
+        # machine is, instead of betting on a render outlasting the restart.
+        self._gate = asyncio.Event()
+        if not hold_jobs:
+            self._gate.set()
         self.jobs: dict[str, LocalJob] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._owns_http = http is None
@@ -229,6 +236,10 @@ class LocalRunPod:
                 task.cancel()
         return job
 
+    def release(self) -> None:
+        """Let held jobs run (see `hold_jobs`)."""
+        self._gate.set()
+
     async def aclose(self) -> None:
         """Stop every running job, and close the HTTP client if this runner made it."""
         tasks = list(self._tasks.values())
@@ -241,6 +252,7 @@ class LocalRunPod:
             self.worker.client.close()
 
     async def _run(self, job: LocalJob) -> None:
+        await self._gate.wait()
         deadline = time.monotonic() + self.render_seconds
         await asyncio.sleep(self.render_seconds * QUEUE_SHARE)
         job.start()
@@ -374,12 +386,19 @@ async def list_jobs(request: Request) -> JSONResponse:
     return JSONResponse(listed)
 
 
+async def release_jobs(request: Request) -> JSONResponse:
+    """Test hook (RunPod has no such call): let the jobs held by `--hold-jobs` run."""
+    _runner(request).release()
+    return JSONResponse({"released": True})
+
+
 def create_local_runpod_app(
     *,
     render_seconds: float = 3.0,
     webhook_retry_delay: float = 10.0,
     http: httpx.AsyncClient | None = None,
     worker_client: httpx.Client | None = None,
+    hold_jobs: bool = False,
 ) -> Starlette:
     """The stand-in as an ASGI app, its jobs run by `app.state.runner`.
 
@@ -391,6 +410,7 @@ def create_local_runpod_app(
         webhook_retry_delay=webhook_retry_delay,
         http=http,
         worker_client=worker_client,
+        hold_jobs=hold_jobs,
     )
 
     @asynccontextmanager
@@ -405,6 +425,7 @@ def create_local_runpod_app(
             Route("/v2/{endpoint_id}/cancel/{job_id}", cancel_job, methods=["POST"]),
             Route("/v2/{endpoint_id}/health", health, methods=["GET"]),
             Route("/v2/{endpoint_id}/_test/jobs", list_jobs, methods=["GET"]),
+            Route("/v2/{endpoint_id}/_test/release", release_jobs, methods=["POST"]),
         ],
         middleware=[Middleware(RequireBearer)],
         lifespan=lifespan,
@@ -426,11 +447,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=10.0,
         help="seconds between webhook tries (default 10, as on RunPod)",
     )
+    parser.add_argument(
+        "--hold-jobs",
+        action="store_true",
+        help="for tests: jobs wait in the queue until POST /v2/<endpoint>/_test/release",
+    )
     args = parser.parse_args(argv)
     import uvicorn  # only the command line needs a server
 
     app = create_local_runpod_app(
-        render_seconds=args.render_seconds, webhook_retry_delay=args.webhook_retry_delay
+        render_seconds=args.render_seconds,
+        webhook_retry_delay=args.webhook_retry_delay,
+        hold_jobs=args.hold_jobs,
     )
     print(f"RUNPOD_API_BASE=http://{args.host}:{args.port}/v2")
     uvicorn.run(app, host=args.host, port=args.port)

@@ -102,12 +102,15 @@ def running_gateway(data_dir: Path, **settings: str) -> Iterator[tuple[str, dict
 
 
 @contextmanager
-def running_standin(render_seconds: float, webhook_retry_delay: float) -> Iterator[str]:
+def running_standin(
+    render_seconds: float, webhook_retry_delay: float, *, hold_jobs: bool = False
+) -> Iterator[str]:
     """The RunPod stand-in in its own process, so it outlives a gateway that is killed."""
     port = free_port()
     command = [
         sys.executable, "local_runpod.py", "--host", "127.0.0.1", "--port", str(port),
         "--render-seconds", str(render_seconds), "--webhook-retry-delay", str(webhook_retry_delay),
+        *(["--hold-jobs"] if hold_jobs else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=clean_env())
     base = f"http://127.0.0.1:{port}/v2"

@@ -24,13 +24,26 @@ JOB = {"prompt": "crash test", "durationSec": 2}
 TERMINAL = {"done", "failed", "canceled"}
 
 
+HELD = "held"
+
+
 @pytest.fixture
-def standin() -> Iterator[str]:
+def standin(request: pytest.FixtureRequest) -> Iterator[str]:
     # Rendering takes long enough for a killed gateway to be back before the upload, even on a
     # loaded machine (a restart there took over 6 s); the upload, the webhook and its retries
     # (9 + 2 x 3 s) still end before a job's deadline (RUNPOD_JOB_TTL_SECONDS + 10 s = 20 s).
+    # A test that must not depend on that race asks for HELD jobs and releases them itself.
+    if getattr(request, "param", None) == HELD:
+        with running_standin(render_seconds=1, webhook_retry_delay=3, hold_jobs=True) as base:
+            yield base
+        return
     with running_standin(render_seconds=9, webhook_retry_delay=3) as base:
         yield base
+
+
+def release(standin: str) -> None:
+    answer = httpx.post(f"{standin}/local/_test/release", headers={"Authorization": "Bearer x"})
+    assert answer.status_code == 200
 
 
 @pytest.fixture
@@ -100,11 +113,18 @@ class TestCrashDuringCreate:
         assert standin_jobs(standin) == []
         assert_books_balance(gateway, standin)
 
+    @pytest.mark.parametrize("standin", [HELD], indirect=True)
     def test_after_runpod_accepted(self, gateway: GatewayProcess, standin: str) -> None:
-        gateway.start(GATEWAY_CRASH_POINT="after_submit")
+        # The worker uploads to the gateway (local storage), so it must not run while the
+        # gateway is down: a restart on a loaded CI machine outlasted a 9 s render and the
+        # upload's retries. The job waits in RunPod's queue until the gateway is back, as a
+        # job can on RunPod; the deadline is long enough for the slowest restart seen.
+        slow = {"RUNPOD_JOB_TTL_SECONDS": "60"}
+        gateway.start(GATEWAY_CRASH_POINT="after_submit", **slow)
         auth = headers(gateway)
         create_and_die(gateway, auth)
-        gateway.start()
+        gateway.start(**slow)
+        release(standin)
         # RunPod runs the job anyway; its webhook names our job, and the id gets recorded.
         (job,) = settled_jobs(gateway, auth)
         assert job["status"] == "done", job
