@@ -52,6 +52,7 @@ from errors import (
     InvalidCursor,
     InvalidRequest,
     JobNotCancelable,
+    JobNotDeletable,
     NotFound,
     StoreUnavailable,
     TooManyActiveJobs,
@@ -151,6 +152,7 @@ _BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
     "TOO_MANY_ACTIVE_JOBS": TooManyActiveJobs,
     "NOT_FOUND": NotFound,
     "JOB_NOT_CANCELABLE": JobNotCancelable,
+    "JOB_NOT_DELETABLE": JobNotDeletable,
     "INVALID_CURSOR": InvalidCursor,
     "INVALID_REQUEST": InvalidRequest,
     "CONFLICT": ConvexConflict,
@@ -448,6 +450,9 @@ class ConvexStore:
 
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
         return _job(await self._mutation("cancelJob", userId=user_id, jobId=job_id))
+
+    async def delete_job(self, user_id: str, job_id: str) -> Job:
+        return _job(await self._mutation("deleteJob", userId=user_id, jobId=job_id))
 
     async def get_job(self, user_id: str, job_id: str) -> Job:
         return _job(await self._query("getJob", userId=user_id, jobId=job_id))

@@ -83,6 +83,12 @@ class JobNotCancelable(GatewayError):
     detail = "The job has already finished"
 
 
+class JobNotDeletable(GatewayError):
+    status_code = 409
+    code = "JOB_NOT_DELETABLE"
+    detail = "The job is still queued or running: cancel it first"
+
+
 class IdempotencyKeyReused(GatewayError):
     status_code = 409
     code = "IDEMPOTENCY_KEY_REUSED"

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Header
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from errors import GatewayError, IdempotencyKeyInUse
 from models import IdempotencyClaim, now_ms
@@ -59,13 +59,13 @@ async def answer_once(
     key: str,
     fingerprint: str,
     action: Callable[[str | None], Awaitable[Answer]],
-) -> JSONResponse:
+) -> Response:
     """Run `action` once per key; later requests with the key get its stored answer."""
     claim = await _claim(store, user_id, key, fingerprint)
     if claim.outcome == "replay":
         body = json.loads(claim.body or "{}")
         headers = {"Idempotent-Replayed": "true"}
-        return JSONResponse(body, status_code=claim.status_code or 200, headers=headers)
+        return answer_response(claim.status_code or 200, body, headers)
     try:
         status, body = await action(claim.job_id)
     except BaseException:
@@ -74,4 +74,11 @@ async def answer_once(
             await store.release_idempotency_key(user_id, key)
         raise
     await store.complete_idempotency_key(user_id, key, status, json.dumps(body))
-    return JSONResponse(body, status_code=status)
+    return answer_response(status, body)
+
+
+def answer_response(status: int, body: dict[str, Any], headers: dict | None = None) -> Response:
+    """The answer as sent: a 204 has no body at all (RFC 9110 §15.3.5), so no JSON either."""
+    if status == 204:
+        return Response(status_code=204, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)

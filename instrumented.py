@@ -80,6 +80,9 @@ class InstrumentedStore:
         self._metrics.count_job_settled(job)
         return job
 
+    async def delete_job(self, user_id: str, job_id: str) -> Job:
+        return await self._timed("delete_job", self._store.delete_job(user_id, job_id))
+
     async def get_job(self, user_id: str, job_id: str) -> Job:
         return await self._timed("get_job", self._store.get_job(user_id, job_id))
 
@@ -162,6 +165,10 @@ class InstrumentedStorage:
     async def exists(self, key: str) -> bool:
         with self._metrics.time_upstream(self._upstream, "head"):
             return await self._storage.exists(key)
+
+    async def delete(self, key: str) -> None:
+        with self._metrics.time_upstream(self._upstream, "delete"):
+            await self._storage.delete(key)
 
     async def close(self) -> None:
         await self._storage.close()

@@ -338,6 +338,31 @@ class JobService:
         return await self.store.cancel_job(user_id, job_id)
 
 
+# --- delete ---------------------------------------------------------------------------------
+
+
+def media_keys(job: Job) -> list[str]:
+    """Every storage object a job owns: what deleting the job must remove.
+
+    The one list: anything the gateway stores for a job (a poster, later) is added here.
+    """
+    return [job.object_key]
+
+
+async def delete_job_and_media(
+    store: Store, storage: ObjectStorage, user_id: str, job_id: str
+) -> None:
+    """Hide the job in the store first, then remove its objects.
+
+    In that order, a failure in between leaves a job the user no longer sees with objects still
+    stored, never a visible job without its video. A failed object delete raises (503): the job
+    is gone already, and the client's retry, which finds the tombstone, deletes the objects.
+    """
+    job = await store.delete_job(user_id, job_id)
+    for key in media_keys(job):
+        await storage.delete(key)
+
+
 class Reconciler:
     """A background loop that closes every gap a lost webhook or a crash leaves.
 

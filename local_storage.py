@@ -68,6 +68,10 @@ class LocalStorage:
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path_for(key).is_file)
 
+    async def delete(self, key: str) -> None:
+        # Like S3's DeleteObject: a key that is already gone is not an error.
+        await asyncio.to_thread(self.path_for(key).unlink, missing_ok=True)
+
     async def close(self) -> None:
         return None
 

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from auth import dev_jwks
 from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
@@ -23,6 +23,7 @@ from errors import (
     InvalidRequest,
     InvalidSignature,
     JobNotCancelable,
+    JobNotDeletable,
     NotFound,
     PayloadTooLarge,
     TooManyActiveJobs,
@@ -35,7 +36,7 @@ from http_errors import (
     install_error_handlers,
 )
 from idempotency import Answer, IdempotencyKeyHeader, answer_once, request_fingerprint
-from jobs import Reconciler
+from jobs import Reconciler, delete_job_and_media
 from local_storage import storage_router
 from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, install_cors
@@ -53,6 +54,7 @@ from models import (
     json_dump,
 )
 from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install_openapi
+from r2_client import StorageUnavailable
 from readiness import failed_parts
 from runpod_client import RunPodError
 from webhooks import receive_webhook
@@ -234,6 +236,51 @@ async def cancel_job(
 
     fingerprint = request_fingerprint("cancel", job_id)
     return await answer_once(jobs.store, user.user_id, key, fingerprint, cancel_once)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    tags=[JOBS],
+    status_code=204,
+    response_class=Response,
+    summary="Delete a job",
+    responses=error_responses(
+        InvalidRequest,
+        *AUTH_ERRORS,
+        NotFound,
+        JobNotDeletable,
+        IdempotencyKeyReused,
+        IdempotencyKeyInUse,
+        StorageUnavailable,
+        *STORE_ERRORS,
+    ),
+)
+async def delete_job(
+    job_id: str,
+    user: CurrentUser,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """Delete a finished job and its video. A queued or running job must be canceled first.
+
+    Answers 204, and 204 again for a job already deleted (its video is deleted again, so a
+    retry after a storage failure finishes the job). Afterwards the job is `404` on every other
+    route and gone from the list; its ledger rows stay.
+    """
+    job_id = checked_job_id(job_id)
+    store, storage = user.store, user.jobs.storage
+    if idempotency_key is None:
+        await delete_job_and_media(store, storage, user.user_id, job_id)
+        return Response(status_code=204)
+
+    async def delete_once(_: str | None) -> Answer:
+        try:
+            await delete_job_and_media(store, storage, user.user_id, job_id)
+        except (JobNotDeletable, NotFound) as exc:  # final answers, worth replaying
+            return exc.status_code, error_body(exc.code, exc.detail)
+        return 204, {}
+
+    fingerprint = request_fingerprint("delete", job_id)
+    return await answer_once(store, user.user_id, idempotency_key, fingerprint, delete_once)
 
 
 @router.get(

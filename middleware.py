@@ -144,7 +144,8 @@ def install_cors(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
         GatewayCORSMiddleware,
         allow_origins=settings.cors_allow_origins,
-        allow_methods=["GET", "POST", "OPTIONS"],
+        # DELETE: the web app deletes jobs (`DELETE /jobs/{id}`).
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
         # Without these a page cannot read a request id to report, or when to retry.
         expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed"],

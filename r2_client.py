@@ -37,6 +37,10 @@ class ObjectStorage(Protocol):
 
     async def exists(self, key: str) -> bool: ...
 
+    async def delete(self, key: str) -> None:
+        """Remove the object; a key that is already gone is not an error."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -155,6 +159,23 @@ class R2Storage:
         except BotoCoreError as exc:
             raise StorageUnavailable("R2 could not be reached") from exc
         return True
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._delete, key)
+
+    def _delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        # S3's DeleteObject answers 204 whether or not the key exists, so a repeat is no error.
+        # R2 implements DeleteObject (developers.cloudflare.com/r2/api/s3/api/) and documents
+        # boto3's `delete_object` for it (/r2/objects/delete-objects/).
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise StorageUnavailable(f"R2 DELETE failed with HTTP {status}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable("R2 could not be reached") from exc
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

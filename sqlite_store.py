@@ -24,6 +24,7 @@ from errors import (
     InsufficientCredits,
     InvalidCursor,
     JobNotCancelable,
+    JobNotDeletable,
     NotFound,
     StoreUnavailable,
     TooManyActiveJobs,
@@ -167,6 +168,39 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     return created_at, job_id
 
 
+# --- deletion: a tombstone on the job row -----------------------------------------------------
+#
+# A deleted job keeps its row (the ledger's charge and refund rows name it, and the audit checks
+# them against its status), marked by `deleted_at`. The user's views skip such rows; the list
+# reads them through a partial index that holds only the live ones, so however many jobs a user
+# deleted, a page reads no more rows than it returns.
+
+
+def add_deletion_schema(db: sqlite3.Connection) -> None:
+    """Add `jobs.deleted_at` to a file made before it, and the index of the live jobs."""
+    db.execute("BEGIN IMMEDIATE")  # two processes opening one old file: only one adds it
+    try:
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "deleted_at" not in columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN deleted_at INTEGER")
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_live_by_user_created"
+            " ON jobs (user_id, created_at DESC, job_id DESC) WHERE deleted_at IS NULL"
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _live_job_row(db: sqlite3.Connection, job_id: str) -> Job | None:
+    """The job unless it was deleted: what a user may see of it."""
+    row = db.execute(
+        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ? AND deleted_at IS NULL", (job_id,)
+    ).fetchone()
+    return None if row is None else _job_from_row(row)
+
+
 class SQLiteStore:
     """The embedded store: one SQLite file in WAL mode, one connection on one thread.
 
@@ -201,6 +235,7 @@ class SQLiteStore:
         db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
+        add_deletion_schema(db)
         return db
 
     def _connect_reader(self) -> sqlite3.Connection:
@@ -410,7 +445,7 @@ class SQLiteStore:
 
     def _cancel_job(self, user_id: str, job_id: str) -> Job:
         with self._transaction() as db:
-            job = self._job_row(db, job_id)
+            job = _live_job_row(db, job_id)
             if job is None or job.user_id != user_id:
                 raise NotFound("Job not found")
             if job.status.is_terminal:
@@ -435,7 +470,7 @@ class SQLiteStore:
 
     @staticmethod
     def _list_jobs(db: sqlite3.Connection, user_id: str, limit: int, cursor: str | None) -> JobPage:
-        query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = ?"
+        query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = ? AND deleted_at IS NULL"
         params: list[Any] = [user_id]
         if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
@@ -453,6 +488,30 @@ class SQLiteStore:
             "UPDATE jobs SET download_url = ?, download_expires_at = ? WHERE job_id = ?",
             (url, expires_at, job_id),
         )
+
+    def _delete_job(self, user_id: str, job_id: str) -> Job:
+        with self._transaction() as db:
+            job = self._job_row(db, job_id)
+            if job is None or job.user_id != user_id:
+                raise NotFound("Job not found")
+            if _live_job_row(db, job_id) is None:
+                return job  # deleted already: a repeat changes nothing
+            if not job.status.is_terminal:
+                raise JobNotDeletable(
+                    f"The job is still {job.status.public.value}: cancel it first"
+                )
+            now = now_ms()
+            # The prompt and image URL are the user's content: gone with the video. What stays
+            # is what the money records need (id, user, status, cost, times).
+            db.execute(
+                "UPDATE jobs SET deleted_at = ?, updated_at = ?, prompt = '', image_url = NULL,"
+                " error_detail = NULL, download_url = NULL, download_expires_at = NULL"
+                " WHERE job_id = ?",
+                (now, now, job_id),
+            )
+            deleted = self._job_row(db, job_id)
+            assert deleted is not None
+            return deleted
 
     # --- idempotency keys -------------------------------------------------------------------
 
@@ -582,8 +641,11 @@ class SQLiteStore:
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
         return await self._run(self._cancel_job, user_id, job_id)
 
+    async def delete_job(self, user_id: str, job_id: str) -> Job:
+        return await self._run(self._delete_job, user_id, job_id)
+
     async def get_job(self, user_id: str, job_id: str) -> Job:
-        job = await self._read(self._job_row, job_id)
+        job = await self._read(_live_job_row, job_id)
         if job is None or job.user_id != user_id:
             raise NotFound("Job not found")
         return job

@@ -63,6 +63,16 @@ class Store(Protocol):
 
     async def cancel_job(self, user_id: str, job_id: str) -> Job: ...
 
+    async def delete_job(self, user_id: str, job_id: str) -> Job:
+        """Hide a finished job for good: a tombstone, its prompt and image URL cleared.
+
+        Unknown, another user's: `NotFound`. Still queued or running: `JobNotDeletable`,
+        decided in the same transaction. Deleted already: the tombstone again, changing nothing.
+        The ledger keeps its rows. The answer names the objects to delete (`object_key`).
+        From then on `get_job`, `cancel_job` and `list_jobs` no longer see the job.
+        """
+        ...
+
     async def get_job(self, user_id: str, job_id: str) -> Job:
         """The user's job, or `NotFound` (also for another user's job)."""
         ...

@@ -149,13 +149,14 @@ async function countActiveJobs(ctx: QueryCtx, userId: string, cap: number): Prom
   return active;
 }
 
-/** True when the user has a job after `last` in `by_user_created` descending order. */
+/** True when the user has a live job after `last` in `by_user_live_created` descending order. */
 async function hasOlderJob(ctx: QueryCtx, last: Doc<"jobs">): Promise<boolean> {
   const sameMillisecond = await ctx.db
     .query("jobs")
-    .withIndex("by_user_created", (q) =>
+    .withIndex("by_user_live_created", (q) =>
       q
         .eq("userId", last.userId)
+        .eq("deletedAt", undefined)
         .eq("createdAt", last.createdAt)
         .lt("_creationTime", last._creationTime),
     )
@@ -165,8 +166,8 @@ async function hasOlderJob(ctx: QueryCtx, last: Doc<"jobs">): Promise<boolean> {
   }
   const earlier = await ctx.db
     .query("jobs")
-    .withIndex("by_user_created", (q) =>
-      q.eq("userId", last.userId).lt("createdAt", last.createdAt),
+    .withIndex("by_user_live_created", (q) =>
+      q.eq("userId", last.userId).eq("deletedAt", undefined).lt("createdAt", last.createdAt),
     )
     .first();
   return earlier !== null;
@@ -375,7 +376,7 @@ export const cancelJob = internalMutation({
   returns: jobRecord,
   handler: async (ctx, { userId, jobId }) => {
     const job = await findJobDoc(ctx, jobId);
-    if (job === null || job.userId !== userId) {
+    if (job === null || job.userId !== userId || job.deletedAt !== undefined) {
       throw fail("NOT_FOUND", "Job not found");
     }
     if (isTerminal(job.status)) {
@@ -390,6 +391,46 @@ export const cancelJob = internalMutation({
       checkedAt: now,
     });
     await refund(ctx, job, "canceled");
+    return toJob((await ctx.db.get("jobs", job._id))!);
+  },
+});
+
+// --- deletion ---------------------------------------------------------------------------------
+
+/**
+ * `Store.delete_job`: tombstone a finished job, in one transaction with the status check, so a
+ * job still queued or running is refused whatever happens beside it. The row stays (the
+ * ledger's rows name it and the audit checks them against its status); the user's content on
+ * it goes. A repeat returns the tombstone and writes nothing.
+ */
+export const deleteJob = internalMutation({
+  args: { userId: v.string(), jobId: v.string() },
+  returns: jobRecord,
+  handler: async (ctx, { userId, jobId }) => {
+    const job = await findJobDoc(ctx, jobId);
+    if (job === null || job.userId !== userId) {
+      throw fail("NOT_FOUND", "Job not found");
+    }
+    if (job.deletedAt !== undefined) {
+      return toJob(job);
+    }
+    if (!isTerminal(job.status)) {
+      throw fail(
+        "JOB_NOT_DELETABLE",
+        `The job is still ${publicStatus(job.status)}: cancel it first`,
+      );
+    }
+    const now = Date.now();
+    // `patch` removes a field set to undefined (convex `src/server/database.ts`, `patch`).
+    await ctx.db.patch("jobs", job._id, {
+      deletedAt: now,
+      updatedAt: now,
+      prompt: "",
+      imageUrl: undefined,
+      errorDetail: undefined,
+      downloadUrl: undefined,
+      downloadExpiresAt: undefined,
+    });
     return toJob((await ctx.db.get("jobs", job._id))!);
   },
 });
@@ -570,8 +611,9 @@ export const getJob = internalQuery({
   returns: jobRecord,
   handler: async (ctx, { userId, jobId }) => {
     const job = await findJobDoc(ctx, jobId);
-    // Another user's job is "not found" too: never reveal that a job id exists.
-    if (job === null || job.userId !== userId) {
+    // Another user's job is "not found" too: never reveal that a job id exists. So is a
+    // deleted one: gone for its owner.
+    if (job === null || job.userId !== userId || job.deletedAt !== undefined) {
       throw fail("NOT_FOUND", "Job not found");
     }
     return toJob(job);
@@ -608,7 +650,7 @@ export const listJobs = internalQuery({
     try {
       result = await ctx.db
         .query("jobs")
-        .withIndex("by_user_created", (q) => q.eq("userId", userId))
+        .withIndex("by_user_live_created", (q) => q.eq("userId", userId).eq("deletedAt", undefined))
         .order("desc")
         .paginate({ numItems: clampPageSize(limit), cursor });
     } catch (error) {

@@ -40,6 +40,7 @@ export type ErrorCode =
   | "TOO_MANY_ACTIVE_JOBS"
   | "NOT_FOUND"
   | "JOB_NOT_CANCELABLE"
+  | "JOB_NOT_DELETABLE"
   | "CONFLICT"
   | "INVALID_CURSOR"
   | "INVALID_REQUEST"

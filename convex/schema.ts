@@ -51,13 +51,21 @@ export default defineSchema({
     // The last evidence about the job (a status, a RunPod id, a reconciler's claim): the
     // reconciler checks the active jobs that have gone quiet the longest.
     checkedAt: v.number(),
+    // Set when the user deleted the job: a tombstone the ledger's rows still name. Absent on
+    // every live job, so `by_user_live_created` holds the live ones in a range of their own.
+    deletedAt: v.optional(v.number()),
   })
     .index("by_jobId", ["jobId"])
     // Convex appends `_creationTime` to every index, so equal `createdAt`s keep insertion order.
     .index("by_user_created", ["userId", "createdAt"])
     .index("by_runpodId", ["runpodId"])
     .index("by_user_status", ["userId", "status"])
-    .index("by_status_checked", ["status", "checkedAt"]),
+    .index("by_status_checked", ["status", "checkedAt"])
+    // The user's live jobs by age: `eq("deletedAt", undefined)` selects the documents without
+    // the field (`IndexRangeBuilder.eq` takes undefined: convex `src/server/impl/
+    // index_range_builder_impl.ts`, `convexOrUndefinedToJson`), so the list never reads a
+    // deleted job, however many there are.
+    .index("by_user_live_created", ["userId", "deletedAt", "createdAt"]),
 
   // One row per (user, Idempotency-Key): the first request's fingerprint, and once it is done,
   // the response to replay. Rows expire; `purgeIdempotencyKeys` deletes them.

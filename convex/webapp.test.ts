@@ -51,6 +51,19 @@ async function charge(jobId: string, userId = ALICE) {
   });
 }
 
+describe("a deleted job", () => {
+  test("is gone from the caller's list and reads as null", async () => {
+    await charge("a1");
+    await charge("a2");
+    await t.mutation(internal.gateway.applyStatus, { jobId: "a1", status: "done" });
+    await t.mutation(internal.gateway.deleteJob, { userId: ALICE, jobId: "a1" });
+    const page = await asAlice().query(api.webapp.myJobs, firstPage);
+    expect(page.page.map((job) => job.jobId)).toEqual(["a2"]);
+    expect(await asAlice().query(api.webapp.myJob, { jobId: "a1" })).toBeNull();
+    expect(await asAlice().query(api.webapp.myJob, { jobId: "a2" })).not.toBeNull();
+  });
+});
+
 describe("myCredits", () => {
   test("shows the caller's credits and plan", async () => {
     await charge("job_1");

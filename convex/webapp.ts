@@ -108,7 +108,8 @@ export const myJobs = query({
     try {
       result = await ctx.db
         .query("jobs")
-        .withIndex("by_user_created", (q) => q.eq("userId", userId))
+        // Live jobs only: a deleted job is gone for its owner (`gateway.ts` `deleteJob`).
+        .withIndex("by_user_live_created", (q) => q.eq("userId", userId).eq("deletedAt", undefined))
         .order("desc")
         .paginate({ ...paginationOpts, numItems: clampPageSize(paginationOpts.numItems) });
     } catch (error) {
@@ -135,6 +136,7 @@ export const myJob = query({
       .query("jobs")
       .withIndex("by_jobId", (q) => q.eq("jobId", jobId))
       .unique();
-    return job === null || job.userId !== userId ? null : toPublicJob(job);
+    const visible = job !== null && job.userId === userId && job.deletedAt === undefined;
+    return visible ? toPublicJob(job) : null;
   },
 });

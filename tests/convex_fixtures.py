@@ -92,6 +92,7 @@ BUSINESS_ERRORS: dict[str, tuple[int, str]] = {
     "TOO_MANY_ACTIVE_JOBS": (429, "You already have 5 jobs queued or running"),
     "NOT_FOUND": (404, "Job not found"),
     "JOB_NOT_CANCELABLE": (409, "The job is already done"),
+    "JOB_NOT_DELETABLE": (409, "The job is still running: cancel it first"),
     "IDEMPOTENCY_KEY_REUSED": (409, "This Idempotency-Key was used with a different request"),
     "INVALID_CURSOR": (400, "The cursor is malformed"),
     "INVALID_REQUEST": (400, "cost must be an integer >= 0"),

@@ -72,7 +72,7 @@ class TestPreflight:
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == APP
         methods = response.headers["access-control-allow-methods"]
-        assert {m.strip() for m in methods.split(",")} == {"GET", "POST", "OPTIONS"}
+        assert {m.strip() for m in methods.split(",")} == {"GET", "POST", "DELETE", "OPTIONS"}
         allowed = response.headers["access-control-allow-headers"].lower()
         for name in ("authorization", "content-type", "idempotency-key", "x-request-id"):
             assert name in allowed
@@ -85,9 +85,15 @@ class TestPreflight:
         assert response.json() == {"detail": "Disallowed CORS origin", "code": "CORS_REFUSED"}
 
     async def test_disallowed_method(self, cors_client: httpx.AsyncClient) -> None:
-        response = await cors_client.options("/jobs/create", headers=preflight(APP, "DELETE"))
+        response = await cors_client.options("/jobs/create", headers=preflight(APP, "PUT"))
         assert response.status_code == 400
         assert response.json() == {"detail": "Disallowed CORS method", "code": "CORS_REFUSED"}
+
+    async def test_a_delete_is_allowed(self, cors_client: httpx.AsyncClient) -> None:
+        path = "/jobs/job_abcdefghijklmnop"
+        response = await cors_client.options(path, headers=preflight(APP, "DELETE"))
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == APP
 
 
 class TestActualRequests:

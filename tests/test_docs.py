@@ -68,6 +68,7 @@ class TestOperations:
             ("/jobs", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
+            ("/jobs/{job_id}", "delete"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
         }
@@ -90,6 +91,7 @@ class TestOperations:
             ("/jobs", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
+            ("/jobs/{job_id}", "delete"),
             ("/credits", "get"),
         }
         (webhook,) = schema["paths"]["/webhooks/runpod"].values()
@@ -112,6 +114,9 @@ class TestOperations:
 
     def test_every_success_body_has_a_valid_example(self, schema) -> None:
         for path, method, operation in operations(schema):
+            if "204" in operation["responses"]:  # a success without a body: nothing to show
+                assert "content" not in operation["responses"]["204"], (method, path)
+                continue
             media = json_media(operation, "200")
             examples = body_examples(schema, media)
             assert examples, (method, path)
@@ -137,11 +142,22 @@ class TestOperations:
             "IDEMPOTENCY_KEY_IN_USE",
         }
         assert error_codes(schema, "/jobs/{job_id}/cancel", "409") >= {"JOB_NOT_CANCELABLE"}
+        assert error_codes(schema, "/jobs/{job_id}/cancel", "404") == {"NOT_FOUND"}
+        delete = schema["paths"]["/jobs/{job_id}"]["delete"]
+        assert set(json_media(delete, "409")["examples"]) == {
+            "JOB_NOT_DELETABLE",
+            "IDEMPOTENCY_KEY_REUSED",
+            "IDEMPOTENCY_KEY_IN_USE",
+        }
+        assert "STORAGE_UNAVAILABLE" in json_media(delete, "503")["examples"]
+        assert list(delete["responses"])[0] == "204" and "200" not in delete["responses"]
         assert error_codes(schema, "/webhooks/runpod", "401") == {"INVALID_SIGNATURE"}
 
     def test_a_path_id_alone_cannot_be_a_400(self, schema) -> None:
-        (operation,) = schema["paths"]["/jobs/{job_id}"].values()
+        operation = schema["paths"]["/jobs/{job_id}"]["get"]
         assert "400" not in operation["responses"]
+        delete = schema["paths"]["/jobs/{job_id}"]["delete"]
+        assert "400" in delete["responses"]  # its Idempotency-Key header can be refused
         (cancel,) = schema["paths"]["/jobs/{job_id}/cancel"].values()
         assert "400" in cancel["responses"]  # its Idempotency-Key header can be refused
 

@@ -144,11 +144,14 @@ class TestRun:
                 timeout=60,
             )
         assert done.returncode == 0, done.stderr
-        before, first_poll, second_poll, after = json_values(done.stdout)
+        before, first_poll, second_poll, after, deleted, gone, url = json_values(done.stdout)
         assert before == {"credits": 100, "plan": "starter"}
         assert first_poll["status"] == "running"
         assert second_poll["status"] == "done"
         assert after == {"credits": 95, "plan": "starter"}
+        # Step 7: deleted, then a 404 for the job and for its video's URL.
+        assert (deleted, url) == (204, 404)
+        assert gone == {"detail": "Job not found", "code": "NOT_FOUND"}
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
         with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes())) as video:

@@ -609,6 +609,24 @@ class TestGeneratedCancels:
         await assert_books_balance(app)
 
 
+class TestGeneratedDeletes:
+    @HOSTILE
+    @given(key=st.one_of(header_bytes, st.sampled_from([b"d1", b"d2"])))
+    async def test_idempotency_key_on_a_live_job(self, app, alice, key) -> None:
+        job_id = await a_job(app, alice)
+        before = await balance(app)
+        headers = [(k.encode(), v.encode()) for k, v in alice.items()]
+        headers.append((b"idempotency-key", key))
+        first = await app.delete(f"/jobs/{job_id}", headers=headers)
+        again = await app.delete(f"/jobs/{job_id}", headers=headers)
+        for response in (first, again):
+            assert_refusal_shape(response)
+            assert response.status_code in (400, 409), response.text  # never deleted: it is live
+        assert (await app.get(f"/jobs/{job_id}", headers=alice)).json()["status"] == "queued"
+        assert await balance(app) == before
+        await assert_books_balance(app)
+
+
 class TestGeneratedQueries:
     @HOSTILE
     @given(limit=query_bytes, cursor=query_bytes)
@@ -638,7 +656,7 @@ class TestGeneratedQueries:
         await assert_nothing_charged(app, response, before)
 
     @HOSTILE
-    @given(job_id=nasty_text, method=st.sampled_from(["GET", "HEAD", "POST"]))
+    @given(job_id=nasty_text, method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]))
     async def test_job_path(self, app, alice, job_id, method) -> None:
         before = await balance(app)
         path = quote(job_id.encode("utf-8", "surrogatepass"), safe="")

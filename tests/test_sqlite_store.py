@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from errors import StoreUnavailable
+from errors import NotFound, StoreUnavailable
+from models import JobStatus, StatusUpdate
 from sqlite_store import SQLiteStore
 from tests.factories import new_job
 
@@ -124,3 +125,34 @@ class TestReadFallback:
             other.execute("ALTER TABLE jobs_moved RENAME TO jobs")
             other.close()
         assert (await store.get_job("user_a", job.job_id)).job_id == job.job_id
+
+
+class TestDeletionSchema:
+    """`deleted_at` is added to a file made before it, once, whoever opens the file first."""
+
+    async def test_a_file_from_before_deletion_gains_the_column_and_keeps_its_jobs(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "gateway.db"
+        old = SQLiteStore(path, 100, "starter")
+        job = await old.charge_and_create_job(new_job("user_a", cost=10), 5)
+        await old.close()
+        with sqlite3.connect(path) as db:  # as the file was before this column existed
+            db.execute("DROP INDEX jobs_live_by_user_created")
+            db.execute("ALTER TABLE jobs DROP COLUMN deleted_at")
+
+        reopened = SQLiteStore(path, 100, "starter")
+        again = SQLiteStore(path, 100, "starter")  # a second process on the same file
+        try:
+            assert [j.job_id for j in (await reopened.list_jobs("user_a", 10, None)).jobs] == [
+                job.job_id
+            ]
+            await reopened.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+            await reopened.delete_job("user_a", job.job_id)
+            assert (await again.list_jobs("user_a", 10, None)).jobs == []
+            with pytest.raises(NotFound):
+                await again.get_job("user_a", job.job_id)
+            assert await again.audit() == []
+        finally:
+            await reopened.close()
+            await again.close()

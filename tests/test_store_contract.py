@@ -13,6 +13,7 @@ from errors import (
     InsufficientCredits,
     InvalidCursor,
     JobNotCancelable,
+    JobNotDeletable,
     NotFound,
     TooManyActiveJobs,
 )
@@ -276,6 +277,96 @@ class TestRead:
 
     async def test_ping(self, store: Store) -> None:
         await store.ping()
+
+
+class TestDelete:
+    """A finished job can be deleted: gone for its owner, its money records kept."""
+
+    async def finished(self, store: Store, status: JobStatus, user: str = "user_a") -> str:
+        job = await store.charge_and_create_job(new_job(user, cost=8), 5)
+        await store.apply_status(job.job_id, StatusUpdate(status, "X", "the worker said so"))
+        await store.save_download_url(job.job_id, "https://x/y", 123_456)
+        return job.job_id
+
+    @pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED])
+    async def test_a_finished_job_is_gone_for_its_owner(
+        self, store: Store, status: JobStatus
+    ) -> None:
+        job_id = await self.finished(store, status)
+        before = await store.ledger_totals()
+        deleted = await store.delete_job("user_a", job_id)
+        assert (deleted.job_id, deleted.object_key) == (job_id, f"videos/user_a/{job_id}.mp4")
+        with pytest.raises(NotFound):
+            await store.get_job("user_a", job_id)
+        with pytest.raises(NotFound):
+            await store.cancel_job("user_a", job_id)
+        assert (await store.list_jobs("user_a", 10, None)).jobs == []
+        # The ledger keeps every row (the fixture's audit checks them against the status).
+        assert await store.ledger_totals() == before
+
+    async def test_the_users_content_is_cleared(self, store: Store) -> None:
+        job_id = await self.finished(store, JobStatus.FAILED)
+        deleted = await store.delete_job("user_a", job_id)
+        assert (deleted.prompt, deleted.image_url, deleted.error_detail) == ("", None, None)
+        assert (deleted.download_url, deleted.download_expires_at) == (None, None)
+        # What the money records need stays: status, cost, error code, creation time.
+        kept = await store.find_job(job_id)
+        assert kept is not None and (kept.status, kept.cost, kept.error_code) == (
+            JobStatus.FAILED,
+            8,
+            "X",
+        )
+
+    @pytest.mark.parametrize("status", [JobStatus.SUBMITTING, JobStatus.QUEUED, JobStatus.RUNNING])
+    async def test_a_live_job_is_refused_and_unchanged(
+        self, store: Store, status: JobStatus
+    ) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=8), 5)
+        if status is not JobStatus.SUBMITTING:
+            await store.apply_status(job.job_id, StatusUpdate(status))
+        before = await store.get_job("user_a", job.job_id)
+        with pytest.raises(JobNotDeletable):
+            await store.delete_job("user_a", job.job_id)
+        assert await store.get_job("user_a", job.job_id) == before
+        assert [j.job_id for j in (await store.list_jobs("user_a", 10, None)).jobs] == [job.job_id]
+        assert await credits(store, "user_a") == SIGNUP - 8
+
+    async def test_another_users_job_is_not_found_and_kept(self, store: Store) -> None:
+        job_id = await self.finished(store, JobStatus.DONE)
+        with pytest.raises(NotFound):
+            await store.delete_job("user_b", job_id)
+        with pytest.raises(NotFound):
+            await store.delete_job("user_a", "job_doesnotexist00")
+        assert (await store.get_job("user_a", job_id)).prompt == "a drone over a neon city"
+
+    async def test_a_repeat_returns_the_tombstone_and_changes_nothing(self, store: Store) -> None:
+        job_id = await self.finished(store, JobStatus.DONE)
+        first = await store.delete_job("user_a", job_id)
+        again = await store.delete_job("user_a", job_id)
+        assert again == first
+        with pytest.raises(NotFound):  # still another user's
+            await store.delete_job("user_b", job_id)
+
+    async def test_parallel_deletes_agree(self, store: Store) -> None:
+        job_id = await self.finished(store, JobStatus.CANCELED)
+        answers = await asyncio.gather(*[store.delete_job("user_a", job_id) for _ in range(5)])
+        assert {answer.updated_at for answer in answers} == {answers[0].updated_at}
+        assert await credits(store, "user_a") == SIGNUP
+
+    async def test_pages_skip_deleted_jobs(self, store: Store) -> None:
+        ids = []
+        for _ in range(6):
+            job = await store.charge_and_create_job(new_job("user_p", cost=1), 100)
+            await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+            ids.append(job.job_id)
+            await asyncio.sleep(0.002)  # distinct creation times, like real requests
+        for job_id in ids[1:5]:  # the middle four: pages must step over them
+            await store.delete_job("user_p", job_id)
+        first = await store.list_jobs("user_p", 1, None)
+        assert [j.job_id for j in first.jobs] == [ids[5]] and first.next_cursor is not None
+        second = await store.list_jobs("user_p", 1, first.next_cursor)
+        assert [j.job_id for j in second.jobs] == [ids[0]]
+        assert second.next_cursor is None  # nothing live is older
 
 
 class TestPagination:
