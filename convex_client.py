@@ -205,7 +205,7 @@ def _convex_error(path: str, data: Any) -> GatewayError:
 def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
     # Errors outside a function's run are `{code, message}` (HttpError::into_response in
     # crates/common/src/http/mod.rs), with the status of the code's ErrorMetadata.
-    code = body.get("code") if isinstance(body.get("code"), str) else ""
+    code = raw if isinstance(raw := body.get("code"), str) else ""
     shown = code if _SAFE_CODE.fullmatch(code) else "no code"
     if status in (401, 403):
         log.error("Convex refused the deploy key calling %s: HTTP %s %s", path, status, body)

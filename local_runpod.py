@@ -269,7 +269,11 @@ class LocalRunPod:
         local_job = self.jobs[job["id"]]
         loop = local_job.loop
         assert loop is not None, "a job's handler runs only after it was submitted on the loop"
-        return lambda body: loop.call_soon_threadsafe(local_job.report_progress, body)
+
+        def report(body: dict[str, object]) -> None:
+            loop.call_soon_threadsafe(local_job.report_progress, body)
+
+        return report
 
     async def _deliver_webhook(self, job: LocalJob) -> None:
         if not job.webhook:
@@ -319,7 +323,8 @@ def _has_bearer_token(headers: Headers) -> bool:
 
 
 def _runner(request: Request) -> LocalRunPod:
-    return request.app.state.runner
+    runner: LocalRunPod = request.app.state.runner
+    return runner
 
 
 def _no_such_job() -> JSONResponse:

@@ -196,6 +196,6 @@ def declare_security(schema: dict[str, Any], app: FastAPI) -> None:
             continue
         if not any(dep.call is current_user for dep in route.dependant.dependencies):
             continue
-        for method in route.methods:
+        for method in route.methods or ():
             operation = schema["paths"][context.path_format][method.lower()]
             operation["security"] = [{"clerkBearer": []}, {"clerkSessionCookie": []}]
