@@ -154,7 +154,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents replacing it so
 
 
 def _validates_input(operation: dict[str, Any]) -> bool:

@@ -151,7 +151,7 @@ class TestRun:
         assert after == {"credits": 95, "plan": "starter"}
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
-        with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes())) as video:
+        with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes()), "r") as video:
             assert video.duration is not None
             assert abs(video.duration / av.time_base - 5) < 0.3
 

@@ -286,6 +286,7 @@ class TestStoreCheck:
         store, clock = PingCounter(), Clock()
         async with httpx.AsyncClient() as http:
             auth = ClerkAuth(settings_factory(), http)
+            # The ignore: a counting stand-in for the store, with ping() only.
             readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
             for _ in range(50):
                 assert await self.check(readiness) == "ok"
@@ -300,6 +301,7 @@ class TestStoreCheck:
         store.down = True
         async with httpx.AsyncClient() as http:
             auth = ClerkAuth(settings_factory(), http)
+            # The ignore: a counting stand-in for the store, with ping() only.
             readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
             assert "unavailable" in await self.check(readiness)
             store.down = False  # back: the very next probe sees it, with no clock moved

@@ -24,7 +24,7 @@ def wide_video(path: Path, width: int, height: int) -> Path:
 
 
 def decoded(jpeg: bytes) -> av.VideoFrame:
-    with av.open(io.BytesIO(jpeg)) as image:
+    with av.open(io.BytesIO(jpeg), "r") as image:
         return next(image.decode(video=0))
 
 
