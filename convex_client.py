@@ -28,6 +28,9 @@ the shapes, each with its source, are in `tests/convex_fixtures.py`):
     other 5xx, 429, timeouts                  -> 503 STORE_UNAVAILABLE, as on SQLite.
 Queries are retried on transient failures. A mutation is retried only when it surely did not
 commit: its connection never opened, or Convex answered the OCC 503.
+
+Over 400 lines because the table above is one protocol: the error mapping, the retry rule and
+the value codec serve this client alone, and each `Store` method is a few lines on top of them.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ Failure injection, for tests and demos:
     a prompt containing `[[crash]]` makes the handler itself raise: the SDK reports it, no jobId.
 
 Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
+
+Over 400 lines because it imitates one service: queueing, the SDK's result shaping and webhook
+delivery are RunPod's behaviour, checked together against REFERENCE.md; apart, no piece runs alone.
 """
 
 from __future__ import annotations
