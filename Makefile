@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# One venv, two layers: running needs requirements-local.txt; `make test` adds the test tools.
+# One venv, two layers: running needs requirements-local.txt; `make test` adds the test tools
+# and the real backends' clients (requirements.txt's boto3 and convex).
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
