@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# One venv, two layers: running needs requirements-local.txt; `make test` adds the test tools.
+# One venv, two layers: running needs requirements-local.txt; `make test` adds the test tools
+# and the real backends' clients (requirements.txt's boto3 and convex).
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
@@ -10,7 +11,7 @@ PORT ?= 8000
 # Whose dev token `make token` mints. Not USER: the shell sets that to your login name.
 USER_ID ?= user_local
 
-.PHONY: help run test lint pytest vitest setup setup-run clean token fuzz convex-deploy convex-deploy-check
+.PHONY: help run test lint typecheck pytest vitest setup setup-run clean token fuzz convex-deploy convex-deploy-check
 .DEFAULT_GOAL := help
 
 ## List these commands.
@@ -74,6 +75,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/black --check --quiet .
 
+# One run from the dev venv covers worker/ too: its pins (av, httpx, pydantic) are the gateway's,
+# and its one other package, the RunPod SDK, has no types to check against.
+## Type-check the gateway, bench/, tests/ and worker/ with mypy --strict (pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 # The contract and end-to-end suites start the Convex test server, so they need node_modules.
 pytest: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest --cov --cov-report=term
@@ -83,8 +90,8 @@ vitest: $(NODE_STAMP)
 	npm test
 	npm run test:server
 
-## Install everything, then lint and run every test.
-test: lint vitest pytest test-worker
+## Install everything, then lint, type-check and run every test.
+test: lint typecheck vitest pytest test-worker
 
 ## Render /docs and /redoc of a real gateway in headless Chromium (Debian's, installed if missing).
 .PHONY: test-browser
@@ -121,7 +128,7 @@ convex-deploy-check:
 	if [ -n "$$missing" ]; then printf "convex-deploy: nothing done; set:$$missing\n" >&2; exit 2; fi
 
 clean:
-	rm -rf $(VENV) .venv-serve worker/.venv node_modules .data .coverage htmlcov .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-serve worker/.venv node_modules .data .coverage htmlcov .pytest_cache .ruff_cache .mypy_cache
 
 # --- The RunPod worker: worker/ -----------------------------------------------------------------
 WORKER_VENV := worker/.venv

@@ -3,6 +3,10 @@
 Keys come from a PEM public key (`CLERK_JWT_KEY`, no network) or from the instance's JWKS, fetched
 with the gateway's async HTTP client and cached by `kid`. Every verification failure is a 401
 `Unauthorized`; having no key at all because the JWKS cannot be fetched is a 503 `AuthUnavailable`.
+
+Over 400 lines because the local dev issuer (its key, JWKS and minted tokens, at the bottom) is
+the other half of the same checks: local mode verifies its tokens through the very code path
+production uses, and a rule changed here must change what the dev tokens carry in the same diff.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ the shapes, each with its source, are in `tests/convex_fixtures.py`):
     other 5xx, 429, timeouts                  -> 503 STORE_UNAVAILABLE, as on SQLite.
 Queries are retried on transient failures. A mutation is retried only when it surely did not
 commit: its connection never opened, or Convex answered the OCC 503.
+
+Over 400 lines because the table above is one protocol: the error mapping, the retry rule and
+the value codec serve this client alone, and each `Store` method is a few lines on top of them.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def _convex_error(path: str, data: Any) -> GatewayError:
 def _http_error(path: str, status: int, body: dict[str, Any]) -> GatewayError:
     # Errors outside a function's run are `{code, message}` (HttpError::into_response in
     # crates/common/src/http/mod.rs), with the status of the code's ErrorMetadata.
-    code = body.get("code") if isinstance(body.get("code"), str) else ""
+    code = raw if isinstance(raw := body.get("code"), str) else ""
     shown = code if _SAFE_CODE.fullmatch(code) else "no code"
     if status in (401, 403):
         log.error("Convex refused the deploy key calling %s: HTTP %s %s", path, status, body)

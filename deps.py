@@ -46,7 +46,8 @@ async def current_user(request: Request) -> Caller:
 
 async def app_settings(request: Request) -> Settings:
     """The settings this app was built with (create_app keeps them on `app.state`)."""
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 CurrentUser = Annotated[Caller, Depends(current_user)]

@@ -33,6 +33,8 @@ class InvalidRequest(GatewayError):
     status_code = 400
     code = "INVALID_REQUEST"
     detail = "Invalid request"
+    # One {"field", "message"} per bad field, when there are any: the body's `errors` list.
+    errors: list[dict[str, str]] | None = None
 
 
 class Unauthorized(GatewayError):

@@ -28,7 +28,9 @@ from models import ErrorResponse
 log = logging.getLogger("gateway")
 
 
-def error_body(code: str, detail: str, errors: list[dict[str, str]] | None = None) -> dict:
+def error_body(
+    code: str, detail: str, errors: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"detail": detail, "code": code}
     if errors:
         body["errors"] = errors
@@ -173,7 +175,7 @@ def error_responses(*errors: type[GatewayError]) -> dict[int | str, dict[str, An
     """
     responses: dict[int | str, dict[str, Any]] = {}
     for error in errors:
-        content = {"application/json": {"examples": {}}}
+        content: dict[str, Any] = {"application/json": {"examples": {}}}
         response = responses.setdefault(
             error.status_code, {"model": ErrorResponse, "content": content}
         )

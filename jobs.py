@@ -77,16 +77,16 @@ URL_REUSE_MARGIN_MS = 3_600_000
 def echoed_job_id(status: RunPodStatus) -> str | None:
     """The gateway job id the worker echoed in its output or its error, if any."""
     output = status.output
-    if isinstance(output, dict) and isinstance(output.get("jobId"), str):
-        return output["jobId"]
+    if isinstance(output, dict) and isinstance(job_id := output.get("jobId"), str):
+        return job_id
     error = status.raw_error
     if isinstance(error, str):
         try:
             error = json.loads(error)
         except (ValueError, RecursionError):
             return None  # plain text, or JSON too deep to be the contract's small object
-    if isinstance(error, dict) and isinstance(error.get("jobId"), str):
-        return error["jobId"]
+    if isinstance(error, dict) and isinstance(job_id := error.get("jobId"), str):
+        return job_id
     return None
 
 

@@ -37,6 +37,9 @@ Failure injection, for tests and demos:
     a prompt containing `[[crash]]` makes the handler itself raise: the SDK reports it, no jobId.
 
 Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
+
+Over 400 lines because it imitates one service: queueing, the SDK's result shaping and webhook
+delivery are RunPod's behaviour, checked together against REFERENCE.md; apart, no piece runs alone.
 """
 
 from __future__ import annotations
@@ -281,7 +284,11 @@ class LocalRunPod:
         local_job = self.jobs[job["id"]]
         loop = local_job.loop
         assert loop is not None, "a job's handler runs only after it was submitted on the loop"
-        return lambda body: loop.call_soon_threadsafe(local_job.report_progress, body)
+
+        def report(body: dict[str, object]) -> None:
+            loop.call_soon_threadsafe(local_job.report_progress, body)
+
+        return report
 
     async def _deliver_webhook(self, job: LocalJob) -> None:
         if not job.webhook:
@@ -331,7 +338,8 @@ def _has_bearer_token(headers: Headers) -> bool:
 
 
 def _runner(request: Request) -> LocalRunPod:
-    return request.app.state.runner
+    runner: LocalRunPod = request.app.state.runner
+    return runner
 
 
 def _no_such_job() -> JSONResponse:

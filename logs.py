@@ -289,7 +289,7 @@ def _install_root_handler(formatter: logging.Formatter, level: int) -> None:
     # No line shows the thread, process or source line: skip looking them up for every record
     # (the logging HOWTO's "Optimization" section; the frame walk alone is a few µs a line).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
 
 
 def _route_uvicorn_logs() -> None:

@@ -154,7 +154,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents replacing it so
 
 
 def _validates_input(operation: dict[str, Any]) -> bool:
@@ -196,6 +196,6 @@ def declare_security(schema: dict[str, Any], app: FastAPI) -> None:
             continue
         if not any(dep.call is current_user for dep in route.dependant.dependencies):
             continue
-        for method in route.methods:
+        for method in route.methods or ():
             operation = schema["paths"][context.path_format][method.lower()]
             operation["security"] = [{"clerkBearer": []}, {"clerkSessionCookie": []}]

@@ -11,16 +11,19 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from errors import UpstreamUnavailable
 
-# boto3's client class is generated at run time; there is nothing precise to annotate it with.
-S3Client = Any
+if TYPE_CHECKING:
+    # boto3's client class is generated at run time; boto3-stubs' S3 package (a dev tool, not
+    # installed in the image) describes it for mypy.
+    from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger("gateway.r2")
 
-VIDEO_CONTENT_TYPE = "video/mp4"
+# Final: its type is the literal that worker.contract.OutputTarget takes.
+VIDEO_CONTENT_TYPE: Final = "video/mp4"
 
 
 class StorageUnavailable(UpstreamUnavailable):

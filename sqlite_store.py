@@ -622,7 +622,9 @@ class SQLiteStore:
     async def get_or_create_user(self, user_id: str) -> User:
         # Nearly always a read: only a user's first request takes the write lock.
         user = await self.find_user(user_id)
-        return user or await self._run(self._get_or_create_user, user_id)
+        if user is not None:
+            return user
+        return await self._run(self._get_or_create_user, user_id)
 
     async def grant_credits(self, user_id: str, amount: int, reason: str) -> User:
         return await self._run(self._grant_credits, user_id, amount, reason)

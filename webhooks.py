@@ -105,7 +105,7 @@ def webhook_payload(body: bytes, *, signed: bool) -> dict[str, Any]:
     errors = _webhook_field_errors(payload, required=signed)
     if errors:
         exc = InvalidRequest("The webhook body is not what RunPod sends")
-        exc.errors = errors  # type: ignore[attr-defined]
+        exc.errors = errors
         raise exc
     return payload
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import secrets
 from contextlib import AsyncExitStack
@@ -66,8 +67,22 @@ def _public_base_url(settings: Settings) -> str:
     return (settings.public_base_url or "http://127.0.0.1:8000").rstrip("/")
 
 
+def require_client_package(module: str, backend: str) -> None:
+    """Refuse to start a real backend whose client library is not installed, saying how to add it.
+
+    `make run` installs requirements-local.txt, which leaves out boto3 and convex: without this,
+    a configured R2 or Convex would fail on an import deep in start-up (or, for R2, on first use).
+    """
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeError(
+            f"{backend} is configured, but its client package {module} is not installed: "
+            "`make setup` adds it (or `.venv/bin/pip install -r requirements.txt`)"
+        )
+
+
 def build_store(settings: Settings) -> tuple[Store, str]:
     if settings.uses_convex:
+        require_client_package("convex", "Convex (CONVEX_URL)")
         from convex_client import ConvexStore
 
         return ConvexStore.from_settings(settings), f"Convex at {settings.convex_url}"
@@ -78,6 +93,7 @@ def build_store(settings: Settings) -> tuple[Store, str]:
 
 def build_storage(settings: Settings, secret: str) -> tuple[ObjectStorage, str]:
     if settings.uses_real_r2:
+        require_client_package("boto3", "R2 (R2_*)")
         endpoint = settings.r2_endpoint
         assert endpoint and settings.r2_access_key_id and settings.r2_secret_access_key
         assert settings.r2_bucket

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,9 @@ async def measure_all(args: argparse.Namespace, fixtures: Fixtures, data_dir: Pa
                     show(f"{label:16} {connections:5} {ours:11.1f} {bare:12.1f} {ours - bare:9.1f}")
 
 
-async def seed_done_job(app: App, state: dict[str, Any], fixtures: Fixtures, data_dir: Path) -> str:
+async def seed_done_job(
+    app: App, state: Mapping[str, Any], fixtures: Fixtures, data_dir: Path
+) -> str:
     """One job through create, its video and a signed COMPLETED webhook."""
     headers = {"Authorization": f"Bearer {fixtures.token}", "Content-Type": JSON}
     status, body = await call(app, state, ("POST", "/jobs/create", headers, CREATE_BODY))
@@ -126,7 +128,7 @@ Request = tuple[str, str, dict[str, str], bytes]
 
 
 async def cost(
-    app: App, state: dict[str, Any], request: Request, connections: int, args: argparse.Namespace
+    app: App, state: Mapping[str, Any], request: Request, connections: int, args: argparse.Namespace
 ) -> float:
     """Microseconds per request: the fastest batch, `connections` requests in flight."""
     status, body = await call(app, state, request)
@@ -147,7 +149,7 @@ async def cost(
     return best * 1e6
 
 
-async def call(app: App, state: dict[str, Any], request: Request) -> tuple[int, bytes]:
+async def call(app: App, state: Mapping[str, Any], request: Request) -> tuple[int, bytes]:
     method, path, headers, body = request
     answer: dict[str, Any] = {"status": 0, "body": b""}
 
@@ -164,7 +166,9 @@ async def call(app: App, state: dict[str, Any], request: Request) -> tuple[int, 
     return answer["status"], answer["body"]
 
 
-def _scope(method: str, path: str, headers: dict[str, str], state: dict[str, Any]) -> dict:
+def _scope(
+    method: str, path: str, headers: dict[str, str], state: Mapping[str, Any]
+) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -445,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(
             f"{sys.executable}: httpx {httpx.__version__}, httpcore {httpcore.__version__},"
-            f" h11 {h11.__version__}; server pid {server.pid}",
+            f" h11 {version('h11')}; server pid {server.pid}",
             flush=True,
         )
         rows = uvloop.run(

@@ -6,10 +6,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jwt
@@ -18,14 +18,19 @@ import respx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
+from moto.server import ThreadedMotoServer
 from starlette.types import Receive, Scope, Send
 
 from config import Settings
 from logs import CloudLoggingFormatter
 from main import create_app
 from metrics import Metrics
+from r2_client import make_s3_client
 from tests.servers import running_convex_server
 from tests.stores import CONVEX_TEST_KEY, reset_convex
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 RUNPOD_BASE = "https://runpod.test/v2"
 RUNPOD_ENDPOINT = "ep123"
@@ -81,7 +86,7 @@ def settings_factory(tmp_path: Path, public_pem: str) -> Callable[..., Settings]
             "reconciler_enabled": False,
         }
         values.update(overrides)
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     return build
 
@@ -97,13 +102,21 @@ def with_lifespan_state(app: FastAPI, state: dict[str, Any]) -> Any:
     return asgi
 
 
+class AppClient(httpx.AsyncClient):
+    """A client of the app that also holds its lifespan state, for a test to look behind the API
+    (the store's books, the storage's files)."""
+
+    app_state: Mapping[str, Any]
+
+
 @asynccontextmanager
-async def serve(settings: Settings, *, audit: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+async def serve(settings: Settings, *, audit: bool = True) -> AsyncIterator[AppClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app) as state:
+        assert state is not None, "create_app's lifespan yields the app's state"
         transport = httpx.ASGITransport(app=with_lifespan_state(app, dict(state)))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            client.app_state = state  # type: ignore[attr-defined]
+        async with AppClient(transport=transport, base_url="http://testserver") as client:
+            client.app_state = state
             yield client
         # Whatever the scenario did, every credit must be accounted for afterwards.
         if audit:
@@ -178,3 +191,27 @@ def alice(make_token: TokenFactory) -> dict[str, str]:
 @pytest.fixture
 def bob(make_token: TokenFactory) -> dict[str, str]:
     return bearer(make_token("user_bob"))
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port: R2 over real HTTP, one per test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@contextmanager
+def moto_bucket(endpoint: str, name: str) -> Iterator[S3Client]:
+    """Bucket `name` on moto's server, through the gateway's own client; removed afterwards."""
+    client = make_s3_client(endpoint, "test-key", "test-secret")
+    # R2 signs for region "auto"; moto wants the bucket created in the region it is asked from.
+    # The ignore: "auto" is R2's region, no AWS one, so boto3-stubs' literals lack it.
+    auto = {"LocationConstraint": "auto"}
+    client.create_bucket(Bucket=name, CreateBucketConfiguration=auto)  # type: ignore[arg-type]
+    yield client
+    for item in client.list_objects_v2(Bucket=name).get("Contents", []):
+        client.delete_object(Bucket=name, Key=item["Key"])
+    client.delete_bucket(Bucket=name)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from logs import current_request_id
 from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
 from models import NewJob, new_job_id, object_key_for
-from tests.conftest import WEBHOOK_SECRET
+from tests.conftest import WEBHOOK_SECRET, AppClient
 from webhooks import sign_body
 
 CLOUD_TRACE = "105445aa7843bc8bf206b12000100000"
@@ -166,8 +166,8 @@ def assert_written_for_people(body: dict[str, Any]) -> None:
         assert error["message"] in body["detail"]
 
 
-def store_object(client: httpx.AsyncClient, key: str, data: bytes = b"mp4") -> None:
-    storage = client.app_state["storage"]  # type: ignore[attr-defined]
+def store_object(client: AppClient, key: str, data: bytes = b"mp4") -> None:
+    storage = client.app_state["storage"]
     storage.write(key, data)
 
 

@@ -30,7 +30,9 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_until_healthy(
+    base_url: str, process: subprocess.Popen[bytes], timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -57,7 +59,7 @@ class GatewayProcess:
             PUBLIC_BASE_URL=self.base_url,
             **settings,
         )
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, **overrides: str) -> None:
         data_dir = self.data_dir

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import respx
+from pydantic import SecretStr
 
 from config import Settings
 from convex_client import ConvexStore
@@ -25,7 +26,9 @@ URL = "https://happy-animal-123.convex.cloud"
 
 @pytest.fixture
 async def store() -> AsyncIterator[ConvexStore]:
-    settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="prod:secret-key")
+    settings = Settings(
+        _env_file=None, convex_url=URL, convex_deploy_key=SecretStr("prod:secret-key")
+    )
     opened = ConvexStore.from_settings(settings)
     yield opened
     await opened.close()

@@ -12,10 +12,12 @@ import json
 import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import respx
+from pydantic import SecretStr
 
 from config import Settings
 from convex_client import (
@@ -84,7 +86,9 @@ def assert_gateway_error(error: GatewayError, status: int, code: str) -> None:
 class TestWire:
     @respx.mock
     async def test_request_shape_and_auth(self) -> None:
-        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="prod:secret-key")
+        settings = Settings(
+            _env_file=None, convex_url=URL, convex_deploy_key=SecretStr("prod:secret-key")
+        )
         store = ConvexStore.from_settings(settings)
         route = respx.post(f"{URL}/api/query").mock(return_value=success(USER))
         user = await store.get_or_create_user("user_a")
@@ -535,16 +539,16 @@ class TestRetries:
         assert len(set(time_source.sleeps)) > 20  # drawn, not fixed
 
     async def test_the_transport_retries_a_connection_that_never_opened(self) -> None:
-        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="k")
+        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key=SecretStr("k"))
         store = ConvexStore.from_settings(settings)
-        pool = store._http._transport._pool  # type: ignore[attr-defined]
+        pool = store._http._transport._pool  # type: ignore[attr-defined]  # httpcore's pool
         assert pool._retries == CONNECT_RETRIES == 1
         await store.close()
 
 
 class TestProductionConfig:
     def test_convex_settings_select_the_convex_store(self) -> None:
-        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key="k")
+        settings = Settings(_env_file=None, convex_url=URL, convex_deploy_key=SecretStr("k"))
         assert settings.uses_convex
         assert not Settings(_env_file=None, convex_url=URL).uses_convex
 
@@ -568,7 +572,9 @@ def runpod_and_convex() -> Iterator[respx.MockRouter]:
         yield mock
 
 
-async def refusals(client: httpx.AsyncClient, user: dict[str, str]) -> list[tuple[int, dict]]:
+async def refusals(
+    client: httpx.AsyncClient, user: dict[str, str]
+) -> list[tuple[int, dict[str, Any]]]:
     """Every business refusal a user can meet, in one scenario: (status, body) for each."""
     first = await client.post("/jobs/create", json=CREATE, headers={**user, "Idempotency-Key": "k"})
     job_id = first.json()["jobId"]

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from config import Settings, production_problems
 from tests.conftest import bearer, serve
-from tests.test_config import COMPLETE
+from tests.test_config import COMPLETE, build
 
 APP = "https://app.cineweave.ai"
 OTHER = "https://evil.example"
@@ -26,13 +26,10 @@ def preflight(origin: str, method: str = "POST", headers: str = "authorization")
 
 class TestSetting:
     def test_default_is_empty(self) -> None:
-        assert Settings(_env_file=None).cors_allow_origins == []  # type: ignore[call-arg]
+        assert build().cors_allow_origins == []
 
     def test_comma_separated_origins_are_normalized(self) -> None:
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            cors_allow_origins="https://App.CineWeave.ai/, http://localhost:3000,",
-        )
+        settings = build(cors_allow_origins="https://App.CineWeave.ai/, http://localhost:3000,")
         assert settings.cors_allow_origins == ["https://app.cineweave.ai", "http://localhost:3000"]
 
     @pytest.mark.parametrize(
@@ -42,18 +39,18 @@ class TestSetting:
     )  # fmt: skip
     def test_anything_but_an_origin_is_refused(self, origin: str) -> None:
         with pytest.raises(ValidationError, match="CORS_ALLOW_ORIGINS"):
-            Settings(_env_file=None, cors_allow_origins=origin)  # type: ignore[call-arg]
+            build(cors_allow_origins=origin)
 
     def test_star_is_allowed_locally(self) -> None:
-        settings = Settings(_env_file=None, cors_allow_origins="*")  # type: ignore[call-arg]
+        settings = build(cors_allow_origins="*")
         assert settings.cors_allow_origins == ["*"]
 
     def test_star_is_refused_in_production(self) -> None:
         with pytest.raises(ValidationError, match="CORS_ALLOW_ORIGINS must name"):
-            Settings(_env_file=None, **COMPLETE, cors_allow_origins="*")  # type: ignore[arg-type]
+            build(**COMPLETE, cors_allow_origins="*")
 
     def test_listed_origins_pass_in_production(self) -> None:
-        settings = Settings(_env_file=None, **COMPLETE, cors_allow_origins=APP)  # type: ignore[arg-type]
+        settings = build(**COMPLETE, cors_allow_origins=APP)
         assert production_problems(settings) == []
 
 

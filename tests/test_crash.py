@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from tests.servers import GatewayProcess, manage, running_standin
 
 pytestmark = pytest.mark.e2e
 
-JOB = {"prompt": "crash test", "durationSec": 2}
+JOB: dict[str, Any] = {"prompt": "crash test", "durationSec": 2}
 TERMINAL = {"done", "failed", "canceled"}
 
 
@@ -74,7 +75,9 @@ def create_and_die(gateway: GatewayProcess, auth: dict[str, str]) -> None:
     assert gateway.wait_dead() == -9
 
 
-def settled_jobs(gateway: GatewayProcess, auth: dict[str, str], timeout: float = 45) -> list:
+def settled_jobs(
+    gateway: GatewayProcess, auth: dict[str, str], timeout: float = 45
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = httpx.get(f"{gateway.base_url}/jobs", headers=auth).json()["jobs"]
@@ -88,7 +91,7 @@ def credits(gateway: GatewayProcess, auth: dict[str, str]) -> int:
     return httpx.get(f"{gateway.base_url}/credits", headers=auth).json()["credits"]
 
 
-def standin_jobs(standin: str) -> list[dict]:
+def standin_jobs(standin: str) -> list[dict[str, Any]]:
     return httpx.get(f"{standin}/local/_test/jobs", headers={"Authorization": "Bearer x"}).json()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
@@ -15,7 +16,9 @@ from tests.servers import manage, running_gateway
 pytestmark = pytest.mark.e2e
 
 
-def wait_for_status(client: httpx.Client, job_id: str, wanted: str, timeout: float = 60) -> dict:
+def wait_for_status(
+    client: httpx.Client, job_id: str, wanted: str, timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/jobs/{job_id}").json()
@@ -27,8 +30,9 @@ def wait_for_status(client: httpx.Client, job_id: str, wanted: str, timeout: flo
 
 
 def video_seconds(data: bytes) -> tuple[float, int, int]:
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         stream = container.streams.video[0]
+        assert stream.duration is not None and stream.time_base is not None
         seconds = float(stream.duration * stream.time_base)
         return seconds, stream.codec_context.width, stream.codec_context.height
 

@@ -134,7 +134,7 @@ class TestAnswerOnce:
         first = await answer_once(sqlite, "user_alice", "k", "fp", action)
         again = await answer_once(sqlite, "user_alice", "k", "fp", action)
         assert runs == [None] and (first.status_code, again.status_code) == (201, 201)
-        assert json.loads(again.body) == {"jobId": "job_1"}
+        assert json.loads(bytes(again.body)) == {"jobId": "job_1"}
         assert again.headers["Idempotent-Replayed"] == "true"
 
     async def test_a_failed_action_releases_the_key(self, sqlite: SQLiteStore) -> None:

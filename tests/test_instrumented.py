@@ -106,6 +106,7 @@ class TestInstrumentedStore:
     async def test_grant(self, store: InstrumentedStore, metrics: Metrics) -> None:
         await store.get_or_create_user("user_alice")
         granted = credits(metrics, "granted")
+        assert granted is not None  # the signup grant
         user = await store.grant_credits("user_alice", 50, "support ticket 123")
         assert user.credits == 150
         assert credits(metrics, "granted") == granted + 50
@@ -152,7 +153,8 @@ class TestInstrumentedStore:
         await store.list_jobs("user_alice", 10, None)
         await store.save_download_url(job.job_id, "https://x.test/v.mp4", 1)
         await store.ping()
-        operations = ("get_or_create_user", "get_job", "find_job", "find_job_by_runpod_id")
+        operations: tuple[str, ...] = ("get_or_create_user", "get_job", "find_job")
+        operations += ("find_job_by_runpod_id",)
         operations += ("list_jobs", "save_download_url", "ping")
         assert [upstream_count(metrics, "store", op, "ok") for op in operations] == [1] * 7
 
@@ -201,7 +203,7 @@ class TestInstrumentedStore:
             async def ping(self) -> None:
                 raise StoreUnavailable("The job store is unavailable")
 
-        store = InstrumentedStore(DownStore(), metrics)  # type: ignore[arg-type]
+        store = InstrumentedStore(DownStore(), metrics)  # type: ignore[arg-type]  # ping() only
         with pytest.raises(StoreUnavailable):
             await store.ping()
         assert upstream_count(metrics, "store", "ping", "error") == 1

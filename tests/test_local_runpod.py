@@ -151,7 +151,7 @@ async def finished(api: httpx.AsyncClient, runpod_id: str) -> dict[str, Any]:
 
 def probe(data: bytes) -> tuple[float, int, int]:
     """Duration in seconds, width and height, as a player would read them."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         stream = container.streams.video[0]
         assert container.duration is not None
         return container.duration / av.time_base, stream.width, stream.height

@@ -111,7 +111,8 @@ class TestJsonFormatter:
         assert entry["message"] == "job job_1 moved to done"
         assert entry["logger"] == "gateway.jobs"
         assert entry["time"].endswith("Z")
-        assert datetime.fromisoformat(entry["time"]).utcoffset().total_seconds() == 0
+        offset = datetime.fromisoformat(entry["time"]).utcoffset()
+        assert offset is not None and offset.total_seconds() == 0
         assert "requestId" not in entry and "stack_trace" not in entry
 
     @pytest.mark.parametrize(

@@ -154,7 +154,7 @@ class TestRun:
         assert gone == {"detail": "Job not found", "code": "NOT_FOUND"}
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
-        with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes())) as video:
+        with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes()), "r") as video:
             assert video.duration is not None
             assert abs(video.duration / av.time_base - 5) < 0.3
 
@@ -226,3 +226,29 @@ class TestConvexDeploy:
             f"convex env set CLERK_JWT_ISSUER_DOMAIN {ISSUER}|{KEY}",
             f"convex deploy|{KEY}",
         ]
+
+
+def pins(path: Path) -> dict[str, str]:
+    """`name==version` lines of a requirements file, by lower-cased name without extras."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            found[re.sub(r"\[.*\]", "", name).strip().lower()] = version.strip()
+    return found
+
+
+class TestRunRequirements:
+    """`make run` installs requirements-local.txt: requirements.txt's pins, less the clients of
+    the real backends, plus the stand-in's encoder."""
+
+    def test_every_shared_package_is_pinned_as_in_production(self) -> None:
+        local, production = pins(ROOT / "requirements-local.txt"), pins(ROOT / "requirements.txt")
+        assert {name: local[name] for name in production.keys() & local.keys()} == {
+            name: production[name] for name in production.keys() & local.keys()
+        }
+
+    def test_only_the_real_backends_clients_are_left_out(self) -> None:
+        local, production = pins(ROOT / "requirements-local.txt"), pins(ROOT / "requirements.txt")
+        assert production.keys() - local.keys() == {"boto3", "convex"}
+        assert local.keys() - production.keys() == {"av"}

@@ -83,6 +83,7 @@ class TestRequestId:
     )
     async def test_invalid_id_is_replaced(self, client: httpx.AsyncClient, given: str) -> None:
         headers = {"X-Request-ID": given.encode("utf-8")}
+        # The ignore: httpx types header values as str, and sends bytes as they are.
         response = await client.get("/jobs/job_1", headers=headers)  # type: ignore[arg-type]
         assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
 

@@ -35,7 +35,7 @@ from logs import TRACE_FIELD
 from tests.conftest import TokenFactory, bearer, serve
 from tests.servers import GatewayProcess, manage, running_standin
 from tests.stores import CONVEX_TEST_KEY, reset_convex
-from tests.test_config import COMPLETE
+from tests.test_config import COMPLETE, build
 from webhooks import sign_body, webhook_token
 
 pytestmark = pytest.mark.e2e
@@ -659,5 +659,5 @@ class TestLogFormat:
     def test_json_in_production_text_locally_unless_told(
         self, values: dict[str, str], json_logs: bool
     ) -> None:
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg, arg-type]
+        settings = build(**values)
         assert settings.json_logs is json_logs

@@ -24,11 +24,15 @@ import respx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, AppClient, TokenFactory, bearer, serve
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 from webhooks import sign_body, webhook_token
 
-JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 1, "seed": 42}
+JOB: dict[str, Any] = {
+    "prompt": "A silver drone flies through neon skyline",
+    "durationSec": 1,
+    "seed": 42,
+}
 START_CREDITS = 10_000
 DEEP = 10_000  # the issue's depth: far past Python's recursion limit
 
@@ -70,7 +74,7 @@ async def app(settings_factory, runpod) -> AsyncIterator[httpx.AsyncClient]:
         max_concurrent_jobs=1000, cors_allow_origins=["https://app.example.com"]
     )
     async with serve(settings_) as client:
-        store = client.app_state["store"]  # type: ignore[attr-defined]
+        store = client.app_state["store"]
         await store.grant_credits("user_alice", START_CREDITS - 100, "hostile-input tests")
         yield client
 
@@ -83,7 +87,7 @@ async def convex_app(settings_factory, runpod, convex_server) -> AsyncIterator[h
         max_concurrent_jobs=1000, convex_url=convex_server, convex_deploy_key=CONVEX_TEST_KEY
     )
     async with serve(settings_) as client:
-        store = client.app_state["store"]  # type: ignore[attr-defined]
+        store = client.app_state["store"]
         await store.grant_credits("user_alice", START_CREDITS - 100, "hostile-input tests")
         yield client
 
@@ -99,8 +103,8 @@ async def a_job(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
     return response.json()["jobId"]
 
 
-async def balance(client: httpx.AsyncClient) -> int:
-    store = client.app_state["store"]  # type: ignore[attr-defined]
+async def balance(client: AppClient) -> int:
+    store = client.app_state["store"]
     return (await store.get_or_create_user("user_alice")).credits
 
 
@@ -114,13 +118,13 @@ def assert_refusal_shape(response: httpx.Response) -> None:
         assert isinstance(body.get("code"), str) and body["code"], body
 
 
-async def assert_books_balance(client: httpx.AsyncClient) -> None:
-    store = client.app_state["store"]  # type: ignore[attr-defined]
+async def assert_books_balance(client: AppClient) -> None:
+    store = client.app_state["store"]
     assert await store.audit() == []
 
 
 async def assert_nothing_charged(
-    client: httpx.AsyncClient, response: httpx.Response, before: int, cost: Any = None
+    client: AppClient, response: httpx.Response, before: int, cost: Any = None
 ) -> None:
     """A refused request moved no credit; an accepted create cost exactly its price, once."""
     assert_refusal_shape(response)

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from r2_client import (
     PendingS3Client,
@@ -15,29 +14,16 @@ from r2_client import (
     expiry_ms,
     make_s3_client,
 )
+from tests.conftest import moto_bucket
 
 BUCKET = "cineweave-videos"
 KEY = "videos/user_alice/job_abcdefghijklmnop.mp4"
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def storage(moto_endpoint: str) -> R2Storage:
-    client = make_s3_client(moto_endpoint, "test-key", "test-secret")
-    # R2 signs for region "auto"; moto wants the bucket created in the region it is asked from.
-    client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "auto"})
-    yield R2Storage(client, BUCKET)
-    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
+def storage(moto_endpoint: str) -> Iterator[R2Storage]:
+    with moto_bucket(moto_endpoint, BUCKET) as client:
+        yield R2Storage(client, BUCKET)
 
 
 class TestPresign:

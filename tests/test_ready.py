@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,13 +115,21 @@ class TestStoreDown:
         db_path = settings.local_data_dir / "gateway.db"
         async with serve(settings) as client:
             token = mint_dev_token(settings.local_data_dir, "user_ready")
+            # SQLite's own trace hook on the store's connection says when the write's statement
+            # starts, on the store's thread: from then it waits on the lock, holding that thread.
+            writing = threading.Event()
+
+            def on_statement(sql: str) -> None:
+                if sql == "BEGIN IMMEDIATE":
+                    writing.set()
+
+            store_db = client.app_state["store"]._db
+            store_db.set_trace_callback(on_statement)
             other = sqlite3.connect(db_path, isolation_level=None)
             other.execute("BEGIN EXCLUSIVE")
             try:
                 waiting = asyncio.create_task(client.get("/credits", headers=bearer(token)))
-                # The write is now queued behind the lock. A real wait: the lock is SQLite's, in the
-                # store's own thread, and nothing outside the store can see the write reach it.
-                await asyncio.sleep(0.2)
+                assert await asyncio.to_thread(writing.wait, 30), "the write never reached SQLite"
                 started = time.monotonic()
                 response = await client.get("/readyz")
                 elapsed = time.monotonic() - started
@@ -130,6 +139,7 @@ class TestStoreDown:
             assert_not_ready(response, "store", "no answer within 2 s")
             assert elapsed < 3.0  # the check gave up; it did not wait out the 5 s busy timeout
             assert (await waiting).status_code == 200  # the lock was released in time
+            store_db.set_trace_callback(None)  # after the write: the store's thread is idle
             assert (await client.get("/readyz")).status_code == 200
 
 
@@ -286,6 +296,7 @@ class TestStoreCheck:
         store, clock = PingCounter(), Clock()
         async with httpx.AsyncClient() as http:
             auth = ClerkAuth(settings_factory(), http)
+            # The ignore: a counting stand-in for the store, with ping() only.
             readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
             for _ in range(50):
                 assert await self.check(readiness) == "ok"
@@ -300,6 +311,7 @@ class TestStoreCheck:
         store.down = True
         async with httpx.AsyncClient() as http:
             auth = ClerkAuth(settings_factory(), http)
+            # The ignore: a counting stand-in for the store, with ping() only.
             readiness = Readiness(store, auth, runpod_client(), clock=clock)  # type: ignore[arg-type]
             assert "unavailable" in await self.check(readiness)
             store.down = False  # back: the very next probe sees it, with no clock moved

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -194,7 +195,7 @@ class TestSubmit:
         dead = f"http://127.0.0.1:{free_port()}"
         async with build_http_client(dead, ENDPOINT, API_KEY) as http:
             # The one retry of a connection that never opened is httpcore's, not a loop of ours.
-            pool = http._transport._pool  # type: ignore[attr-defined]
+            pool = http._transport._pool  # type: ignore[attr-defined]  # httpcore's pool
             assert pool._retries == CONNECT_RETRIES == 1
             with pytest.raises(RunPodUnavailable):
                 await submit(RunPodClient(http, sleep=no_sleep))
@@ -382,7 +383,8 @@ class TestCancel:
             return_value=httpx.Response(200, json={"id": JOB_ID, "status": "CANCELLED"})
         )
 
-        assert await client.cancel(JOB_ID) is None
+        await client.cancel(JOB_ID)
+
         assert route.calls.last.request.headers["Authorization"] == f"Bearer {API_KEY}"
 
     async def test_404_is_not_found(
@@ -513,7 +515,7 @@ class TestHostileAnswers:
         assert parsed.error == "The worker failed"
 
     def test_an_error_nested_past_the_repr_limit(self) -> None:
-        error: list = []
+        error: list[Any] = []
         for _ in range(5000):  # deeper than str() can go: a RecursionError before
             error = [error]
         parsed = RunPodStatus.from_payload({"id": JOB_ID, "status": "FAILED", "error": error})

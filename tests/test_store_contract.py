@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
@@ -17,7 +17,7 @@ from errors import (
     NotFound,
     TooManyActiveJobs,
 )
-from models import JobStatus, StatusUpdate, now_ms
+from models import Job, JobStatus, StatusUpdate, User, now_ms
 from store import Store
 from tests.factories import new_job
 from tests.stores import STORE_KINDS, open_store
@@ -105,7 +105,9 @@ class TestSignupGrant:
         assert (await store.get_or_create_user("user_new")).signup_grant == SIGNUP
 
     async def test_concurrent_first_calls_report_it_once(self, store: Store) -> None:
-        calls = [store.get_or_create_user("user_new") for _ in range(5)]
+        calls: list[Awaitable[User | Job]] = [
+            store.get_or_create_user("user_new") for _ in range(5)
+        ]
         calls += [store.charge_and_create_job(new_job("user_new", cost=1), 10) for _ in range(5)]
         answers = await asyncio.gather(*calls)
         assert sum(answer.signup_grant for answer in answers) == SIGNUP
@@ -168,7 +170,8 @@ class TestRunpodId:
         job = await store.charge_and_create_job(new_job("user_a"), 5)
         recorded = await store.record_runpod_id(job.job_id, "rp-1")
         assert (recorded.status, recorded.runpod_id) == (JobStatus.QUEUED, "rp-1")
-        assert (await store.find_job_by_runpod_id("rp-1")).job_id == job.job_id
+        found = await store.find_job_by_runpod_id("rp-1")
+        assert found is not None and found.job_id == job.job_id
 
     async def test_record_keeps_the_first_id_and_later_status(self, store: Store) -> None:
         job = await store.charge_and_create_job(new_job("user_a"), 5)

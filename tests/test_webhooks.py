@@ -400,7 +400,8 @@ class TestPayloadShape:
     def test_a_signed_body_must_name_runpods_job_and_status(self) -> None:
         with pytest.raises(InvalidRequest) as refused:
             webhook_payload(b'{"output": {}}', signed=True)
-        assert {e["field"] for e in refused.value.errors} == {"id", "status"}  # type: ignore[attr-defined]
+        assert refused.value.errors is not None
+        assert {e["field"] for e in refused.value.errors} == {"id", "status"}
 
     def test_a_tokened_body_may_omit_them(self) -> None:
         assert webhook_payload(b"{}", signed=False) == {}

@@ -19,14 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from moto.server import ThreadedMotoServer
 from pydantic import BaseModel
 
 from config import Settings
 from jobs import echoed_job_id
-from r2_client import make_s3_client
 from runpod_client import RunPodStatus
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, moto_bucket, serve
 from webhooks import sign_body
 from worker.contract import WorkerError, WorkerInput, WorkerOutput
 from worker.generator import TestPattern
@@ -56,30 +54,17 @@ def undeclared(payload: dict[str, Any], model: type[BaseModel], where: str = "")
     return extra
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def r2_settings(
     moto_endpoint: str, settings_factory: Callable[..., Settings]
 ) -> Iterator[Settings]:
-    client = make_s3_client(moto_endpoint, "test-key", "test-secret")
-    client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "auto"})
-    yield settings_factory(
-        r2_access_key_id="test-key",
-        r2_secret_access_key="test-secret",
-        r2_bucket=BUCKET,
-        r2_endpoint_url=moto_endpoint,
-    )
-    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
+    with moto_bucket(moto_endpoint, BUCKET):
+        yield settings_factory(
+            r2_access_key_id="test-key",
+            r2_secret_access_key="test-secret",
+            r2_bucket=BUCKET,
+            r2_endpoint_url=moto_endpoint,
+        )
 
 
 @pytest.fixture
@@ -97,7 +82,9 @@ def worker() -> Iterator[Worker]:
         yield Worker(generator=TestPattern(), client=client, sleep=lambda _: None)
 
 
-async def submitted_input(client: httpx.AsyncClient, runpod: respx.MockRouter, user: dict) -> Any:
+async def submitted_input(
+    client: httpx.AsyncClient, runpod: respx.MockRouter, user: dict[str, str]
+) -> Any:
     created = await client.post("/jobs/create", json=JOB, headers=user)
     assert created.status_code == 200, created.text
     body = json.loads(runpod.routes[0].calls.last.request.content)

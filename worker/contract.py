@@ -13,14 +13,15 @@ gateway may learn a field before the workers do (a tolerant reader, as RunPod ad
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from pydantic.alias_generators import to_camel
 
 CONTRACT_VERSION = 1
-VIDEO_CONTENT_TYPE = "video/mp4"
-POSTER_CONTENT_TYPE = "image/jpeg"
+# Final: their types are the literals, as the fields below that take them.
+VIDEO_CONTENT_TYPE: Final = "video/mp4"
+POSTER_CONTENT_TYPE: Final = "image/jpeg"
 # The largest seed the gateway hands out (2^32 - 1, models.MAX_SEED).
 MAX_SEED = 2**32 - 1
 

@@ -197,8 +197,8 @@ class Worker:
 
 def _echoed_id(job_input: object) -> str | None:
     """The input's jobId, echoed even when the rest of the input is unusable."""
-    if isinstance(job_input, dict) and isinstance(job_input.get("jobId"), str):
-        return job_input["jobId"]
+    if isinstance(job_input, dict) and isinstance(job_id := job_input.get("jobId"), str):
+        return job_id
     return None
 
 
@@ -234,7 +234,8 @@ def load_generator(spec: str | None) -> Generator:
     if not (module_name and class_name):
         raise ValueError(f"WORKER_GENERATOR must read module:Class, not {spec!r}")
     generator_class = getattr(importlib.import_module(module_name), class_name)
-    return generator_class()
+    generator: Generator = generator_class()
+    return generator
 
 
 @functools.cache

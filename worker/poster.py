@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from av.video.codeccontext import VideoCodecContext
 
 # Wide enough for a card in the web app's grid (2x a 320 px column), small enough to stay
 # around 20-60 KB.
@@ -29,10 +33,14 @@ def poster_jpeg(video: Path, max_width: int = MAX_POSTER_WIDTH) -> bytes:
     width, height = _poster_size(frame.width, frame.height, max_width)
     # Full-range YUV is what JPEG means; the video's limited range would look washed out.
     small = frame.reformat(width=width, height=height, format="yuvj420p")
-    encoder = av.CodecContext.create("mjpeg", "w")
+    # PyAV's stubs type only the codecs they list; "mjpeg" is a video encoder all the same.
+    encoder = cast("VideoCodecContext", av.CodecContext.create("mjpeg", "w"))
     encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuvj420p"
     encoder.time_base = Fraction(1, 1)
-    encoder.qscale = JPEG_QSCALE
+    # `qscale` is FFmpeg's fixed-quality flag (AV_CODEC_FLAG_QSCALE), not the scale: set alone,
+    # the encoder falls to qmin, 2. Pinning qmin and qmax is what picks the scale.
+    encoder.qscale = True
+    encoder.options = {"qmin": str(JPEG_QSCALE), "qmax": str(JPEG_QSCALE)}
     packets = encoder.encode(small) + encoder.encode(None)
     return b"".join(bytes(packet) for packet in packets)
 

@@ -36,7 +36,7 @@ class RetryPolicy:
     max_delay: float = 10.0
 
     def delay(self, retry: int, rng: Callable[[], float]) -> float:
-        return rng() * min(self.max_delay, self.base_delay * 2**retry)
+        return rng() * min(self.max_delay, self.base_delay * 2.0**retry)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Uploader:
 
     def put(self, what: str, url: str, body: bytes, content_type: str) -> None:
         """Upload `body`; raise `TransferFailed` naming `what` ("the video") when it cannot."""
-        problem = "it was not tried"
+        problem: str | None = "it was not tried"
         for attempt in range(self.policy.attempts):
             if attempt and not self._wait_before_retry(attempt - 1):
                 raise TransferFailed(f"Uploading {what} ran out of time: {problem}")

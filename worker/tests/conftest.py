@@ -44,7 +44,8 @@ class Bucket:
 
     def presign_put(self, key: str, content_type: str) -> str:
         params = {"Bucket": self.name, "Key": key, "ContentType": content_type}
-        return self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=600)
+        url: str = self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=600)
+        return url
 
     def read(self, key: str) -> tuple[bytes, str]:
         found = self.client.get_object(Bucket=self.name, Key=key)
@@ -106,7 +107,7 @@ def recorder() -> Iterator[Recorder]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
     server.daemon_threads = True
     state = Recorder(url=f"http://127.0.0.1:{server.server_address[1]}")
-    server.recorder = state  # type: ignore[attr-defined]
+    server.recorder = state  # type: ignore[attr-defined]  # the handler's way back to it
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state
@@ -116,7 +117,7 @@ def recorder() -> Iterator[Recorder]:
 
 class _RecordingHandler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
-        state: Recorder = self.server.recorder  # type: ignore[attr-defined]
+        state: Recorder = self.server.recorder  # type: ignore[attr-defined]  # set in recorder()
         length = int(self.headers.get("Content-Length") or 0)
         request = Received(self.command, self.path, dict(self.headers), self.rfile.read(length))
         status = state.next_status(request)
@@ -178,12 +179,13 @@ def readme_example() -> dict[str, Any]:
     section = readme.split("## The RunPod worker (`worker/`)", 1)[1]
     block = re.search(r"```json\n(.*?)```", section, re.DOTALL)
     assert block, "the README's worker section has no JSON example"
-    return json.loads(block.group(1))
+    example: dict[str, Any] = json.loads(block.group(1))
+    return example
 
 
 def fill_in(example: dict[str, Any], bucket: Bucket, progress_url: str) -> dict[str, Any]:
     """The example with its `<...>` placeholders replaced by live URLs; nothing else changed."""
-    filled = json.loads(json.dumps(example))
+    filled: dict[str, Any] = json.loads(json.dumps(example))
     filled["progressUrl"] = f"{progress_url}/progress?jobId={JOB_ID}&token=secret-token"
     output = filled["output"]
     output["uploadUrl"] = bucket.presign_put(output["objectKey"], output["contentType"])

@@ -13,7 +13,7 @@ from worker.generator import TestPattern, render_mp4
 
 def probe(data: bytes) -> tuple[float, int, int]:
     """Duration in seconds, width and height, as a player would read them."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         stream = container.streams.video[0]
         assert container.duration is not None
         return container.duration / av.time_base, stream.width, stream.height
@@ -21,7 +21,7 @@ def probe(data: bytes) -> tuple[float, int, int]:
 
 def first_frame_luma(data: bytes) -> bytes:
     """The first frame's brightness plane, the rows cut to the visible width."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         plane = next(container.decode(video=0)).planes[0]
         raw = bytes(plane)
     return b"".join(raw[row * plane.line_size :][: plane.width] for row in range(plane.height))

@@ -29,8 +29,9 @@ def error_of(answer: dict[str, Any]) -> WorkerError:
 
 
 def video_seconds(data: bytes) -> float:
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         stream = container.streams.video[0]
+        assert stream.average_rate is not None
         return float(stream.frames / stream.average_rate)
 
 

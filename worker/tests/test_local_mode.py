@@ -58,12 +58,13 @@ class TestReadmeExample:
         assert "completed successfully" in result.stdout
         video, video_type = bucket.read(VIDEO_KEY)
         assert video_type == VIDEO_CONTENT_TYPE
-        with av.open(io.BytesIO(video)) as container:
+        with av.open(io.BytesIO(video), "r") as container:
             stream = container.streams.video[0]
+            assert stream.average_rate is not None
             assert float(stream.frames / stream.average_rate) == example["durationSec"]
         poster, poster_type = bucket.read(POSTER_KEY)
         assert poster_type == POSTER_CONTENT_TYPE
-        with av.open(io.BytesIO(poster)) as image:
+        with av.open(io.BytesIO(poster), "r") as image:
             assert image.format.name in {"jpeg_pipe", "image2"}
             frame = next(image.decode(video=0))
             assert 0 < frame.width <= MAX_POSTER_WIDTH

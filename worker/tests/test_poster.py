@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 
 from worker.generator import TestPattern
-from worker.poster import MAX_POSTER_WIDTH, poster_jpeg
+from worker.poster import JPEG_QSCALE, MAX_POSTER_WIDTH, poster_jpeg
 
 
 def wide_video(path: Path, width: int, height: int) -> Path:
@@ -24,7 +24,7 @@ def wide_video(path: Path, width: int, height: int) -> Path:
 
 
 def decoded(jpeg: bytes) -> av.VideoFrame:
-    with av.open(io.BytesIO(jpeg)) as image:
+    with av.open(io.BytesIO(jpeg), "r") as image:
         return next(image.decode(video=0))
 
 
@@ -55,3 +55,15 @@ class TestPoster:
         first_row = bytes(frame.planes[0])[: frame.width]  # rows may be padded past the width
 
         assert 100 < sum(first_row) / len(first_row) < 140
+
+    def test_the_jpeg_is_written_at_the_promised_quality_scale(self, tmp_path: Path) -> None:
+        video = wide_video(tmp_path / "grey.mp4", 64, 64)
+
+        jpeg = poster_jpeg(video)
+
+        # FFmpeg's MJPEG quantisation table is its base table times the scale: the first AC
+        # entry reads 2 x qscale (4 at scale 2, 6 at 3, 10 at 5). Setting PyAV's `qscale` to a
+        # number only raises the fixed-quality flag, and the poster came out at scale 2, larger.
+        # After the DQT marker: its 2-byte length, the precision/id byte, the DC entry.
+        first_ac = jpeg.index(b"\xff\xdb") + 6
+        assert jpeg[first_ac] == 2 * JPEG_QSCALE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
 from conftest import Recorder
@@ -29,7 +31,7 @@ def uploader(client: httpx.Client, clock: FakeClock, budget: float, rng: float =
 
 
 @pytest.fixture
-def client() -> httpx.Client:
+def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=5.0) as opened:
         yield opened
 
