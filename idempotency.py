@@ -77,7 +77,9 @@ async def answer_once(
     return answer_response(status, body)
 
 
-def answer_response(status: int, body: dict[str, Any], headers: dict | None = None) -> Response:
+def answer_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
     """The answer as sent: a 204 has no body at all (RFC 9110 §15.3.5), so no JSON either."""
     if status == 204:
         return Response(status_code=204, headers=headers)

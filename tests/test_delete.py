@@ -8,41 +8,29 @@ import asyncio
 import itertools
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import respx
-from moto.server import ThreadedMotoServer
 
 from config import Settings
-from r2_client import S3Client, make_s3_client
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, serve
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, moto_bucket, serve
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 from webhooks import sign_body
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 BUCKET = "cineweave-videos"
 JOB = {"prompt": "A silver drone flies through neon skyline", "durationSec": 2, "seed": 42}
 SIGNUP = 100
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(moto_endpoint: str) -> Iterator[S3Client]:
-    client = make_s3_client(moto_endpoint, "test-key", "test-secret")
-    client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "auto"})
-    yield client
-    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-        client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
+    with moto_bucket(moto_endpoint, BUCKET) as client:
+        yield client
 
 
 @pytest.fixture(params=["sqlite", "convex"])
@@ -129,7 +117,9 @@ async def webhook(client: httpx.AsyncClient, payload: dict[str, Any]) -> None:
     assert answered.status_code == 200, answered.text
 
 
-async def done_job(client: httpx.AsyncClient, s3: S3Client, user: dict, user_id: str) -> str:
+async def done_job(
+    client: httpx.AsyncClient, s3: S3Client, user: dict[str, str], user_id: str
+) -> str:
     """A job rendered and stored as the worker would: its MP4 in the bucket, RunPod's webhook."""
     job_id, runpod_id = await created_job(client, user)
     s3.put_object(Bucket=BUCKET, Key=video_key(user_id, job_id), Body=b"\x00\x00\x00\x18ftypmp42")
