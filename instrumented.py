@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import httpx
 
 from metrics import Metrics
-from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, User
+from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, Upload, User
 from r2_client import ObjectStorage
 from store import Store
 
@@ -134,6 +134,16 @@ class InstrumentedStore:
     async def ping(self) -> None:
         await self._timed("ping", self._store.ping())
 
+    async def create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        return await self._timed("create_upload", self._store.create_upload(upload, max_pending))
+
+    async def get_upload(self, user_id: str, upload_id: str) -> Upload:
+        return await self._timed("get_upload", self._store.get_upload(user_id, upload_id))
+
+    async def purge_expired_uploads(self, before: int, limit: int) -> int:
+        call = self._store.purge_expired_uploads(before, limit)
+        return await self._timed("purge_expired_uploads", call)
+
     async def close(self) -> None:
         await self._store.close()
 
@@ -162,6 +172,20 @@ class InstrumentedStorage:
     async def exists(self, key: str) -> bool:
         with self._metrics.time_upstream(self._upstream, "head"):
             return await self._storage.exists(key)
+
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        with self._metrics.time_upstream(self._upstream, "presign_put"):
+            return self._storage.presign_upload(key, ttl_seconds, content_type, content_length)
+
+    async def size_of(self, key: str) -> int | None:
+        with self._metrics.time_upstream(self._upstream, "head"):
+            return await self._storage.size_of(key)
+
+    async def read_prefix(self, key: str, length: int) -> bytes:
+        with self._metrics.time_upstream(self._upstream, "get_range"):
+            return await self._storage.read_prefix(key, length)
 
     async def close(self) -> None:
         await self._storage.close()
