@@ -37,6 +37,20 @@ class ObjectStorage(Protocol):
 
     async def exists(self, key: str) -> bool: ...
 
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        """A PUT URL that takes exactly this Content-Type and Content-Length, or nothing."""
+        ...
+
+    async def size_of(self, key: str) -> int | None:
+        """The object's size in bytes (a HEAD), or None when there is no such object."""
+        ...
+
+    async def read_prefix(self, key: str, length: int) -> bytes:
+        """The object's first `length` bytes at most (a ranged GET); b"" when there is none."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -155,6 +169,61 @@ class R2Storage:
         except BotoCoreError as exc:
             raise StorageUnavailable("R2 could not be reached") from exc
         return True
+
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        # A presigned PUT, not a POST policy: R2's presigned URLs allow GET, PUT, HEAD or DELETE
+        # (developers.cloudflare.com/r2/api/s3/presigned-urls/), and R2 does not support POST
+        # policy uploads. botocore signs both headers (X-Amz-SignedHeaders=content-length;
+        # content-type;host), so a PUT with another type or size no longer matches the signature
+        # and R2 refuses it (403 SignatureDoesNotMatch, as S3 does for a SigV4 mismatch).
+        params = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "ContentType": content_type,
+            "ContentLength": content_length,
+        }
+        return self._client.generate_presigned_url(
+            "put_object", Params=params, ExpiresIn=ttl_seconds
+        )
+
+    async def size_of(self, key: str) -> int | None:
+        return await asyncio.to_thread(self._size_of, key)
+
+    def _size_of(self, key: str) -> int | None:
+        answer = self._unless_missing(
+            "HEAD", self._client.head_object, Bucket=self._bucket, Key=key
+        )
+        return None if answer is None else int(answer["ContentLength"])
+
+    async def read_prefix(self, key: str, length: int) -> bytes:
+        return await asyncio.to_thread(self._read_prefix, key, length)
+
+    def _read_prefix(self, key: str, length: int) -> bytes:
+        answer = self._unless_missing(
+            "GET",
+            self._client.get_object,
+            Bucket=self._bucket,
+            Key=key,
+            Range=f"bytes=0-{length - 1}",
+        )
+        return b"" if answer is None else answer["Body"].read(length)
+
+    @staticmethod
+    def _unless_missing(operation: str, call: Any, **params: Any) -> dict[str, Any] | None:
+        """boto3's answer, None for a missing object, `StorageUnavailable` for the rest."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call(**params)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return None
+            raise StorageUnavailable(f"R2 {operation} failed with HTTP {status}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable("R2 could not be reached") from exc
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
