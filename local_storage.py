@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -33,10 +34,17 @@ _EXPIRES = re.compile(r"[0-9]{1,12}")  # a unix time in seconds
 
 
 class LocalStorage:
-    def __init__(self, root: Path, secret: bytes, public_base_url: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        secret: bytes,
+        public_base_url: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.root = root
         self._secret = secret
         self._base = public_base_url.rstrip("/")
+        self.clock = clock  # unix seconds; tests move it to expire a URL
         root.mkdir(parents=True, exist_ok=True)
 
     def _signature(
@@ -50,7 +58,7 @@ class LocalStorage:
     def _signed_url(
         self, method: str, key: str, ttl_seconds: int, content_type: str = "", length: str = ""
     ) -> str:
-        expires = int(time.time()) + ttl_seconds
+        expires = int(self.clock()) + ttl_seconds
         sig = self._signature(method, key, expires, content_type, length)
         sized = f"&length={length}" if length else ""
         return f"{self._base}{ROUTE_PREFIX}/{quote(key)}?expires={expires}{sized}&sig={sig}"
@@ -82,7 +90,7 @@ class LocalStorage:
     ) -> None:
         """Refuse (403) a URL that is expired, malformed or not signed by us."""
         # ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
-        if not _EXPIRES.fullmatch(expires) or int(expires) < time.time():
+        if not _EXPIRES.fullmatch(expires) or int(expires) < self.clock():
             raise Forbidden("The URL has expired", code="URL_EXPIRED")
         if length and not _LENGTH.fullmatch(length):
             raise Forbidden("The URL signature is invalid", code="INVALID_SIGNATURE")
