@@ -37,7 +37,7 @@ from errors import (
     UploadRefused,
     UploadSizeMismatch,
 )
-from http_errors import AUTH_ERRORS, STORE_ERRORS, error_responses
+from http_errors import AUTH_ERRORS, STORE_ERRORS, error_responses, invalid_request_body
 from idempotency import Answer, IdempotencyKeyHeader, answer_once, request_fingerprint
 from images import HEADER_BYTES, InvalidImage, read_header
 from local_storage import LocalStorage
@@ -251,12 +251,9 @@ UPLOAD_REFUSALS: tuple[type[GatewayError], ...] = (
 )
 
 
-@router.post(
-    "/uploads",
-    tags=[UPLOADS],
-    response_model=CreateUploadResponse,
-    summary="Upload a start image",
-    responses=error_responses(
+def create_upload_responses() -> dict[int | str, dict[str, Any]]:
+    """The route's errors, its 400 example naming this body's field (not create's durationSec)."""
+    responses = error_responses(
         InvalidRequest,
         *AUTH_ERRORS,
         IdempotencyKeyReused,
@@ -264,7 +261,19 @@ UPLOAD_REFUSALS: tuple[type[GatewayError], ...] = (
         PayloadTooLarge,
         TooManyPendingUploads,
         *STORE_ERRORS,
-    ),
+    )
+    field = FieldRefused("sizeBytes", "must be at most 10485760 (MAX_UPLOAD_BYTES)")
+    example = responses[400]["content"]["application/json"]["examples"][InvalidRequest.code]
+    example["value"] = invalid_request_body(field.errors)
+    return responses
+
+
+@router.post(
+    "/uploads",
+    tags=[UPLOADS],
+    response_model=CreateUploadResponse,
+    summary="Upload a start image",
+    responses=create_upload_responses(),
 )
 async def create_upload(
     body: Annotated[CreateUploadRequest, Body(openapi_examples=CREATE_UPLOAD_EXAMPLES)],

@@ -70,6 +70,7 @@ class TestOperations:
             ("/jobs/{job_id}/cancel", "post"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
+            ("/uploads", "post"),
         }
 
     def test_user_routes_declare_the_session_and_the_webhook_does_not(self, schema) -> None:
@@ -91,6 +92,7 @@ class TestOperations:
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
             ("/credits", "get"),
+            ("/uploads", "post"),
         }
         (webhook,) = schema["paths"]["/webhooks/runpod"].values()
         assert "security" not in webhook  # its proof is a signature or a URL token, not a session
