@@ -144,11 +144,14 @@ class TestRun:
                 timeout=60,
             )
         assert done.returncode == 0, done.stderr
-        before, first_poll, second_poll, after = json_values(done.stdout)
+        before, first_poll, second_poll, after, from_image = json_values(done.stdout)
         assert before == {"credits": 100, "plan": "starter"}
         assert first_poll["status"] == "running"
         assert second_poll["status"] == "done"
         assert after == {"credits": 95, "plan": "starter"}
+        # The upload's PUT answers no body; the job from the uploaded PNG rendered.
+        assert (from_image["status"], from_image["cost"]) == ("done", 2), from_image
+        assert "/_local/storage/uploads/user_alice/upl_" in from_image["imageUrl"]
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
         with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes())) as video:
