@@ -142,6 +142,8 @@ class UploadService:
     settings: Settings
     store: Store
     storage: ObjectStorage
+    # The stand-in for R2 in local mode, whose files the sweep deletes (R2's rule does it there).
+    local_files: LocalStorage | None = None
     # Now, in epoch milliseconds, as `JobService.clock`: tests move it to expire an upload.
     clock: Callable[[], int] = now_ms
 
@@ -211,10 +213,9 @@ class UploadService:
         """Forget uploads no job may use; locally, delete their files too (R2's rule does it)."""
         now = self.clock()
         forgotten = await self.store.purge_expired_uploads(now, SWEEP_BATCH)
-        bare = getattr(self.storage, "_storage", self.storage)  # under InstrumentedStorage
-        if isinstance(bare, LocalStorage):
+        if self.local_files is not None:
             cutoff = now / 1000 - UPLOAD_USABLE_SECONDS
-            await asyncio.to_thread(bare.sweep_uploads, cutoff)
+            await asyncio.to_thread(self.local_files.sweep_uploads, cutoff)
         return forgotten
 
     async def sweep_forever(
@@ -224,8 +225,8 @@ class UploadService:
             await sleep(interval * random.uniform(0.5, 1.5))  # jitter, as the reconciler's
             try:
                 await self.sweep_once()
-            except GatewayError as exc:  # the loop must outlive a store outage
-                log.warning("upload sweep failed: %s", exc.detail)
+            except Exception:  # the loop must outlive any one bad pass, as the reconciler's
+                log.exception("upload sweep failed")
 
 
 # --- Routes -----------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
     backends = Backends(store_name, auth_name, runpod_name, storage_name)
     log.info("gateway starting in %s mode: %s", settings.gateway_env.value, backends)
     readiness = Readiness(store, auth, jobs.runpod)
-    uploads = UploadService(settings=settings, store=store, storage=jobs.storage)
+    local_files = storage if isinstance(storage, LocalStorage) else None
+    uploads = UploadService(settings, store, jobs.storage, local_files=local_files)
     return State(
         store=store,
         storage=storage,
