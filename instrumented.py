@@ -14,7 +14,7 @@ import httpx
 
 from metrics import Metrics
 from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, Upload, User
-from r2_client import ObjectStorage
+from r2_client import ObjectInfo, ObjectStorage
 from store import Store
 
 T = TypeVar("T")
@@ -179,13 +179,17 @@ class InstrumentedStorage:
         with self._metrics.time_upstream(self._upstream, "presign_put"):
             return self._storage.presign_upload(key, ttl_seconds, content_type, content_length)
 
-    async def size_of(self, key: str) -> int | None:
+    async def stat(self, key: str) -> ObjectInfo | None:
         with self._metrics.time_upstream(self._upstream, "head"):
-            return await self._storage.size_of(key)
+            return await self._storage.stat(key)
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
         with self._metrics.time_upstream(self._upstream, "get_range"):
-            return await self._storage.read_prefix(key, length)
+            return await self._storage.read_prefix(key, length, etag)
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        with self._metrics.time_upstream(self._upstream, "copy"):
+            await self._storage.copy_if_unchanged(source, target, etag)
 
     async def close(self) -> None:
         await self._storage.close()

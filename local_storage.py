@@ -23,12 +23,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
 from errors import Forbidden, InvalidRequest, NotFound
+from r2_client import ObjectChanged, ObjectInfo
 
 ROUTE_PREFIX = "/_local/storage"
 # Keys are made by the gateway (`videos/<user>/<job>.mp4`); anything else is refused outright.
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.mp4$")
-# An image a user uploads (uploads.py): `uploads/<user>/<upload id>`.
-_UPLOAD_KEY = re.compile(r"^uploads/[A-Za-z0-9_\-]{1,128}/upl_[A-Za-z0-9_\-]{12,64}$")
+# An image a user uploads (uploads.py): `uploads/<user>/<upload id>`, and the gateway's copy of a
+# checked version of it, `<that>.<16 hex digits>`.
+_UPLOAD_KEY = re.compile(
+    r"^uploads/[A-Za-z0-9_\-]{1,128}/upl_[A-Za-z0-9_\-]{12,64}(\.[0-9a-f]{16})?$"
+)
 _LENGTH = re.compile(r"[0-9]{1,12}")
 _EXPIRES = re.compile(r"[0-9]{1,12}")  # a unix time in seconds
 
@@ -102,22 +106,38 @@ class LocalStorage:
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path_for(key).is_file)
 
-    async def size_of(self, key: str) -> int | None:
-        return await asyncio.to_thread(self._size_of, key)
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await asyncio.to_thread(self._stat, key)
 
-    def _size_of(self, key: str) -> int | None:
-        path = self.path_for(key)
-        return path.stat().st_size if path.is_file() else None
-
-    async def read_prefix(self, key: str, length: int) -> bytes:
-        return await asyncio.to_thread(self._read_prefix, key, length)
-
-    def _read_prefix(self, key: str, length: int) -> bytes:
+    def _stat(self, key: str) -> ObjectInfo | None:
         path = self.path_for(key)
         if not path.is_file():
-            return b""
-        with path.open("rb") as file:
+            return None
+        # A PUT writes a new file and renames it in place: a new inode and mtime, a new ETag.
+        status = path.stat()
+        version = f"{status.st_ino:x}-{status.st_mtime_ns:x}-{status.st_size:x}"
+        return ObjectInfo(status.st_size, f'"{version}"')
+
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        return await asyncio.to_thread(self._read_prefix, key, length, etag)
+
+    def _read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        self._require_version(key, etag)
+        with self.path_for(key).open("rb") as file:
             return file.read(length)
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        await asyncio.to_thread(self._copy_if_unchanged, source, target, etag)
+
+    def _copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        self._require_version(source, etag)
+        self.write(target, self.path_for(source).read_bytes())
+
+    def _require_version(self, key: str, etag: str) -> None:
+        """What R2 answers 412 for: the object is gone, or is another version than `etag`."""
+        info = self._stat(key)
+        if info is None or info.etag != etag:
+            raise ObjectChanged()
 
     def sweep_uploads(self, before: float) -> int:
         """Delete uploaded images last written before `before` (unix seconds); how many went.
@@ -139,7 +159,7 @@ class LocalStorage:
         # Write then rename, so a reader never sees half a video.
         target = self.path_for(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.part")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # the name kept whole
         partial.write_bytes(data)
         partial.replace(target)
 

@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from errors import UpstreamUnavailable
+from errors import GatewayError, UpstreamUnavailable
 
 # boto3's client class is generated at run time; there is nothing precise to annotate it with.
 S3Client = Any
@@ -26,6 +27,20 @@ VIDEO_CONTENT_TYPE = "video/mp4"
 class StorageUnavailable(UpstreamUnavailable):
     code = "STORAGE_UNAVAILABLE"
     detail = "Video storage is unavailable"
+
+
+class ObjectChanged(GatewayError):
+    """The object is no longer the version a condition named (HTTP 412 on If-Match)."""
+
+    status_code = 409
+    code = "OBJECT_CHANGED"
+    detail = "The object changed while it was being read"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size: int
+    etag: str  # names this version of the object: a later PUT makes another
 
 
 class ObjectStorage(Protocol):
@@ -43,12 +58,16 @@ class ObjectStorage(Protocol):
         """A PUT URL that takes exactly this Content-Type and Content-Length, or nothing."""
         ...
 
-    async def size_of(self, key: str) -> int | None:
-        """The object's size in bytes (a HEAD), or None when there is no such object."""
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and ETag (a HEAD), or None when there is no such object."""
         ...
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
-        """The object's first `length` bytes at most (a ranged GET); b"" when there is none."""
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        """The first `length` bytes at most of version `etag` (a ranged GET); `ObjectChanged`."""
+        ...
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        """Copy version `etag` of `source` to `target`, or `ObjectChanged` if it is not that."""
         ...
 
     async def close(self) -> None: ...
@@ -188,27 +207,49 @@ class R2Storage:
             "put_object", Params=params, ExpiresIn=ttl_seconds
         )
 
-    async def size_of(self, key: str) -> int | None:
-        return await asyncio.to_thread(self._size_of, key)
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await asyncio.to_thread(self._stat, key)
 
-    def _size_of(self, key: str) -> int | None:
+    def _stat(self, key: str) -> ObjectInfo | None:
         answer = self._unless_missing(
             "HEAD", self._client.head_object, Bucket=self._bucket, Key=key
         )
-        return None if answer is None else int(answer["ContentLength"])
+        if answer is None:
+            return None
+        return ObjectInfo(int(answer["ContentLength"]), answer["ETag"])
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
-        return await asyncio.to_thread(self._read_prefix, key, length)
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        return await asyncio.to_thread(self._read_prefix, key, length, etag)
 
-    def _read_prefix(self, key: str, length: int) -> bytes:
+    def _read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        # If-Match: the bytes of the version the HEAD saw, or a 412 (R2's GetObject honours it,
+        # developers.cloudflare.com/r2/api/s3/api/).
         answer = self._unless_missing(
             "GET",
             self._client.get_object,
             Bucket=self._bucket,
             Key=key,
             Range=f"bytes=0-{length - 1}",
+            IfMatch=etag,
         )
         return b"" if answer is None else answer["Body"].read(length)
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        await asyncio.to_thread(self._copy_if_unchanged, source, target, etag)
+
+    def _copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        # A server-side copy, conditional on the checked version (x-amz-copy-source-if-match,
+        # which R2's CopyObject supports: developers.cloudflare.com/r2/api/s3/api/).
+        answer = self._unless_missing(
+            "COPY",
+            self._client.copy_object,
+            Bucket=self._bucket,
+            Key=target,
+            CopySource={"Bucket": self._bucket, "Key": source},
+            CopySourceIfMatch=etag,
+        )
+        if answer is None:
+            raise ObjectChanged("The object was deleted while it was being copied")
 
     @staticmethod
     def _unless_missing(operation: str, call: Any, **params: Any) -> dict[str, Any] | None:
@@ -221,6 +262,8 @@ class R2Storage:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
                 return None
+            if status == 412:
+                raise ObjectChanged() from exc
             raise StorageUnavailable(f"R2 {operation} failed with HTTP {status}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable("R2 could not be reached") from exc

@@ -10,6 +10,7 @@ declared image format with a header size within the limits. The worker then gets
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -53,7 +54,7 @@ from models import (
     upload_key_for,
 )
 from openapi import UPLOADS
-from r2_client import ObjectStorage
+from r2_client import ObjectChanged, ObjectInfo, ObjectStorage
 from store import Store
 
 log = logging.getLogger("gateway.uploads")
@@ -64,6 +65,14 @@ UPLOAD_URL_TTL_SECONDS = 15 * 60
 # How long jobs may use an upload; the R2 lifecycle rule on `uploads/` deletes it after a day.
 UPLOAD_USABLE_SECONDS = 24 * 3600
 SWEEP_BATCH = 500
+
+
+class UploadChanged(UploadRefused):
+    """A PUT replaced the object while it was being checked: a retry checks the new one."""
+
+    status_code = 409
+    code = "UPLOAD_CHANGED"
+    detail = "The upload changed while it was being checked: try again"
 
 
 class UploadTooLarge(UploadRefused):
@@ -179,16 +188,24 @@ class UploadService:
         upload = await self.store.get_upload(user_id, upload_id)
         if self.clock() >= upload.usable_until:
             raise UploadExpired()
-        await self._check_object(upload)
+        checked = await self._check_object(upload)
+        # The upload URL may still be live: a later PUT must not reach the worker unchecked, so
+        # the worker reads a copy of the checked version, which only the gateway writes.
+        copy_key = f"{upload.object_key}.{hashlib.sha256(checked.etag.encode()).hexdigest()[:16]}"
+        try:
+            await self.storage.copy_if_unchanged(upload.object_key, copy_key, checked.etag)
+        except ObjectChanged:
+            raise UploadChanged() from None
         # Valid for as long as the job may wait and run, as the worker's own upload URL is.
         settings = self.settings
         ttl = settings.runpod_job_ttl_seconds + settings.runpod_execution_timeout_seconds
-        return self.storage.presign_get(upload.object_key, ttl)
+        return self.storage.presign_get(copy_key, ttl)
 
-    async def _check_object(self, upload: Upload) -> None:
-        size = await self.storage.size_of(upload.object_key)
-        if size is None:
+    async def _check_object(self, upload: Upload) -> ObjectInfo:
+        info = await self.storage.stat(upload.object_key)
+        if info is None:
             raise UploadIncomplete()
+        size = info.size
         if size > self.settings.max_upload_bytes:
             raise UploadTooLarge(
                 f"The file has {size} bytes; at most {self.settings.max_upload_bytes}"
@@ -197,7 +214,11 @@ class UploadService:
             raise UploadSizeMismatch(
                 f"The file has {size} bytes; {upload.size_bytes} were declared"
             )
-        header = read_header(await self.storage.read_prefix(upload.object_key, HEADER_BYTES))
+        try:
+            prefix = await self.storage.read_prefix(upload.object_key, HEADER_BYTES, info.etag)
+        except ObjectChanged:
+            raise UploadChanged() from None
+        header = read_header(prefix)
         if header.content_type != upload.content_type:
             raise ImageTypeMismatch(
                 f"The bytes are {header.content_type}; {upload.content_type} was declared"
@@ -208,6 +229,7 @@ class UploadService:
                 f"The image is {header.width}x{header.height} pixels; each side may be at most"
                 f" {limit}"
             )
+        return info
 
     async def sweep_once(self) -> int:
         """Forget uploads no job may use; locally, delete their files too (R2's rule does it)."""
@@ -249,6 +271,7 @@ UPLOAD_REFUSALS: tuple[type[GatewayError], ...] = (
     InvalidImage,
     ImageTypeMismatch,
     ImageTooLarge,
+    UploadChanged,
 )
 
 

@@ -137,7 +137,10 @@ class TestOperations:
         assert error_codes(schema, "/jobs/create", "409") == {
             "IDEMPOTENCY_KEY_REUSED",
             "IDEMPOTENCY_KEY_IN_USE",
+            "UPLOAD_CHANGED",
         }
+        assert error_codes(schema, "/jobs/create", "404") == {"UPLOAD_NOT_FOUND"}
+        assert error_codes(schema, "/uploads", "429") == {"TOO_MANY_PENDING_UPLOADS"}
         assert error_codes(schema, "/jobs/{job_id}/cancel", "409") >= {"JOB_NOT_CANCELABLE"}
         assert error_codes(schema, "/webhooks/runpod", "401") == {"INVALID_SIGNATURE"}
 

@@ -126,6 +126,19 @@ class TestJobFromLocalUpload:
         assert fetched.status_code == 200 and fetched.content == image
         assert (await client.get("/credits", headers=alice)).json()["credits"] == 98
 
+    async def test_a_put_after_the_checks_never_reaches_the_worker(
+        self, client: httpx.AsyncClient, alice: dict[str, str], runpod: respx.MockRouter
+    ) -> None:
+        image = png(320, 180)
+        upload = await new_upload(client, alice, len(image))
+        assert (await put(client, upload, image)).status_code == 200
+        assert (await create_from(client, alice, upload["uploadId"])).status_code == 200
+        swapped = png(4000, 4000)[: len(image)]  # same type and size: the URL takes it
+        assert (await put(client, upload, swapped)).status_code == 200
+
+        sent = json.loads(runpod.routes[0].calls.last.request.content)["input"]
+        assert (await client.get(local_path(sent["imageUrl"]))).content == image
+
 
 class TestSweep:
     async def test_forgets_expired_uploads_and_deletes_their_files(

@@ -182,9 +182,23 @@ class TestJobFromUpload:
         assert answer.status_code == 200, answer.text
 
         sent = json.loads(runpod.routes[0].calls.last.request.content)["input"]
-        assert "/uploads/user_alice/upl_" in sent["imageUrl"]
+        assert re.search(r"/uploads/user_alice/upl_[\w-]{16}\.[0-9a-f]{16}\?", sent["imageUrl"])
         assert httpx.get(sent["imageUrl"]).content == image
         assert (await client.get("/credits", headers=alice)).json()["credits"] == 97
+
+    async def test_a_put_after_the_checks_never_reaches_the_worker(
+        self, client: httpx.AsyncClient, alice: dict[str, str], runpod: respx.MockRouter
+    ) -> None:
+        """The upload URL outlives the checks: the worker reads the gateway's checked copy."""
+        image = png(320, 180)
+        upload = await new_upload(client, alice, image)
+        assert put(upload, image).status_code == 200
+        assert (await create_from(client, alice, upload["uploadId"])).status_code == 200
+        swapped = png(4000, 4000)[: len(image)]  # same type and size, past the pixel limit
+        assert put(upload, swapped).status_code == 200
+
+        sent = json.loads(runpod.routes[0].calls.last.request.content)["input"]
+        assert httpx.get(sent["imageUrl"]).content == image
 
     async def test_one_upload_starts_several_jobs(
         self, client: httpx.AsyncClient, alice: dict[str, str]
