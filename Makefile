@@ -24,10 +24,13 @@ help:
 # what it imports, on first import, instead.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
 
+# Said on stderr, not echoed on stdout: `TOKEN=$$(make token)` must capture the token alone, even
+# on the first run or after a requirements change, when this layer installs first.
 $(RUN_STAMP): requirements.txt requirements-local.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -r requirements-local.txt
-	touch $@
+	@echo "Installing what running needs into $(VENV) (requirements-local.txt)" >&2
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) >&2
+	@$(PIP_INSTALL) -r requirements-local.txt >&2
+	@touch $@
 
 $(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(PIP_INSTALL) -r requirements-dev.txt

@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     signup_credits: int | None = Field(default=None, ge=0)
     default_plan: str = "starter"
     image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Direct uploads (uploads.py). 10 MiB holds any photo a phone takes; the worker fetches a
+    # start image of at most 20 MiB (worker/transfer.py), so no larger limit could ever be used.
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, le=20 * 1024 * 1024)
+    # Uploads whose 15-minute URL is still live, per user: enough for a few tries at once,
+    # few enough that one user cannot mint URLs (and R2 objects) without bound.
+    max_pending_uploads: int = Field(default=10, ge=1)
+    # Width and height, each, read from the image's header: 4096 is past any video model's
+    # input, and keeps a decompression bomb (a tiny file declaring 60000x60000) from the worker.
+    max_image_dimension_px: int = Field(default=4096, ge=1)
     # RunPod forgets a job `ttl` after submission, whatever its state. An hour, not RunPod's day:
     # a job whose submission outcome is unknown is refunded only once it can no longer run.
     runpod_job_ttl_seconds: int = Field(default=3_600, ge=10)

@@ -59,9 +59,11 @@ from errors import (
     NotFound,
     StoreUnavailable,
     TooManyActiveJobs,
+    TooManyPendingUploads,
+    UploadNotFound,
     UpstreamError,
 )
-from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, User
+from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, Upload, User
 
 log = logging.getLogger("gateway.convex")
 
@@ -160,6 +162,8 @@ _BUSINESS_ERRORS: dict[str, type[GatewayError]] = {
     "INVALID_REQUEST": InvalidRequest,
     "CONFLICT": ConvexConflict,
     "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
+    "TOO_MANY_PENDING_UPLOADS": TooManyPendingUploads,
+    "UPLOAD_NOT_FOUND": UploadNotFound,
 }
 
 
@@ -202,7 +206,12 @@ def _convex_error(path: str, data: Any) -> GatewayError:
     code = data.get("code") if isinstance(data, dict) else None
     if isinstance(code, str) and code in _BUSINESS_ERRORS:
         detail = data.get("message")
-        return _BUSINESS_ERRORS[code](detail if isinstance(detail, str) else None)
+        error = _BUSINESS_ERRORS[code](detail if isinstance(detail, str) else None)
+        retry_after = data.get("retryAfter")
+        if isinstance(retry_after, int | float) and retry_after >= 1:
+            # When the function knows when a retry can succeed (convex/model.ts `fail`).
+            error.headers["Retry-After"] = str(int(retry_after))
+        return error
     log.error("Convex %s threw a ConvexError the gateway does not know: %r", path, data)
     return ConvexFunctionFailed()
 
@@ -307,6 +316,32 @@ def _user(value: dict[str, Any]) -> User:
         created_at=int(value["createdAt"]),
         updated_at=int(value["updatedAt"]),
         signup_grant=_signup_grant(value),
+    )
+
+
+def _upload_args(upload: Upload) -> dict[str, Any]:
+    return {
+        "uploadId": upload.upload_id,
+        "userId": upload.user_id,
+        "contentType": upload.content_type,
+        "sizeBytes": upload.size_bytes,
+        "objectKey": upload.object_key,
+        "createdAt": upload.created_at,
+        "expiresAt": upload.expires_at,
+        "usableUntil": upload.usable_until,
+    }
+
+
+def _upload(value: dict[str, Any]) -> Upload:
+    return Upload(
+        upload_id=value["uploadId"],
+        user_id=value["userId"],
+        content_type=value["contentType"],
+        size_bytes=int(value["sizeBytes"]),
+        object_key=value["objectKey"],
+        created_at=int(value["createdAt"]),
+        expires_at=int(value["expiresAt"]),
+        usable_until=int(value["usableUntil"]),
     )
 
 
@@ -539,6 +574,20 @@ class ConvexStore:
 
     async def audit(self) -> list[str]:
         return [str(problem) for problem in await self._walk("audit", "problems")]
+
+    # --- uploads ---
+
+    async def create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        value = await self._mutation(
+            "createUpload", upload=_upload_args(upload), maxPending=max_pending
+        )
+        return _upload(value)
+
+    async def get_upload(self, user_id: str, upload_id: str) -> Upload:
+        return _upload(await self._query("getUpload", userId=user_id, uploadId=upload_id))
+
+    async def purge_expired_uploads(self, before: int, limit: int) -> int:
+        return int(await self._mutation("purgeExpiredUploads", before=before, limit=limit))
 
     async def ping(self) -> None:
         """Calls `gateway:ping`, which cannot fail by itself: any function error means the

@@ -163,3 +163,55 @@ class InvalidCursor(GatewayError):
     status_code = 400
     code = "INVALID_CURSOR"
     detail = "The cursor is malformed"
+
+
+# --- Uploads (uploads.py) ---------------------------------------------------------------------
+
+
+class UploadNotFound(NotFound):
+    """An unknown upload id, or another user's: the same answer, so ids cannot be probed."""
+
+    code = "UPLOAD_NOT_FOUND"
+    detail = "Upload not found"
+
+
+class TooManyPendingUploads(GatewayError):
+    status_code = 429
+    code = "TOO_MANY_PENDING_UPLOADS"
+    detail = "Too many uploads are pending"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 60) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class UploadRefused(GatewayError):
+    """An upload a job cannot use; each reason has its own code, and nothing is charged."""
+
+    status_code = 400
+    code = "UPLOAD_INVALID"
+    detail = "The upload cannot be used"
+
+
+class UploadExpired(UploadRefused):
+    code = "UPLOAD_EXPIRED"
+    detail = "The upload has expired: upload the image again"
+
+
+class UploadIncomplete(UploadRefused):
+    code = "UPLOAD_INCOMPLETE"
+    detail = "Nothing has been uploaded to this upload's URL yet"
+
+
+class UploadSizeMismatch(UploadRefused):
+    code = "UPLOAD_SIZE_MISMATCH"
+    detail = "The uploaded file's size is not the declared sizeBytes"
+
+
+class ImageTypeMismatch(UploadRefused):
+    code = "IMAGE_TYPE_MISMATCH"
+    detail = "The uploaded bytes are not the declared contentType"
+
+
+class ImageTooLarge(UploadRefused):
+    code = "IMAGE_TOO_LARGE"
+    detail = "The image's pixel dimensions are over the limit"

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import httpx
 
 from metrics import Metrics
-from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, User
-from r2_client import ObjectStorage
+from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, Upload, User
+from r2_client import ObjectInfo, ObjectStorage
 from store import Store
 
 T = TypeVar("T")
@@ -137,6 +137,16 @@ class InstrumentedStore:
     async def ping(self) -> None:
         await self._timed("ping", self._store.ping())
 
+    async def create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        return await self._timed("create_upload", self._store.create_upload(upload, max_pending))
+
+    async def get_upload(self, user_id: str, upload_id: str) -> Upload:
+        return await self._timed("get_upload", self._store.get_upload(user_id, upload_id))
+
+    async def purge_expired_uploads(self, before: int, limit: int) -> int:
+        call = self._store.purge_expired_uploads(before, limit)
+        return await self._timed("purge_expired_uploads", call)
+
     async def close(self) -> None:
         await self._store.close()
 
@@ -169,6 +179,24 @@ class InstrumentedStorage:
     async def delete(self, key: str) -> None:
         with self._metrics.time_upstream(self._upstream, "delete"):
             await self._storage.delete(key)
+
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        with self._metrics.time_upstream(self._upstream, "presign_put"):
+            return self._storage.presign_upload(key, ttl_seconds, content_type, content_length)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        with self._metrics.time_upstream(self._upstream, "head"):
+            return await self._storage.stat(key)
+
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        with self._metrics.time_upstream(self._upstream, "get_range"):
+            return await self._storage.read_prefix(key, length, etag)
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        with self._metrics.time_upstream(self._upstream, "copy"):
+            await self._storage.copy_if_unchanged(source, target, etag)
 
     async def close(self) -> None:
         await self._storage.close()

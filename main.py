@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from auth import dev_jwks
 from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
-from deps import CurrentUser, SettingsDep
+from deps import Caller, CurrentUser, SettingsDep
 from errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
@@ -57,6 +57,8 @@ from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install
 from r2_client import StorageUnavailable
 from readiness import failed_parts
 from runpod_client import RunPodError
+from uploads import UPLOAD_REFUSALS, UploadsDep, UploadService
+from uploads import router as uploads_router
 from webhooks import receive_webhook
 from wiring import State, build_state, configure_logging_for
 
@@ -73,6 +75,10 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
                 reconciler = Reconciler(state["jobs"], on_action=metrics.count_reconciler_action)
                 task = asyncio.create_task(reconciler.run_forever())
                 stack.callback(task.cancel)
+                # Forgets uploads no job may use (and, locally, deletes their files).
+                interval = settings.reconcile_interval_seconds
+                sweep = asyncio.create_task(state["uploads"].sweep_forever(interval))
+                stack.callback(sweep.cancel)
             yield state
         # uvicorn runs this after the requests in flight finished (or its graceful timeout).
         log.info("shutdown complete: requests drained, clients closed")
@@ -111,29 +117,46 @@ def create_job_body(settings: Settings) -> Any:
 async def create_job(
     body: CreateJobRequest,
     user: CurrentUser,
+    uploads: UploadsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Charge `durationSec × CREDITS_PER_SECOND` credits and submit the job to RunPod.
 
-    With an `Idempotency-Key`, a retry of the same request returns the first answer
-    (the same `jobId`) and is never charged or submitted twice.
+    The start image is an `imageUrl`, or an `imageUploadId` from `POST /uploads`, checked
+    before anything is charged. With an `Idempotency-Key`, a retry of the same request returns
+    the first answer (the same `jobId`) and is never charged or submitted twice.
     """
     jobs, key = user.jobs, idempotency_key
     if key is None:
-        job = await jobs.create(user.user_id, body)
+        job = await jobs.create(user.user_id, await with_uploaded_image(body, user, uploads))
         return CreateJobResponse(job_id=job.job_id)
 
     async def create_once(existing_job_id: str | None) -> Answer:
         if existing_job_id:  # a crashed attempt had already charged: that is the answer
             return 200, {"jobId": existing_job_id}
+        request = await with_uploaded_image(body, user, uploads)  # a refusal frees the key
         try:
-            job = await jobs.create(user.user_id, body, key)
+            job = await jobs.create(user.user_id, request, key)
         except RunPodError as exc:  # charged, then refunded: the request did execute
             return exc.status_code, error_body(exc.code, exc.detail)
         return 200, {"jobId": job.job_id}
 
     fingerprint = request_fingerprint("create", body.model_dump(mode="json"))
     return await answer_once(jobs.store, user.user_id, key, fingerprint, create_once)
+
+
+async def with_uploaded_image(
+    body: CreateJobRequest, user: Caller, uploads: UploadService
+) -> CreateJobRequest:
+    """The request with an upload's checked, presigned GET URL as its `imageUrl`, if it names one.
+
+    The job keeps that URL as its `imageUrl`: the worker contract is unchanged, and the owner
+    sees the image the job started from while the URL lasts (the job's own time).
+    """
+    if body.image_upload_id is None:
+        return body
+    url = await uploads.image_url_for_job(user.user_id, body.image_upload_id)
+    return body.model_copy(update={"image_url": url, "image_upload_id": None})
 
 
 def create_job_route(settings: Settings) -> APIRouter:
@@ -162,6 +185,7 @@ def create_job_route(settings: Settings) -> APIRouter:
             IdempotencyKeyInUse,
             PayloadTooLarge,
             TooManyActiveJobs,
+            *UPLOAD_REFUSALS,
             *STORE_ERRORS,
         ),
     )(endpoint)
@@ -371,6 +395,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(create_job_route(settings))
     app.include_router(router)
+    app.include_router(uploads_router)
     if not settings.uses_real_clerk:
         app.include_router(local_dev_router)
     install_openapi(app, settings)

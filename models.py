@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     create_model,
     field_validator,
 )
@@ -103,6 +104,19 @@ def object_key_for(user_id: str, job_id: str) -> str:
     return f"videos/{user_id}/{job_id}.mp4"
 
 
+# What `new_upload_id` makes, with room to spare, as for jobs.
+UPLOAD_ID_PATTERN = re.compile(r"upl_[A-Za-z0-9_\-]{12,64}")
+
+
+def new_upload_id() -> str:
+    return "upl_" + secrets.token_urlsafe(12)
+
+
+def upload_key_for(user_id: str, upload_id: str) -> str:
+    # Under the user, so one R2 lifecycle rule on `uploads/` expires them all (README).
+    return f"uploads/{user_id}/{upload_id}"
+
+
 # --- Records the stores hand back -------------------------------------------------------------
 
 
@@ -155,6 +169,20 @@ class Job:
     idempotency_key: str | None = None
     # Not stored, like `User.signup_grant`: set on the answer of the charge that created its user.
     signup_grant: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An image a user uploads straight to storage, for jobs to start from (uploads.py)."""
+
+    upload_id: str
+    user_id: str
+    content_type: str
+    size_bytes: int  # declared, and signed into the upload URL
+    object_key: str
+    created_at: int
+    expires_at: int  # the upload URL stops working; until then the upload is pending
+    usable_until: int  # jobs may use it until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +363,14 @@ CREATE_JOB_EXAMPLES: dict[str, Example] = {
         },
     },
 }
+CREATE_JOB_EXAMPLES["from an uploaded image"] = {
+    "summary": "Animate an image uploaded with POST /uploads",
+    "value": {
+        "prompt": "The paper boat drifts down the rainy street",
+        "imageUploadId": "upl_Qm7c2VbX9kLp4sTe",
+        "durationSec": 3,
+    },
+}
 # RunPod's webhook body: its status payload plus the job's `input` (with our `jobId`).
 WEBHOOK_EXAMPLES: dict[str, Example] = {
     "completed": {
@@ -371,6 +407,10 @@ class CreateJobRequest(RequestModel):
     image_url: StrictStr | None = Field(
         default=None, description="Optional https URL of a start image."
     )
+    image_upload_id: StrictStr | None = Field(
+        default=None,
+        description="Optional start image uploaded with POST /uploads; not with imageUrl.",
+    )
     duration_sec: StrictInt = Field(description="Video length in seconds.")
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         default=None, description="Random seed; the gateway picks and records one when omitted."
@@ -398,6 +438,14 @@ class CreateJobRequest(RequestModel):
     @classmethod
     def _image_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_image_url(value)
+
+    @field_validator("image_upload_id")
+    @classmethod
+    def _one_start_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Declared after image_url, so its value (when valid) is already in `info.data`.
+        if value is not None and info.data.get("image_url") is not None:
+            raise ValueError("must not be given together with imageUrl: send one of them")
+        return value
 
 
 def create_job_request_model(

@@ -91,9 +91,10 @@ async def redoc(request: Request) -> HTMLResponse:
 # --- The schema -------------------------------------------------------------------------------
 
 # The groups /docs shows the operations in, in this order.
-JOBS, CREDITS, WEBHOOKS = "Jobs", "Credits", "Webhooks"
+JOBS, UPLOADS, CREDITS, WEBHOOKS = "Jobs", "Uploads", "Credits", "Webhooks"
 OPENAPI_TAGS = [
     {"name": JOBS, "description": "Create video jobs, follow them, cancel them."},
+    {"name": UPLOADS, "description": "Upload a start image straight to storage, for jobs."},
     {"name": CREDITS, "description": "What a caller can still spend."},
     {"name": WEBHOOKS, "description": "Calls RunPod makes when a job finishes."},
 ]
@@ -149,6 +150,8 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             components.pop(name, None)
         duration = components["CreateJobRequest"]["properties"]["durationSec"]
         duration.update(minimum=settings.min_duration_sec, maximum=settings.max_duration_sec)
+        size = components["CreateUploadRequest"]["properties"]["sizeBytes"]
+        size["maximum"] = settings.max_upload_bytes
         restore_examples(components)
         declare_security(schema, app)
         app.openapi_schema = schema

@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Final, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from errors import UpstreamUnavailable
+from errors import GatewayError, UpstreamUnavailable
 
 if TYPE_CHECKING:
     # boto3's client class is generated at run time; boto3-stubs' S3 package (a dev tool, not
@@ -31,6 +32,20 @@ class StorageUnavailable(UpstreamUnavailable):
     detail = "Video storage is unavailable"
 
 
+class ObjectChanged(GatewayError):
+    """The object is no longer the version a condition named (HTTP 412 on If-Match)."""
+
+    status_code = 409
+    code = "OBJECT_CHANGED"
+    detail = "The object changed while it was being read"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size: int
+    etag: str  # names this version of the object: a later PUT makes another
+
+
 class ObjectStorage(Protocol):
     """What the gateway needs from object storage: R2 in production, a directory locally."""
 
@@ -42,6 +57,24 @@ class ObjectStorage(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object; a key that is already gone is not an error."""
+        ...
+
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        """A PUT URL that takes exactly this Content-Type and Content-Length, or nothing."""
+        ...
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and ETag (a HEAD), or None when there is no such object."""
+        ...
+
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        """The first `length` bytes at most of version `etag` (a ranged GET); `ObjectChanged`."""
+        ...
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        """Copy version `etag` of `source` to `target`, or `ObjectChanged` if it is not that."""
         ...
 
     async def close(self) -> None: ...
@@ -167,11 +200,12 @@ class R2Storage:
         await asyncio.to_thread(self._delete, key)
 
     def _delete(self, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         # S3's DeleteObject answers 204 whether or not the key exists, so a repeat is no error.
         # R2 implements DeleteObject (developers.cloudflare.com/r2/api/s3/api/) and documents
         # boto3's `delete_object` for it (/r2/objects/delete-objects/).
+        # So any 404 here is the bucket's (NoSuchBucket), a failure, unlike `_unless_missing`'s.
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
             self._client.delete_object(Bucket=self._bucket, Key=key)
         except ClientError as exc:
@@ -179,6 +213,86 @@ class R2Storage:
             raise StorageUnavailable(f"R2 DELETE failed with HTTP {status}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable("R2 could not be reached") from exc
+
+    def presign_upload(
+        self, key: str, ttl_seconds: int, content_type: str, content_length: int
+    ) -> str:
+        # A presigned PUT, not a POST policy: R2's presigned URLs allow GET, PUT, HEAD or DELETE
+        # (developers.cloudflare.com/r2/api/s3/presigned-urls/), and R2 does not support POST
+        # policy uploads. botocore signs both headers (X-Amz-SignedHeaders=content-length;
+        # content-type;host), so a PUT with another type or size no longer matches the signature
+        # and R2 refuses it (403 SignatureDoesNotMatch, as S3 does for a SigV4 mismatch).
+        params = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "ContentType": content_type,
+            "ContentLength": content_length,
+        }
+        return self._client.generate_presigned_url(
+            "put_object", Params=params, ExpiresIn=ttl_seconds
+        )
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await asyncio.to_thread(self._stat, key)
+
+    def _stat(self, key: str) -> ObjectInfo | None:
+        answer = self._unless_missing(
+            "HEAD", self._client.head_object, Bucket=self._bucket, Key=key
+        )
+        if answer is None:
+            return None
+        return ObjectInfo(int(answer["ContentLength"]), answer["ETag"])
+
+    async def read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        return await asyncio.to_thread(self._read_prefix, key, length, etag)
+
+    def _read_prefix(self, key: str, length: int, etag: str) -> bytes:
+        # If-Match: the bytes of the version the HEAD saw, or a 412 (R2's GetObject honours it,
+        # developers.cloudflare.com/r2/api/s3/api/).
+        answer = self._unless_missing(
+            "GET",
+            self._client.get_object,
+            Bucket=self._bucket,
+            Key=key,
+            Range=f"bytes=0-{length - 1}",
+            IfMatch=etag,
+        )
+        return b"" if answer is None else answer["Body"].read(length)
+
+    async def copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        await asyncio.to_thread(self._copy_if_unchanged, source, target, etag)
+
+    def _copy_if_unchanged(self, source: str, target: str, etag: str) -> None:
+        # A server-side copy, conditional on the checked version (x-amz-copy-source-if-match,
+        # which R2's CopyObject supports: developers.cloudflare.com/r2/api/s3/api/).
+        answer = self._unless_missing(
+            "COPY",
+            self._client.copy_object,
+            Bucket=self._bucket,
+            Key=target,
+            CopySource={"Bucket": self._bucket, "Key": source},
+            CopySourceIfMatch=etag,
+        )
+        if answer is None:
+            raise ObjectChanged("The object was deleted while it was being copied")
+
+    @staticmethod
+    def _unless_missing(operation: str, call: Any, **params: Any) -> dict[str, Any] | None:
+        """boto3's answer, None for a missing object, `StorageUnavailable` for the rest."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer: dict[str, Any] = call(**params)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return None
+            if status == 412:
+                raise ObjectChanged() from exc
+            raise StorageUnavailable(f"R2 {operation} failed with HTTP {status}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable("R2 could not be reached") from exc
+        return answer
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

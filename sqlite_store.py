@@ -28,6 +28,8 @@ from errors import (
     NotFound,
     StoreUnavailable,
     TooManyActiveJobs,
+    TooManyPendingUploads,
+    UploadNotFound,
 )
 from models import (
     ACTIVE_STATUSES,
@@ -39,6 +41,7 @@ from models import (
     JobStatus,
     NewJob,
     StatusUpdate,
+    Upload,
     User,
     now_ms,
 )
@@ -121,6 +124,32 @@ CREATE UNIQUE INDEX IF NOT EXISTS ledger_once_per_job ON ledger (job_id, kind)
     WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS ledger_by_user ON ledger (user_id);
 """
+
+
+# Uploads (uploads.py): no foreign key to users, since an upload costs nothing and creates no user.
+UPLOAD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+    object_key TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    usable_until INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_by_user_expiry ON uploads (user_id, expires_at);
+CREATE INDEX IF NOT EXISTS uploads_by_usable_until ON uploads (usable_until);
+"""
+_UPLOAD_COLUMNS = (
+    "upload_id, user_id, content_type, size_bytes, object_key, created_at, expires_at,"
+    " usable_until"
+)
+
+
+def retry_after_seconds(oldest_expiry_ms: int, now_ms: int) -> int:
+    """Until the oldest pending upload URL expires and frees a place: at least 1 s."""
+    return max(1, -(-(oldest_expiry_ms - now_ms) // 1000))
 
 
 _JOB_COLUMNS = (
@@ -236,6 +265,7 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         add_deletion_schema(db)
+        db.executescript(UPLOAD_SCHEMA)
         return db
 
     def _connect_reader(self) -> sqlite3.Connection:
@@ -613,6 +643,62 @@ class SQLiteStore:
         for row in rows:
             problems += job_problems(row["job_id"], JobStatus(row["status"]), row["c"], row["r"])
         return problems
+
+    # --- uploads --------------------------------------------------------------------------
+
+    def _create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        with self._transaction() as db:
+            pending = db.execute(
+                "SELECT COUNT(*) AS n, MIN(expires_at) AS oldest FROM uploads"
+                " WHERE user_id = ? AND expires_at > ?",
+                (upload.user_id, upload.created_at),
+            ).fetchone()
+            if pending["n"] >= max_pending:
+                raise TooManyPendingUploads(
+                    f"You have {pending['n']} uploads pending; the limit is {max_pending}",
+                    retry_after=retry_after_seconds(pending["oldest"], upload.created_at),
+                )
+            db.execute(
+                f"INSERT INTO uploads ({_UPLOAD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    upload.upload_id,
+                    upload.user_id,
+                    upload.content_type,
+                    upload.size_bytes,
+                    upload.object_key,
+                    upload.created_at,
+                    upload.expires_at,
+                    upload.usable_until,
+                ),
+            )
+            return upload
+
+    @staticmethod
+    def _upload_row(db: sqlite3.Connection, upload_id: str) -> Upload | None:
+        row = db.execute(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE upload_id = ?", (upload_id,)
+        ).fetchone()
+        return None if row is None else Upload(**dict(row))
+
+    def _purge_expired_uploads(self, before: int, limit: int) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                "DELETE FROM uploads WHERE upload_id IN (SELECT upload_id FROM uploads"
+                " WHERE usable_until <= ? ORDER BY usable_until LIMIT ?)",
+                (before, limit),
+            ).rowcount
+
+    async def create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        return await self._run(self._create_upload, upload, max_pending)
+
+    async def get_upload(self, user_id: str, upload_id: str) -> Upload:
+        upload = await self._read(self._upload_row, upload_id)
+        if upload is None or upload.user_id != user_id:
+            raise UploadNotFound()
+        return upload
+
+    async def purge_expired_uploads(self, before: int, limit: int) -> int:
+        return await self._run(self._purge_expired_uploads, before, limit)
 
     # --- the async interface --------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from models import (
     JobPage,
     NewJob,
     StatusUpdate,
+    Upload,
     User,
 )
 
@@ -116,6 +117,23 @@ class Store(Protocol):
 
     async def audit(self) -> list[str]:
         """Every broken money invariant, as a sentence; empty when the books balance."""
+        ...
+
+    # --- uploads (uploads.py) ---
+
+    async def create_upload(self, upload: Upload, max_pending: int) -> Upload:
+        """Record an upload, unless the user has `max_pending` whose URL is still live (429).
+
+        Pending means `expires_at` is after this upload's `created_at` (the caller's clock).
+        """
+        ...
+
+    async def get_upload(self, user_id: str, upload_id: str) -> Upload:
+        """The user's upload, or `UploadNotFound` (also for another user's)."""
+        ...
+
+    async def purge_expired_uploads(self, before: int, limit: int) -> int:
+        """Forget up to `limit` uploads no longer usable at `before`; how many went."""
         ...
 
     async def ping(self) -> None: ...

@@ -24,6 +24,7 @@ from readiness import Readiness
 from runpod_client import CONNECT_RETRIES, RunPodClient, build_http_client
 from sqlite_store import SQLiteStore
 from store import Store
+from uploads import UploadService
 
 log = logging.getLogger("gateway")
 
@@ -37,6 +38,7 @@ class State(TypedDict):
     jobs: JobService
     settings: Settings
     readiness: Readiness
+    uploads: UploadService
 
 
 @dataclass
@@ -157,8 +159,16 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
     backends = Backends(store_name, auth_name, runpod_name, storage_name)
     log.info("gateway starting in %s mode: %s", settings.gateway_env.value, backends)
     readiness = Readiness(store, auth, jobs.runpod)
+    local_files = storage if isinstance(storage, LocalStorage) else None
+    uploads = UploadService(settings, store, jobs.storage, local_files=local_files)
     return State(
-        store=store, storage=storage, auth=auth, jobs=jobs, settings=settings, readiness=readiness
+        store=store,
+        storage=storage,
+        auth=auth,
+        jobs=jobs,
+        settings=settings,
+        readiness=readiness,
+        uploads=uploads,
     )
 
 

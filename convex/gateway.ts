@@ -955,3 +955,92 @@ export const audit = internalQuery({
     return { problems: totals.flatMap(balanceProblem), cursor: encodeCursor(next ?? jobsNext) };
   },
 });
+
+// --- uploads (`uploads.py`) ---------------------------------------------------------------------
+
+const uploadRecord = v.object({
+  uploadId: v.string(),
+  userId: v.string(),
+  contentType: v.string(),
+  sizeBytes: v.number(),
+  objectKey: v.string(),
+  createdAt: v.number(),
+  expiresAt: v.number(),
+  usableUntil: v.number(),
+});
+
+function toUpload(doc: Doc<"uploads">) {
+  const { _id, _creationTime, ...fields } = doc;
+  return fields;
+}
+
+/**
+ * Record an upload, unless the user already has `maxPending` whose URL is still live at its
+ * `createdAt` (the gateway's clock). One transaction, so two instances cannot both take the last
+ * place; the count reads one bounded index range (`take(maxPending)`), whatever the history.
+ */
+export const createUpload = internalMutation({
+  args: { upload: uploadRecord, maxPending: v.number() },
+  returns: uploadRecord,
+  handler: async (ctx, { upload, maxPending }) => {
+    requireWhole("maxPending", maxPending, 1);
+    requireWhole("sizeBytes", upload.sizeBytes, 1);
+    const pending = await ctx.db
+      .query("uploads")
+      .withIndex("by_user_expires", (q) =>
+        q.eq("userId", upload.userId).gt("expiresAt", upload.createdAt),
+      )
+      .take(maxPending);
+    if (pending.length >= maxPending) {
+      // Ascending `expiresAt`: the first frees the first place. Rounded up, at least 1 s.
+      const wait = Math.max(1, Math.ceil((pending[0].expiresAt - upload.createdAt) / 1000));
+      throw fail(
+        "TOO_MANY_PENDING_UPLOADS",
+        `You have ${pending.length} uploads pending; the limit is ${maxPending}`,
+        wait,
+      );
+    }
+    const existing = await ctx.db
+      .query("uploads")
+      .withIndex("by_uploadId", (q) => q.eq("uploadId", upload.uploadId))
+      .unique();
+    if (existing !== null) {
+      throw fail("CONFLICT", `Upload ${upload.uploadId} already exists`);
+    }
+    const id = await ctx.db.insert("uploads", upload);
+    return toUpload((await ctx.db.get("uploads", id))!);
+  },
+});
+
+/** The user's upload; another user's is the same `UPLOAD_NOT_FOUND` as an unknown id. */
+export const getUpload = internalQuery({
+  args: { userId: v.string(), uploadId: v.string() },
+  returns: uploadRecord,
+  handler: async (ctx, { userId, uploadId }) => {
+    const upload = await ctx.db
+      .query("uploads")
+      .withIndex("by_uploadId", (q) => q.eq("uploadId", uploadId))
+      .unique();
+    if (upload === null || upload.userId !== userId) {
+      throw fail("UPLOAD_NOT_FOUND", "Upload not found");
+    }
+    return toUpload(upload);
+  },
+});
+
+/** Forget up to `limit` uploads no job may use any more; bounded like `purgeIdempotencyKeys`. */
+export const purgeExpiredUploads = internalMutation({
+  args: { before: v.number(), limit: v.number() },
+  returns: v.number(),
+  handler: async (ctx, { before, limit }) => {
+    requireWhole("limit", limit, 1);
+    const expired = await ctx.db
+      .query("uploads")
+      .withIndex("by_usableUntil", (q) => q.lte("usableUntil", before))
+      .take(Math.min(limit, MAX_BATCH));
+    for (const upload of expired) {
+      await ctx.db.delete("uploads", upload._id);
+    }
+    return expired.length;
+  },
+});

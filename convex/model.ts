@@ -44,12 +44,22 @@ export type ErrorCode =
   | "CONFLICT"
   | "INVALID_CURSOR"
   | "INVALID_REQUEST"
-  | "IDEMPOTENCY_KEY_REUSED";
+  | "IDEMPOTENCY_KEY_REUSED"
+  | "TOO_MANY_PENDING_UPLOADS"
+  | "UPLOAD_NOT_FOUND";
 
-export type ErrorData = { code: ErrorCode; message: string };
+// `retryAfter` (seconds) becomes the answer's Retry-After header when the gateway knows when
+// a retry can succeed (`convex_client.py` `_convex_error`).
+export type ErrorData = { code: ErrorCode; message: string; retryAfter?: number };
 
-export function fail(code: ErrorCode, message: string): ConvexError<ErrorData> {
-  return new ConvexError({ code, message });
+export function fail(
+  code: ErrorCode,
+  message: string,
+  retryAfter?: number,
+): ConvexError<ErrorData> {
+  return new ConvexError(
+    retryAfter === undefined ? { code, message } : { code, message, retryAfter },
+  );
 }
 
 /** Money and limits are whole numbers; `v.number()` alone would accept 1.5 or -3. */

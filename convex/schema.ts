@@ -83,6 +83,22 @@ export default defineSchema({
     .index("by_user_key", ["userId", "key"])
     .index("by_expires", ["expiresAt"]),
 
+  // Images users upload straight to storage for jobs to start from (`uploads.py`). An upload
+  // costs nothing, so it creates no user. Rows are purged once no job may use them.
+  uploads: defineTable({
+    uploadId: v.string(),
+    userId: v.string(),
+    contentType: v.string(),
+    sizeBytes: v.number(), // declared, and signed into the upload URL
+    objectKey: v.string(),
+    createdAt: v.number(),
+    expiresAt: v.number(), // the upload URL stops working; until then the upload is pending
+    usableUntil: v.number(), // jobs may use it until then
+  })
+    .index("by_uploadId", ["uploadId"])
+    .index("by_user_expires", ["userId", "expiresAt"])
+    .index("by_usableUntil", ["usableUntil"]),
+
   // Append-only. A job has at most one `charge` and one `refund` row.
   ledger: defineTable({
     userId: v.string(),

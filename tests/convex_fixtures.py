@@ -43,9 +43,11 @@ class Answer:
         return json.dumps(self.body).encode()
 
 
-def convex_error(code: str, message: str, *, redacted: bool = True, status: int = 200) -> Answer:
+def convex_error(
+    code: str, message: str, *, redacted: bool = True, status: int = 200, **extra: object
+) -> Answer:
     """A function threw `new ConvexError({code, message})` (convex/model.ts `fail`)."""
-    data = {"code": code, "message": message}
+    data = {"code": code, "message": message, **extra}
     # ConvexError's message is its data, stringified (npm-packages/convex/src/values/errors.ts);
     # the isolate prefixes "Uncaught <name>: " (crates/isolate/src/helpers.rs,
     # format_uncaught_error).
@@ -97,6 +99,8 @@ BUSINESS_ERRORS: dict[str, tuple[int, str]] = {
     "INVALID_CURSOR": (400, "The cursor is malformed"),
     "INVALID_REQUEST": (400, "cost must be an integer >= 0"),
     "CONFLICT": (409, "Job job_x already exists"),
+    "TOO_MANY_PENDING_UPLOADS": (429, "You have 10 uploads pending; the limit is 10"),
+    "UPLOAD_NOT_FOUND": (404, "Upload not found"),
 }
 
 PLAIN_ERROR_PROD = plain_error(

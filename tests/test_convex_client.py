@@ -178,6 +178,15 @@ class TestBusinessErrors:
             await store.cancel_job("user_a", JOB_ID)
         assert raised.value.headers["Retry-After"] == "10"
 
+    @respx.mock
+    async def test_a_retry_after_the_function_knows_is_kept(self, store: ConvexStore) -> None:
+        """`fail(code, message, retryAfter)` (convex/model.ts): the oldest pending upload's wait."""
+        answer = shapes.convex_error("TOO_MANY_PENDING_UPLOADS", "full", retryAfter=421.0)
+        respx.post(f"{URL}/api/query").mock(return_value=respond(answer))
+        with pytest.raises(GatewayError) as raised:
+            await store.get_job("user_a", JOB_ID)
+        assert (raised.value.status_code, raised.value.headers["Retry-After"]) == (429, "421")
+
     def test_every_code_the_functions_throw_is_covered(self) -> None:
         """The `ErrorCode` union in convex/model.ts is the list `fail(...)` can throw."""
         model = open("convex/model.ts", encoding="utf-8").read()

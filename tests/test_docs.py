@@ -71,6 +71,7 @@ class TestOperations:
             ("/jobs/{job_id}", "delete"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
+            ("/uploads", "post"),
         }
 
     def test_user_routes_declare_the_session_and_the_webhook_does_not(self, schema) -> None:
@@ -93,6 +94,7 @@ class TestOperations:
             ("/jobs/{job_id}/cancel", "post"),
             ("/jobs/{job_id}", "delete"),
             ("/credits", "get"),
+            ("/uploads", "post"),
         }
         (webhook,) = schema["paths"]["/webhooks/runpod"].values()
         assert "security" not in webhook  # its proof is a signature or a URL token, not a session
@@ -140,7 +142,10 @@ class TestOperations:
         assert error_codes(schema, "/jobs/create", "409") == {
             "IDEMPOTENCY_KEY_REUSED",
             "IDEMPOTENCY_KEY_IN_USE",
+            "UPLOAD_CHANGED",
         }
+        assert error_codes(schema, "/jobs/create", "404") == {"UPLOAD_NOT_FOUND"}
+        assert error_codes(schema, "/uploads", "429") == {"TOO_MANY_PENDING_UPLOADS"}
         assert error_codes(schema, "/jobs/{job_id}/cancel", "409") >= {"JOB_NOT_CANCELABLE"}
         assert error_codes(schema, "/jobs/{job_id}/cancel", "404") == {"NOT_FOUND"}
         delete = schema["paths"]["/jobs/{job_id}"]["delete"]

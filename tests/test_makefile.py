@@ -144,12 +144,17 @@ class TestRun:
                 timeout=60,
             )
         assert done.returncode == 0, done.stderr
-        before, first_poll, second_poll, after, deleted, gone, url = json_values(done.stdout)
+        before, first_poll, second_poll, after, from_image, deleted, gone, url = json_values(
+            done.stdout
+        )
         assert before == {"credits": 100, "plan": "starter"}
         assert first_poll["status"] == "running"
         assert second_poll["status"] == "done"
         assert after == {"credits": 95, "plan": "starter"}
-        # Step 7: deleted, then a 404 for the job and for its video's URL.
+        # The upload's PUT answers no body; the job from the uploaded PNG rendered.
+        assert (from_image["status"], from_image["cost"]) == ("done", 2), from_image
+        assert "/_local/storage/uploads/user_alice/upl_" in from_image["imageUrl"]
+        # Step 10: deleted, then a 404 for the job and for its video's URL.
         assert (deleted, url) == (204, 404)
         assert gone == {"detail": "Job not found", "code": "NOT_FOUND"}
         # The video lands outside the checkout, and plays for the asked 5 seconds.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from local_storage import LocalStorage
 from r2_client import (
+    ObjectChanged,
     PendingS3Client,
     R2Storage,
     StorageUnavailable,
@@ -18,6 +21,7 @@ from tests.conftest import moto_bucket
 
 BUCKET = "cineweave-videos"
 KEY = "videos/user_alice/job_abcdefghijklmnop.mp4"
+UPLOAD_KEY = "uploads/user_alice/upl_abcdefghijklmnop"
 
 
 @pytest.fixture
@@ -86,3 +90,47 @@ class TestPendingClient:
         with pytest.raises(ValueError):
             storage.presign_get(KEY, 60)
         await storage.close()  # nothing was built, so nothing to close
+
+
+class TestVersionConditions:
+    """What keeps a checked upload the one the worker reads: a stale ETag is `ObjectChanged`."""
+
+    async def test_a_ranged_get_of_a_replaced_object_is_refused(self, storage: R2Storage) -> None:
+        url = storage.presign_upload(UPLOAD_KEY, 600, "image/png", 3)
+        httpx.put(url, content=b"one", headers={"Content-Type": "image/png"})
+        first = await storage.stat(UPLOAD_KEY)
+        assert first is not None and first.size == 3
+        assert await storage.read_prefix(UPLOAD_KEY, 2, first.etag) == b"on"
+        httpx.put(url, content=b"two", headers={"Content-Type": "image/png"})
+        with pytest.raises(ObjectChanged):
+            await storage.read_prefix(UPLOAD_KEY, 2, first.etag)
+
+    async def test_a_copy_of_the_checked_version(self, storage: R2Storage) -> None:
+        url = storage.presign_upload(UPLOAD_KEY, 600, "image/png", 3)
+        httpx.put(url, content=b"one", headers={"Content-Type": "image/png"})
+        first = await storage.stat(UPLOAD_KEY)
+        assert first is not None
+        await storage.copy_if_unchanged(UPLOAD_KEY, UPLOAD_KEY + ".0123456789abcdef", first.etag)
+        copy = storage.presign_get(UPLOAD_KEY + ".0123456789abcdef", 600)
+        assert httpx.get(copy).content == b"one"
+
+    async def test_a_missing_object_has_no_stat(self, storage: R2Storage) -> None:
+        assert await storage.stat(UPLOAD_KEY) is None
+
+
+class TestLocalVersionConditions:
+    def storage(self, tmp_path: Path) -> LocalStorage:
+        return LocalStorage(tmp_path, b"secret", "http://127.0.0.1:8000")
+
+    async def test_a_get_or_copy_of_a_replaced_object_is_refused(self, tmp_path: Path) -> None:
+        storage = self.storage(tmp_path)
+        storage.write(UPLOAD_KEY, b"one")
+        first = await storage.stat(UPLOAD_KEY)
+        assert first is not None
+        storage.write(UPLOAD_KEY, b"two")
+        with pytest.raises(ObjectChanged):
+            await storage.read_prefix(UPLOAD_KEY, 2, first.etag)
+        with pytest.raises(ObjectChanged):
+            await storage.copy_if_unchanged(
+                UPLOAD_KEY, UPLOAD_KEY + ".0123456789abcdef", first.etag
+            )
