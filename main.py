@@ -39,6 +39,7 @@ from http_errors import (
 from idempotency import Answer, IdempotencyKeyHeader, answer_once, request_fingerprint
 from jobs import Reconciler
 from local_storage import storage_router
+from logs import flush_logs
 from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
 from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, install_cors
 from models import (
@@ -77,6 +78,7 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             yield state
         # uvicorn runs this after the requests in flight finished (or its graceful timeout).
         log.info("shutdown complete: requests drained, clients closed")
+        flush_logs()  # the info lines batched on the loop, before it closes
 
     return lifespan
 

@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import GatewayError
-from logs import request_id_var, trace_id_from, trace_id_var, valid_request_id
+from logs import request_id_var, sole_handler, trace_id_from, trace_id_var, valid_request_id
 from models import Job, JobStatus
 
 access_log = logging.getLogger("gateway.access")
@@ -289,11 +289,15 @@ def _route_before_routing(scope: Scope) -> str | None:
     is not counted with unknown paths. Only unmatched requests pay for this second look."""
     router = getattr(scope.get("app"), "router", None)
     # An included router is one entry of `router.routes`: its own routes are reached through it.
+    # As the router does: the first full match, else the first partial (a 405's route).
+    partial = None
     for context in iter_route_contexts(getattr(router, "routes", ())):
         match, _ = context.original_route.matches(scope)
-        if match is not Match.NONE:
+        if match is Match.FULL:
             return context.path
-    return None
+        if match is Match.PARTIAL and partial is None:
+            partial = context.path
+    return partial
 
 
 def log_access(
@@ -313,15 +317,23 @@ def log_access(
     client = scope.get("client")
     if client:
         http_request["remoteIp"] = client[0]
-    access_log.log(
-        level,
-        "%s %s %d %.1fms",
-        scope["method"],
-        path,
-        status,
-        elapsed * 1000,
-        extra={"httpRequest": http_request, "route": route},
-    )
+    args = (scope["method"], path, status, elapsed * 1000)
+    write_access_line(level, args, {"httpRequest": http_request, "route": route})
+
+
+ACCESS_FORMAT = "%s %s %d %.1fms"
+
+
+def write_access_line(level: int, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+    handler = sole_handler(access_log, level)
+    if handler is None:
+        access_log.log(level, ACCESS_FORMAT, *args, extra=extra)
+        return
+    # Straight to the one handler the logger would reach: the same record and formatter,
+    # without the logger's walk to it (tests/test_log_batching.py compares the two lines).
+    # The caller fields are what `Logger.log` fills in once configure_logging stops looking.
+    caller = ("(unknown file)", 0, ACCESS_FORMAT, args, None, "(unknown function)")
+    handler.write_record(access_log.makeRecord(access_log.name, level, *caller, extra))
 
 
 # --- /metrics ---------------------------------------------------------------------------------
