@@ -107,6 +107,7 @@ class Metrics:
         }
         # `.labels()` costs a few microseconds; each (method, route, status) is looked up once.
         self._http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._upstream_series: dict[tuple[str, str, bool], Any] = {}
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -126,7 +127,8 @@ class Metrics:
     # --- money and jobs -----------------------------------------------------------------
 
     def count_credits(self, kind: CreditKind, amount: int) -> None:
-        self._credits[kind].inc(amount)
+        if amount:  # most calls count nothing (no signup grant): skip the counter's lock
+            self._credits[kind].inc(amount)
 
     def count_job_settled(self, job: Job) -> None:
         """A job the store just moved to a final state: its outcome, and its refund if any."""
@@ -151,11 +153,15 @@ class Metrics:
     # --- upstreams ----------------------------------------------------------------------
 
     def time_upstream(self, upstream: str, operation: str) -> UpstreamTimer:
-        return UpstreamTimer(self.upstream_duration, upstream, operation)
+        return UpstreamTimer(self, upstream, operation)
 
     def observe_upstream(self, upstream: str, operation: str, ok: bool, seconds: float) -> None:
-        outcome = "ok" if ok else "error"
-        self.upstream_duration.labels(upstream, operation, outcome).observe(seconds)
+        key = (upstream, operation, ok)
+        series = self._upstream_series.get(key)
+        if series is None:
+            outcome = "ok" if ok else "error"
+            series = self._upstream_series[key] = self.upstream_duration.labels(*key[:2], outcome)
+        series.observe(seconds)
 
 
 def upstream_failed(exc: BaseException | None) -> bool:
@@ -168,10 +174,10 @@ def upstream_failed(exc: BaseException | None) -> bool:
 class UpstreamTimer:
     """Times one upstream call in a `with` block; an exception marks it `error`."""
 
-    __slots__ = ("_histogram", "_upstream", "_operation", "_start")
+    __slots__ = ("_metrics", "_upstream", "_operation", "_start")
 
-    def __init__(self, histogram: Histogram, upstream: str, operation: str) -> None:
-        self._histogram, self._upstream, self._operation = histogram, upstream, operation
+    def __init__(self, metrics: Metrics, upstream: str, operation: str) -> None:
+        self._metrics, self._upstream, self._operation = metrics, upstream, operation
         self._start = 0.0
 
     def __enter__(self) -> UpstreamTimer:
@@ -184,9 +190,10 @@ class UpstreamTimer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        outcome = "error" if upstream_failed(exc) else "ok"
         elapsed = time.perf_counter() - self._start
-        self._histogram.labels(self._upstream, self._operation, outcome).observe(elapsed)
+        self._metrics.observe_upstream(
+            self._upstream, self._operation, not upstream_failed(exc), elapsed
+        )
 
 
 # --- The request middleware -------------------------------------------------------------------
