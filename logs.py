@@ -7,6 +7,7 @@ tokens, JWTs and URL signatures never reach a log, whoever wrote the line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -241,6 +242,80 @@ class _CurrentStdout:
 
 
 HANDLER_NAME = "gateway-stdout"
+# How long an info line may wait in stdout's buffer. One flush (a write() to the pipe) per line
+# was 8 µs of a 40 µs access line (issue 13); batched, a SIGKILL loses at most this much.
+FLUSH_DELAY_SECONDS = 0.05
+
+
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that flushes info lines together, at most `FLUSH_DELAY_SECONDS` later.
+
+    Warnings and errors flush at once, and so does any line written outside a running event
+    loop (start-up, shutdown, a worker thread, after the loop closed). `flush()` itself is
+    immediate: `logging.shutdown()` calls it at exit, and the lifespan calls `flush_logs()`.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._flush_due_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._write(self.format(record), record.levelno)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def write_record(self, record: logging.LogRecord) -> None:
+        """`record`, formatted and written as `handle` would, without the logger's walk."""
+        with self.lock:  # type: ignore[union-attr]
+            self.emit(record)
+
+    def _write(self, text: str, level: int) -> None:
+        self.stream.write(text + self.terminator)
+        if level >= logging.WARNING:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        # A flush due on another loop (one since closed, in tests) never comes: schedule anew.
+        if self._flush_due_on is not loop:
+            self._flush_due_on = loop
+            loop.call_later(FLUSH_DELAY_SECONDS, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_due_on = None
+        self.flush()
+
+
+def sole_handler(logger: logging.Logger, level: int) -> BatchedStreamHandler | None:
+    """The handler a `level` record of `logger` goes to, when it goes to that one alone with no
+    filter on the way: the access line may then be written straight through it. Else None (a
+    test's capturing handler, a filter): the record takes the logging path."""
+    if logger.disabled or logger.filters:
+        return None
+    current = logger
+    while not current.handlers:
+        if not current.propagate or current.parent is None:
+            return None
+        current = current.parent
+    handlers = current.handlers
+    if current.parent is not None or len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if not isinstance(handler, BatchedStreamHandler) or handler.filters or level < handler.level:
+        return None
+    return handler
+
+
+def flush_logs() -> None:
+    """Write out every line the root logger's handlers still hold (before the process ends)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 class SecondTracebackFilter(logging.Filter):
@@ -278,7 +353,7 @@ def configure_logging(
 
 
 def _install_root_handler(formatter: logging.Formatter, level: int) -> None:
-    handler = logging.StreamHandler(_CurrentStdout())
+    handler = BatchedStreamHandler(_CurrentStdout())
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import GatewayError
-from logs import request_id_var, trace_id_from, trace_id_var, valid_request_id
+from logs import request_id_var, sole_handler, trace_id_from, trace_id_var, valid_request_id
 from models import Job, JobStatus
 
 access_log = logging.getLogger("gateway.access")
@@ -107,6 +107,7 @@ class Metrics:
         }
         # `.labels()` costs a few microseconds; each (method, route, status) is looked up once.
         self._http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._upstream_series: dict[tuple[str, str, bool], Any] = {}
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -126,7 +127,8 @@ class Metrics:
     # --- money and jobs -----------------------------------------------------------------
 
     def count_credits(self, kind: CreditKind, amount: int) -> None:
-        self._credits[kind].inc(amount)
+        if amount:  # most calls count nothing (no signup grant): skip the counter's lock
+            self._credits[kind].inc(amount)
 
     def count_job_settled(self, job: Job) -> None:
         """A job the store just moved to a final state: its outcome, and its refund if any."""
@@ -151,11 +153,15 @@ class Metrics:
     # --- upstreams ----------------------------------------------------------------------
 
     def time_upstream(self, upstream: str, operation: str) -> UpstreamTimer:
-        return UpstreamTimer(self.upstream_duration, upstream, operation)
+        return UpstreamTimer(self, upstream, operation)
 
     def observe_upstream(self, upstream: str, operation: str, ok: bool, seconds: float) -> None:
-        outcome = "ok" if ok else "error"
-        self.upstream_duration.labels(upstream, operation, outcome).observe(seconds)
+        key = (upstream, operation, ok)
+        series = self._upstream_series.get(key)
+        if series is None:
+            outcome = "ok" if ok else "error"
+            series = self._upstream_series[key] = self.upstream_duration.labels(*key[:2], outcome)
+        series.observe(seconds)
 
 
 def upstream_failed(exc: BaseException | None) -> bool:
@@ -168,10 +174,10 @@ def upstream_failed(exc: BaseException | None) -> bool:
 class UpstreamTimer:
     """Times one upstream call in a `with` block; an exception marks it `error`."""
 
-    __slots__ = ("_histogram", "_upstream", "_operation", "_start")
+    __slots__ = ("_metrics", "_upstream", "_operation", "_start")
 
-    def __init__(self, histogram: Histogram, upstream: str, operation: str) -> None:
-        self._histogram, self._upstream, self._operation = histogram, upstream, operation
+    def __init__(self, metrics: Metrics, upstream: str, operation: str) -> None:
+        self._metrics, self._upstream, self._operation = metrics, upstream, operation
         self._start = 0.0
 
     def __enter__(self) -> UpstreamTimer:
@@ -184,9 +190,10 @@ class UpstreamTimer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        outcome = "error" if upstream_failed(exc) else "ok"
         elapsed = time.perf_counter() - self._start
-        self._histogram.labels(self._upstream, self._operation, outcome).observe(elapsed)
+        self._metrics.observe_upstream(
+            self._upstream, self._operation, not upstream_failed(exc), elapsed
+        )
 
 
 # --- The request middleware -------------------------------------------------------------------
@@ -289,11 +296,15 @@ def _route_before_routing(scope: Scope) -> str | None:
     is not counted with unknown paths. Only unmatched requests pay for this second look."""
     router = getattr(scope.get("app"), "router", None)
     # An included router is one entry of `router.routes`: its own routes are reached through it.
+    # As the router does: the first full match, else the first partial (a 405's route).
+    partial = None
     for context in iter_route_contexts(getattr(router, "routes", ())):
         match, _ = context.original_route.matches(scope)
-        if match is not Match.NONE:
+        if match is Match.FULL:
             return context.path
-    return None
+        if match is Match.PARTIAL and partial is None:
+            partial = context.path
+    return partial
 
 
 def log_access(
@@ -313,15 +324,23 @@ def log_access(
     client = scope.get("client")
     if client:
         http_request["remoteIp"] = client[0]
-    access_log.log(
-        level,
-        "%s %s %d %.1fms",
-        scope["method"],
-        path,
-        status,
-        elapsed * 1000,
-        extra={"httpRequest": http_request, "route": route},
-    )
+    args = (scope["method"], path, status, elapsed * 1000)
+    write_access_line(level, args, {"httpRequest": http_request, "route": route})
+
+
+ACCESS_FORMAT = "%s %s %d %.1fms"
+
+
+def write_access_line(level: int, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+    handler = sole_handler(access_log, level)
+    if handler is None:
+        access_log.log(level, ACCESS_FORMAT, *args, extra=extra)
+        return
+    # Straight to the one handler the logger would reach: the same record and formatter,
+    # without the logger's walk to it (tests/test_log_batching.py compares the two lines).
+    # The caller fields are what `Logger.log` fills in once configure_logging stops looking.
+    caller = ("(unknown file)", 0, ACCESS_FORMAT, args, None, "(unknown function)")
+    handler.write_record(access_log.makeRecord(access_log.name, level, *caller, extra))
 
 
 # --- /metrics ---------------------------------------------------------------------------------

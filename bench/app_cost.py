@@ -90,7 +90,10 @@ async def measure_all(args: argparse.Namespace, fixtures: Fixtures, data_dir: Pa
     from main import app as gateway
 
     auth = {"Authorization": f"Bearer {fixtures.token}"}
-    show(f"{'route':16} {'conns':>5} {'gateway us':>11} {'baseline us':>12} {'added us':>9}")
+    show(
+        f"{'route':16} {'conns':>5} {'gateway us':>11} {'baseline us':>12} {'added us':>9}"
+        f" {'ratio':>6}"
+    )
     async with gateway.router.lifespan_context(gateway) as gateway_state:
         async with baseline.router.lifespan_context(baseline) as baseline_state:
             job_id = await seed_done_job(gateway, gateway_state or {}, fixtures, data_dir)
@@ -101,9 +104,12 @@ async def measure_all(args: argparse.Namespace, fixtures: Fixtures, data_dir: Pa
             ):
                 for connections in CONCURRENCY:
                     request = ("GET", path, auth, b"")
-                    ours = await cost(gateway, gateway_state or {}, request, connections, args)
-                    bare = await cost(baseline, baseline_state or {}, request, connections, args)
-                    show(f"{label:16} {connections:5} {ours:11.1f} {bare:12.1f} {ours - bare:9.1f}")
+                    apps = ((gateway, gateway_state or {}), (baseline, baseline_state or {}))
+                    ours, bare = await costs(apps, request, connections, args)
+                    show(
+                        f"{label:16} {connections:5} {ours:11.1f} {bare:12.1f} {ours - bare:9.1f}"
+                        f" {bare / ours:5.2f}x"
+                    )
 
 
 async def seed_done_job(
@@ -127,13 +133,31 @@ async def seed_done_job(
 Request = tuple[str, str, dict[str, str], bytes]
 
 
-async def cost(
+async def costs(
+    apps: Sequence[tuple[App, Mapping[str, Any]]],
+    request: Request,
+    connections: int,
+    args: argparse.Namespace,
+) -> list[float]:
+    """Microseconds per request for each app: the fastest batch, `connections` requests in
+    flight. The apps' batches alternate, so a burst of load on the shared machine falls on
+    both rather than on whichever app was being measured then."""
+    for app, state in apps:
+        status, body = await call(app, state, request)
+        if status != 200:
+            raise RuntimeError(f"{request[1]} answered {status}: {body!r}")
+    best = [float("inf")] * len(apps)
+    for _ in range(args.repeats):
+        for index, (app, state) in enumerate(apps):
+            batch = await timed_batch(app, state, request, connections, args)
+            best[index] = min(best[index], batch)
+    return [value * 1e6 for value in best]
+
+
+async def timed_batch(
     app: App, state: Mapping[str, Any], request: Request, connections: int, args: argparse.Namespace
 ) -> float:
-    """Microseconds per request: the fastest batch, `connections` requests in flight."""
-    status, body = await call(app, state, request)
-    if status != 200:
-        raise RuntimeError(f"{request[1]} answered {status}: {body!r}")
+    """Seconds per request over one batch of `args.batch` requests."""
     per_worker = args.batch // connections
 
     async def worker() -> None:
@@ -141,12 +165,9 @@ async def cost(
             await call(app, state, request)
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    best = float("inf")
-    for _ in range(args.repeats):
-        started = clock()
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        best = min(best, (clock() - started) / (per_worker * connections))
-    return best * 1e6
+    started = clock()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return float((clock() - started) / (per_worker * connections))
 
 
 async def call(app: App, state: Mapping[str, Any], request: Request) -> tuple[int, bytes]:

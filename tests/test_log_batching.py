@@ -1,0 +1,166 @@
+"""The access line written straight through the stdout handler, and info lines flushed in batches.
+
+The direct line must be the line the logging path writes, redaction included; batching must never
+keep a line past a warning, the loop's end, the app's shutdown or a flush at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from logs import (
+    BatchedStreamHandler,
+    CloudLoggingFormatter,
+    ConsoleFormatter,
+    Redactor,
+    flush_logs,
+    sole_handler,
+)
+from tests.conftest import PROJECT, serve
+
+KNOWN_SECRET = "whsec-known-secret-value"
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyX2FsaWNlIn0.c2lnbmF0dXJl"
+
+
+class FlushedStream(io.StringIO):
+    """A stream that remembers what had been flushed: what a reader of the pipe would have."""
+
+    flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+@pytest.fixture
+def only_handler() -> Iterator[BatchedStreamHandler]:
+    """The root logger with one batched handler, as configure_logging leaves it in a server
+    (pytest's own capturing handlers set aside for the test)."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    handler = BatchedStreamHandler(FlushedStream())
+    root.setLevel(logging.INFO)
+    yield handler
+    root.handlers = saved
+    root.setLevel(level)
+
+
+def alone(handler: BatchedStreamHandler) -> None:
+    # In the test's body: pytest adds its capturing handler for each phase, after fixtures.
+    logging.getLogger().handlers = [handler]
+
+
+def masked(text: str) -> list[str]:
+    text = re.sub(r'"time":"[^"]+"|^\S+ \S+ ', "<time>", text, flags=re.M)
+    return re.sub(r"\d+\.\d+(ms|s)\b", r"<elapsed>\1", text).splitlines()
+
+
+class TestDirectAccessLine:
+    @pytest.mark.parametrize("json_mode", [True, False])
+    async def test_same_line_as_the_logging_path(
+        self, settings, alice, only_handler, json_mode
+    ) -> None:
+        redactor = Redactor([KNOWN_SECRET])
+        formatter = (
+            CloudLoggingFormatter(PROJECT, redactor) if json_mode else ConsoleFormatter(redactor)
+        )
+        only_handler.setFormatter(formatter)
+        alone(only_handler)
+        stream = only_handler.stream
+        # Secrets in the path and the user agent: the formatter's redaction must run on both.
+        headers = {**alice, "User-Agent": f"probe {KNOWN_SECRET} {JWT}", "X-Request-ID": "r-1"}
+        path = f"/jobs/{JWT}{KNOWN_SECRET}"
+        async with serve(settings) as client:
+            assert sole_handler(logging.getLogger("gateway.access"), logging.INFO) is only_handler
+            assert (await client.get(path, headers=headers)).status_code == 404
+            direct = masked(stream.getvalue())[-1]
+            # A second handler: the record now takes the logging path, to both handlers.
+            logged = io.StringIO()
+            second = logging.StreamHandler(logged)
+            second.setFormatter(formatter)
+            logging.getLogger().addHandler(second)
+            assert sole_handler(logging.getLogger("gateway.access"), logging.INFO) is None
+            assert (await client.get(path, headers=headers)).status_code == 404
+            logging.getLogger().removeHandler(second)
+        assert [direct] == masked(logged.getvalue()) == masked(stream.getvalue())[-2:-1]
+        assert "404" in direct and KNOWN_SECRET not in direct and JWT not in direct
+        assert ("userAgent" in direct) is json_mode and "[redacted]" in direct
+
+    def test_not_direct_when_a_filter_or_another_handler_is_on_the_way(self, only_handler):
+        access = logging.getLogger("gateway.access")
+        alone(only_handler)
+        handler: logging.Handler = only_handler  # `is` below would narrow the fixture's name
+        assert sole_handler(access, logging.INFO) is handler
+        only_handler.setLevel(logging.WARNING)
+        assert sole_handler(access, logging.INFO) is None
+        only_handler.setLevel(logging.NOTSET)
+        access.addFilter(quiet := logging.Filter("other"))
+        assert sole_handler(access, logging.INFO) is None
+        access.removeFilter(quiet)
+        logging.getLogger("gateway").addHandler(extra := logging.NullHandler())
+        assert sole_handler(access, logging.INFO) is None
+        logging.getLogger("gateway").removeHandler(extra)
+
+
+def record(level: int, text: str) -> logging.LogRecord:
+    return logging.LogRecord("gateway", level, __file__, 1, text, None, None)
+
+
+class TestBatchedFlushing:
+    async def test_info_waits_for_the_loop_then_is_flushed(self) -> None:
+        stream = FlushedStream()
+        handler = BatchedStreamHandler(stream)
+        handler.handle(record(logging.INFO, "first"))
+        handler.handle(record(logging.INFO, "second"))
+        assert stream.flushed == ""  # batched: no write() to the pipe per line
+        while stream.flushed == "":  # the loop's scheduled flush, within FLUSH_DELAY_SECONDS
+            await asyncio.sleep(0.01)
+        assert stream.flushed == "first\nsecond\n"
+
+    @pytest.mark.parametrize("level", [logging.WARNING, logging.ERROR, logging.CRITICAL])
+    async def test_warnings_and_errors_flush_at_once(self, level) -> None:
+        stream = FlushedStream()
+        handler = BatchedStreamHandler(stream)
+        handler.handle(record(logging.INFO, "before"))
+        handler.handle(record(level, "now"))
+        assert stream.flushed == "before\nnow\n"
+
+    def test_outside_a_loop_every_line_flushes(self) -> None:
+        stream = FlushedStream()
+        BatchedStreamHandler(stream).handle(record(logging.INFO, "start-up"))
+        assert stream.flushed == "start-up\n"
+
+    def test_a_closed_loop_does_not_strand_lines(self, only_handler) -> None:
+        stream = only_handler.stream
+        alone(only_handler)
+
+        async def log_info(text: str) -> None:
+            only_handler.handle(record(logging.INFO, text))
+
+        asyncio.run(log_info("in the first loop"))  # its flush was due on a loop now closed
+        assert stream.flushed == ""
+        only_handler.handle(record(logging.INFO, "after it closed"))
+        assert stream.flushed == "in the first loop\nafter it closed\n"
+
+        async def log_and_wait() -> None:
+            await log_info("in a second loop")
+            while "second" not in stream.flushed:
+                await asyncio.sleep(0.01)
+
+        asyncio.run(log_and_wait())  # a flush is scheduled again on the new loop
+        only_handler.handle(record(logging.INFO, "held"))  # outside a loop: flushed at once
+        flush_logs()
+        assert stream.flushed.endswith("in a second loop\nheld\n")
+
+    async def test_shutdown_flushes_the_last_lines(self, settings, alice, only_handler) -> None:
+        only_handler.setFormatter(ConsoleFormatter())
+        alone(only_handler)
+        async with serve(settings) as client:
+            assert (await client.get("/credits", headers=alice)).status_code == 200
+        flushed = only_handler.stream.flushed
+        assert "GET /credits 200" in flushed and "shutdown complete" in flushed
