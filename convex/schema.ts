@@ -51,6 +51,13 @@ export default defineSchema({
     // The last evidence about the job (a status, a RunPod id, a reconciler's claim): the
     // reconciler checks the active jobs that have gone quiet the longest.
     checkedAt: v.number(),
+    // The worker's latest report (0..1, its stage) and when it was written: the throttle.
+    progress: v.optional(v.number()),
+    stage: v.optional(v.string()),
+    progressWrittenAt: v.optional(v.number()),
+    // Set when the worker's output says it uploaded the poster; its URL is cached with the video's.
+    posterKey: v.optional(v.string()),
+    posterUrl: v.optional(v.string()),
   })
     .index("by_jobId", ["jobId"])
     // Convex appends `_creationTime` to every index, so equal `createdAt`s keep insertion order.
