@@ -23,8 +23,11 @@ from fastapi.responses import FileResponse, Response
 from errors import Forbidden, InvalidRequest, NotFound
 
 ROUTE_PREFIX = "/_local/storage"
-# Keys are made by the gateway (`videos/<user>/<job>.mp4`); anything else is refused outright.
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.mp4$")
+# Keys are made by the gateway (`videos/<user>/<job>.mp4` and its poster, `.jpg`); anything
+# else is refused outright.
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.(mp4|jpg)$")
+# What R2 would answer: the type the object was PUT with, which the presigned PUT fixed.
+_MEDIA_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg"}
 _EXPIRES = re.compile(r"[0-9]{1,12}")  # a unix time in seconds
 
 
@@ -103,7 +106,8 @@ def storage_router() -> APIRouter:
         if not await asyncio.to_thread(path.is_file):
             raise NotFound("No such object")
         # Signed URLs are per-object credentials: browsers may cache the bytes, not share them.
-        return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": "private"})
+        media_type = _MEDIA_TYPES[path.suffix]
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private"})
 
     @router.put("/{key:path}")
     async def upload(
