@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     StrictStr,
     create_model,
@@ -421,7 +422,7 @@ PROGRESS_ANSWER_EXAMPLE = {
 class ProgressRequest(RequestModel):
     """A worker's progress POST: `ProgressReport` of worker/contract.py, checked at the door."""
 
-    progress: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="From 0 to 1.")
+    progress: StrictFloat = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="From 0 to 1.")
     stage: ProgressStage = Field(description="Where the worker is: " + ", ".join(PROGRESS_STAGES))
 
     # A tolerant reader, as the worker contract is (worker/contract.py): a newer worker may
