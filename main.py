@@ -296,8 +296,10 @@ async def runpod_webhook(request: Request) -> dict[str, str]:
 async def worker_progress(
     request: Request,
     body: ProgressRequest,
-    job_id: Annotated[str, Query(alias="jobId")] = "",
-    token: Annotated[str, Query()] = "",
+    job_id: Annotated[str, Query(alias="jobId", description="The job the report is about.")] = "",
+    token: Annotated[
+        str, Query(description="The job's progress token, as the gateway put it in progressUrl.")
+    ] = "",
 ) -> ProgressAnswer:
     """The worker's `progressUrl` (its job's input): proof is the per-job token in the URL.
 

@@ -70,6 +70,7 @@ class TestOperations:
             ("/jobs/{job_id}/cancel", "post"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
+            ("/webhooks/runpod/progress", "post"),
         }
 
     def test_user_routes_declare_the_session_and_the_webhook_does_not(self, schema) -> None:
