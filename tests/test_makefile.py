@@ -72,6 +72,17 @@ def walkthrough() -> str:
     return match.group(1)
 
 
+def shown_outputs(script: str) -> list[re.Pattern[str]]:
+    """The walk-through's `# {...}` lines, each what a command prints, `…` standing for anything."""
+    shown = re.findall(r"^# (\{.*\})$", script, re.MULTILINE)
+    return [re.compile(".*?".join(re.escape(part) for part in line.split("…"))) for line in shown]
+
+
+def as_printed(value: Any) -> str:
+    """A JSON body as the gateway writes it (Starlette's JSONResponse): compact, UTF-8."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def json_values(output: str) -> list[Any]:
     """The JSON bodies curl printed one after another, with no newline between them."""
     decoder, values, position = json.JSONDecoder(), [], 0
@@ -144,11 +155,24 @@ class TestRun:
                 timeout=60,
             )
         assert done.returncode == 0, done.stderr
-        before, first_poll, second_poll, after = json_values(done.stdout)
+        printed = json_values(done.stdout)
+        before, first_poll, second_poll, after = printed
         assert before == {"credits": 100, "plan": "starter"}
         assert first_poll["status"] == "running"
-        assert second_poll["status"] == "done"
+        assert first_poll["stage"] in ("started", "generating", "uploading")
+        assert 0 <= first_poll["progress"] < 1
+        assert second_poll["status"] == "done" and second_poll["posterUrl"]
         assert after == {"credits": 95, "plan": "starter"}
+        # What the README shows each command printing is what it printed.
+        shown = shown_outputs(script)
+        assert len(shown) == len(printed)
+        for pattern, value in zip(shown, printed, strict=True):
+            assert pattern.fullmatch(as_printed(value)), (pattern.pattern, as_printed(value))
+        # The poster: a real JPEG of the video's size.
+        poster = io.BytesIO((tmp_path / "poster.jpg").read_bytes())
+        with av.open(poster, format="image2pipe") as jpg:
+            frame = next(jpg.decode(video=0))
+            assert (frame.width, frame.height) == (320, 180)
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
         with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes())) as video:
