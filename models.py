@@ -107,7 +107,7 @@ def poster_key_for(object_key: str) -> str:
 
 
 # The worker's stages (worker/contract.py), in the order it goes through them.
-PROGRESS_STAGE_RANK = {stage: rank for rank, stage in enumerate(PROGRESS_STAGES)}
+PROGRESS_STAGE_RANK: dict[str, int] = {stage: rank for rank, stage in enumerate(PROGRESS_STAGES)}
 # At most one progress write per job per this long, whatever the worker sends: a stage change
 # and a job's first report are written at once (issue 14).
 PROGRESS_WRITE_INTERVAL_MS = 1000
@@ -411,7 +411,7 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
     },
 }
 WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
-PROGRESS_ANSWER_EXAMPLE = {
+PROGRESS_ANSWER_EXAMPLE: dict[str, Any] = {
     "jobId": "job_Xk3v9QyL0aPz7wRt",
     "status": "running",
     "progress": 0.1,

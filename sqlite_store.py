@@ -650,6 +650,12 @@ class SQLiteStore:
         return await self._run(self._apply_status, job_id, update)
 
     async def record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        # A read first, on the loop: a report it refuses would be refused in the transaction
+        # too (every field the rules read only moves forward), so most throttled reports never
+        # take the write lock that charges and refunds wait on.
+        seen = await self._read(self._job_row, job_id)
+        if seen is not None and progress_to_write(seen, update) is None:
+            return seen, False
         return await self._run(self._record_progress, job_id, update)
 
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
