@@ -15,6 +15,7 @@ from errors import InvalidRequest
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET
 from tests.factories import (
     assert_error,
+    assert_written_for_people,
     completed,
     create,
     credits_of,
@@ -527,6 +528,7 @@ class TestProgress:
         response = await client.post(progress_path(runpod), content=raw, headers=headers)
         body = assert_error(response, 400, "INVALID_REQUEST")
         assert body["errors"]
+        assert_written_for_people(body)
         job = await job_of(client, alice, job_id)
         assert (job["status"], job["progress"], job["stage"]) == ("queued", None, None)
 
