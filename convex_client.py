@@ -63,7 +63,17 @@ from errors import (
     UploadNotFound,
     UpstreamError,
 )
-from models import IdempotencyClaim, Job, JobPage, JobStatus, NewJob, StatusUpdate, Upload, User
+from models import (
+    IdempotencyClaim,
+    Job,
+    JobPage,
+    JobStatus,
+    NewJob,
+    ProgressUpdate,
+    StatusUpdate,
+    Upload,
+    User,
+)
 
 log = logging.getLogger("gateway.convex")
 
@@ -276,6 +286,10 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _signup_grant(value: dict[str, Any]) -> int:
     # Only the functions that may create the user answer with it (`getOrCreateUser`,
     # `grantCredits`, `chargeAndCreateJob`). Absent means none granted: other answers (such as
@@ -304,6 +318,12 @@ def _job(value: dict[str, Any]) -> Job:
         download_expires_at=_int_or_none(value.get("downloadExpiresAt")),
         checked_at=_int_or_none(value.get("checkedAt")),
         idempotency_key=value.get("idempotencyKey"),
+        # `.get`: functions deployed before these fields must not break a newer gateway.
+        progress=_float_or_none(value.get("progress")),
+        stage=value.get("stage"),
+        progress_written_at=_int_or_none(value.get("progressWrittenAt")),
+        poster_key=value.get("posterKey"),
+        poster_url=value.get("posterUrl"),
         signup_grant=_signup_grant(value),
     )
 
@@ -483,8 +503,19 @@ class ConvexStore:
             errorCode=update.error_code,
             errorDetail=update.error_detail,
             runpodId=update.runpod_id,
+            posterKey=update.poster_key,
         )
         return _job(value["job"]), bool(value["changed"])
+
+    async def record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        value = await self._mutation(
+            "recordProgress",
+            jobId=job_id,
+            progress=update.progress,
+            stage=update.stage,
+            now=update.now,
+        )
+        return _job(value["job"]), bool(value["written"])
 
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
         return _job(await self._mutation("cancelJob", userId=user_id, jobId=job_id))
@@ -512,8 +543,12 @@ class ConvexStore:
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
 
-    async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
-        await self._mutation("saveDownloadUrl", jobId=job_id, url=url, expiresAt=expires_at)
+    async def save_download_url(
+        self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
+    ) -> None:
+        await self._mutation(
+            "saveDownloadUrl", jobId=job_id, url=url, expiresAt=expires_at, posterUrl=poster_url
+        )
 
     async def _walk(self, path: str, field: str) -> list[Any]:
         # An operator view of the whole deployment comes in pages, each within one function's

@@ -13,7 +13,16 @@ from typing import Any, TypeVar
 import httpx
 
 from metrics import Metrics, upstream_failed
-from models import IdempotencyClaim, Job, JobPage, NewJob, StatusUpdate, Upload, User
+from models import (
+    IdempotencyClaim,
+    Job,
+    JobPage,
+    NewJob,
+    ProgressUpdate,
+    StatusUpdate,
+    Upload,
+    User,
+)
 from r2_client import ObjectInfo, ObjectStorage
 from store import Store
 
@@ -90,6 +99,9 @@ class InstrumentedStore:
             self._metrics.count_job_settled(job)
         return job, changed
 
+    async def record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        return await self._timed("record_progress", self._store.record_progress(job_id, update))
+
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
         job = await self._timed("cancel_job", self._store.cancel_job(user_id, job_id))
         self._metrics.count_job_settled(job)
@@ -111,8 +123,10 @@ class InstrumentedStore:
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         return await self._timed("list_jobs", self._store.list_jobs(user_id, limit, cursor))
 
-    async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
-        call = self._store.save_download_url(job_id, url, expires_at)
+    async def save_download_url(
+        self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
+    ) -> None:
+        call = self._store.save_download_url(job_id, url, expires_at, poster_url)
         await self._timed("save_download_url", call)
 
     async def ledger_totals(self) -> dict[str, dict[str, int]]:

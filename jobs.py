@@ -31,10 +31,12 @@ from models import (
     Job,
     JobStatus,
     NewJob,
+    ProgressUpdate,
     StatusUpdate,
     new_job_id,
     now_ms,
     object_key_for,
+    poster_key_for,
 )
 from r2_client import VIDEO_CONTENT_TYPE, ObjectStorage, expiry_ms
 from runpod_client import (
@@ -45,8 +47,15 @@ from runpod_client import (
     RunPodSubmitUncertain,
 )
 from store import Store
-from webhooks import webhook_token
-from worker.contract import CONTRACT_VERSION, OutputTarget, WorkerInput
+from webhooks import progress_token, webhook_token
+from worker.contract import (
+    CONTRACT_VERSION,
+    POSTER_CONTENT_TYPE,
+    OutputTarget,
+    ProgressReport,
+    WorkerInput,
+    WorkerOutput,
+)
 
 log = logging.getLogger("gateway.jobs")
 
@@ -93,8 +102,37 @@ def echoed_job_id(status: RunPodStatus) -> str | None:
 # --- RunPod outcomes --------------------------------------------------------------------------
 
 
-def update_from_runpod(status: RunPodStatus, output_exists: bool | None) -> StatusUpdate | None:
-    """What a RunPod status means for our job; None when it means nothing (unknown status)."""
+def uploaded_poster(status: RunPodStatus) -> bool:
+    """Whether the worker's output says it uploaded the poster (`WorkerOutput.poster_uploaded`).
+
+    Best effort, like the poster itself: an output that does not parse has no poster, and the
+    video alone decides whether the job is done.
+    """
+    try:
+        return WorkerOutput.model_validate(status.output).poster_uploaded
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return False
+
+
+def progress_in_status(status: RunPodStatus) -> ProgressReport | None:
+    """The worker's latest `progress_update`, which RunPod's `/status` shows as the output of an
+    IN_PROGRESS job: the SDK sends `{"status": "IN_PROGRESS", "output": progress}` to the job's
+    result URL (runpod-python `serverless/modules/rp_progress.py`, `_async_progress_update`)."""
+    if status.status not in ("IN_PROGRESS", "RUNNING") or not isinstance(status.output, dict):
+        return None
+    try:
+        return ProgressReport.model_validate(status.output)
+    except ValueError:
+        return None  # another worker's progress shape: the status alone still says running
+
+
+def update_from_runpod(
+    status: RunPodStatus, output_exists: bool | None, poster_key: str | None = None
+) -> StatusUpdate | None:
+    """What a RunPod status means for our job; None when it means nothing (unknown status).
+
+    `poster_key` is the job's poster, recorded with DONE only if the worker says it uploaded it.
+    """
     mapping = {
         "IN_QUEUE": StatusUpdate(JobStatus.QUEUED),
         "IN_PROGRESS": StatusUpdate(JobStatus.RUNNING),
@@ -109,7 +147,8 @@ def update_from_runpod(status: RunPodStatus, output_exists: bool | None) -> Stat
     }
     if status.status == "COMPLETED":
         if output_exists:
-            return StatusUpdate(JobStatus.DONE, runpod_id=status.id)
+            poster = poster_key if uploaded_poster(status) else None
+            return StatusUpdate(JobStatus.DONE, runpod_id=status.id, poster_key=poster)
         return StatusUpdate(
             JobStatus.FAILED, "OUTPUT_MISSING", "The worker finished but no video was stored"
         )
@@ -187,7 +226,7 @@ class JobService:
         upload_ttl = (
             self.settings.runpod_job_ttl_seconds + self.settings.runpod_execution_timeout_seconds
         )
-        upload_url = self.storage.presign_put(job.object_key, upload_ttl, VIDEO_CONTENT_TYPE)
+        poster_key = poster_key_for(job.object_key)
         return WorkerInput(
             contract_version=CONTRACT_VERSION,
             job_id=job.job_id,
@@ -195,8 +234,15 @@ class JobService:
             image_url=job.image_url,
             duration_sec=job.duration_sec,
             seed=job.seed,
+            progress_url=self.progress_url(job.job_id),
             output=OutputTarget(
-                upload_url=upload_url, object_key=job.object_key, content_type=VIDEO_CONTENT_TYPE
+                upload_url=self.storage.presign_put(job.object_key, upload_ttl, VIDEO_CONTENT_TYPE),
+                object_key=job.object_key,
+                content_type=VIDEO_CONTENT_TYPE,
+                poster_upload_url=self.storage.presign_put(
+                    poster_key, upload_ttl, POSTER_CONTENT_TYPE
+                ),
+                poster_content_type=POSTER_CONTENT_TYPE,
             ),
         ).to_wire()
 
@@ -204,30 +250,58 @@ class JobService:
         token = webhook_token(self.webhook_secret, job_id)
         return f"{self.public_base_url}/webhooks/runpod?jobId={job_id}&token={token}"
 
+    def progress_url(self, job_id: str) -> str:
+        # Its own token: the job's input (which holds this URL) is shown in RunPod's console and
+        # echoed in the webhook body, and must not carry the webhook's proof (webhooks.py).
+        token = progress_token(self.webhook_secret, job_id)
+        return f"{self.public_base_url}/webhooks/runpod/progress?jobId={job_id}&token={token}"
+
     # --- read -------------------------------------------------------------------------
 
     async def with_download_url(self, job: Job) -> Job:
         """A done job with a presigned URL that has more than an hour left in it."""
         if job.status is not JobStatus.DONE:
             return job
-        expires = job.download_expires_at or 0
-        if job.download_url and expires - self.clock() > URL_REUSE_MARGIN_MS:
+        if self._urls_still_good(job):
             return job
+        # The poster's URL is made with the video's, and expires with it: one store write.
         ttl = self.settings.signed_url_ttl_seconds
         url = self.storage.presign_get(job.object_key, ttl)
+        poster = self.storage.presign_get(job.poster_key, ttl) if job.poster_key else None
         expires_at = expiry_ms(ttl, self.clock() / 1000)
-        await self.store.save_download_url(job.job_id, url, expires_at)
-        return replace(job, download_url=url, download_expires_at=expires_at)
+        await self.store.save_download_url(job.job_id, url, expires_at, poster)
+        return replace(job, download_url=url, download_expires_at=expires_at, poster_url=poster)
+
+    def _urls_still_good(self, job: Job) -> bool:
+        poster_missing = job.poster_key is not None and job.poster_url is None
+        expires = job.download_expires_at or 0
+        fresh = expires - self.clock() > URL_REUSE_MARGIN_MS
+        return bool(job.download_url) and fresh and not poster_missing
+
+    # --- the worker said how far it got ---------------------------------------------------
+
+    async def record_progress(self, job: Job, report: ProgressReport) -> Job:
+        """Record a worker's report under the store's rules (forward only, throttled)."""
+        update = ProgressUpdate(report.progress, report.stage, self.clock())
+        recorded, written = await self.store.record_progress(job.job_id, update)
+        if written and recorded.status is not job.status:
+            log.info("job %s moved to %s", job.job_id, recorded.status.value)
+        return recorded
 
     # --- RunPod said something --------------------------------------------------------
 
     async def apply_runpod_status(self, job: Job, status: RunPodStatus) -> Job:
         if job.status.is_terminal:
             return job
+        report = progress_in_status(status)
+        if report is not None:
+            # RunPod's copy of the worker's progress: recorded as a POSTed report would be, so
+            # progress survives a lost POST. It also moves a queued job to running.
+            return await self.record_progress(job, report)
         exists = None
         if status.status == "COMPLETED":
             exists = await self.storage.exists(job.object_key)
-        update = update_from_runpod(status, exists)
+        update = update_from_runpod(status, exists, poster_key_for(job.object_key))
         if update is None:
             log.warning("ignoring unknown RunPod status %r for %s", status.status, job.job_id)
             return job
@@ -344,9 +418,10 @@ class JobService:
 def media_keys(job: Job) -> list[str]:
     """Every storage object a job owns: what deleting the job must remove.
 
-    The one list: anything the gateway stores for a job (a poster, later) is added here.
+    The one list: anything the gateway stores for a job is added here. The poster's key is
+    recorded only once the worker said it uploaded one.
     """
-    return [job.object_key]
+    return [job.object_key, *([job.poster_key] if job.poster_key else [])]
 
 
 async def delete_job_and_media(

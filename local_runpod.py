@@ -38,6 +38,17 @@ Failure injection, for tests and demos:
 
 Unlike RunPod, jobs live in this process's memory until it exits, and `policy` is ignored.
 
+Sources for the HTTP answers (RunPod's docs, `runpod/docs` `serverless/endpoints/send-requests.mdx`,
+read at commit 09144f63): `/run` answers `{"id", "status": "IN_QUEUE"}`; `/cancel` answers
+`{"id", "status": "CANCELLED"}`; `/health` answers `{"jobs": {"completed", "failed",
+"inProgress", "inQueue", "retried"}, "workers": {"idle", "running"}}`; a webhook must answer 200,
+and "If the call fails, Runpod will retry up to 2 more times with a 10-second delay between
+attempts" (section "Webhook notifications"). The statuses of refusals are the docs' table
+("Error handling and troubleshooting": 400 bad request, 401 bad API key, 404 not found), but no
+source shows their bodies: `{"error": ...}` below is this stand-in's own choice. The gateway reads
+only the status, and the first of `error`, `message` or `detail` for its log (runpod_client.py),
+as runpod-python reads only the 401 status (`runpod/endpoint/runner.py`).
+
 Over 400 lines because it imitates one service: queueing, the SDK's result shaping and webhook
 delivery are RunPod's behaviour, checked together against REFERENCE.md; apart, no piece runs alone.
 """
@@ -78,7 +89,8 @@ CRASH_MARKER = "[[crash]]"
 SDK_VERSION = "1.12.0"
 # Share of `render_seconds` a job spends IN_QUEUE, so a poller sees every state.
 QUEUE_SHARE = 0.25
-# RunPod tries a webhook once, then twice more on any answer but 200.
+# RunPod tries a webhook once, then "up to 2 more times with a 10-second delay" when it gets no
+# 200 (send-requests.mdx, "Webhook notifications"; the delay is `webhook_retry_delay`).
 WEBHOOK_ATTEMPTS = 3
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 
@@ -326,6 +338,7 @@ class RequireBearer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not _has_bearer_token(Headers(scope=scope)):
+            # 401 is RunPod's status for a bad key (docs, above); the body is our own.
             response = JSONResponse({"error": "Unauthorized"}, status_code=401)
             await response(scope, receive, send)
             return
@@ -343,6 +356,8 @@ def _runner(request: Request) -> LocalRunPod:
 
 
 def _no_such_job() -> JSONResponse:
+    # 404 as RunPod's docs list it (and as /status answers once a job's result expired,
+    # REFERENCE.md); no source shows the body, so this one is our own.
     return JSONResponse({"error": "request does not exist"}, status_code=404)
 
 

@@ -26,8 +26,11 @@ from errors import Forbidden, InvalidRequest, NotFound
 from r2_client import ObjectChanged, ObjectInfo
 
 ROUTE_PREFIX = "/_local/storage"
-# Keys are made by the gateway (`videos/<user>/<job>.mp4`); anything else is refused outright.
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.mp4$")
+# Keys are made by the gateway (`videos/<user>/<job>.mp4` and its poster, `.jpg`); anything
+# else is refused outright.
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.(mp4|jpg)$")
+# What R2 would answer: the type the object was PUT with, which the presigned PUT fixed.
+_MEDIA_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg"}
 # An image a user uploads (uploads.py): `uploads/<user>/<upload id>`, and the gateway's copy of a
 # checked version of it, `<that>.<16 hex digits>`.
 _UPLOAD_KEY = re.compile(
@@ -191,9 +194,9 @@ def storage_router() -> APIRouter:
         if not await asyncio.to_thread(path.is_file):
             raise NotFound("No such object")
         # Signed URLs are per-object credentials: browsers may cache the bytes, not share them.
-        # The stand-in keeps no type beside an upload's bytes (R2 would answer the type it was
-        # PUT with); the worker reads the image's format from its bytes.
-        media_type = "video/mp4" if key.endswith(".mp4") else "application/octet-stream"
+        # R2 answers the type an object was PUT with; the stand-in keeps none beside an upload's
+        # bytes, and the worker reads the image's format from its bytes.
+        media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private"})
 
     @router.put("/{key:path}")

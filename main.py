@@ -46,6 +46,7 @@ from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, install_cors
 from models import (
     CREATE_JOB_EXAMPLES,
     JOB_ID_PATTERN,
+    PROGRESS_ANSWER_EXAMPLE,
     WEBHOOK_ANSWER_EXAMPLE,
     WEBHOOK_EXAMPLES,
     ApiModel,
@@ -54,7 +55,10 @@ from models import (
     CreditsResponse,
     JobListResponse,
     JobResponse,
+    ProgressAnswer,
+    ProgressRequest,
     create_job_request_model,
+    job_progress,
     json_dump,
 )
 from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install_openapi
@@ -63,7 +67,7 @@ from readiness import failed_parts
 from runpod_client import RunPodError
 from uploads import UPLOAD_REFUSALS, UploadsDep, UploadService
 from uploads import router as uploads_router
-from webhooks import receive_webhook
+from webhooks import receive_progress, receive_webhook
 from wiring import State, build_state, configure_logging_for
 
 log = logging.getLogger("gateway")
@@ -367,6 +371,39 @@ async def runpod_webhook(request: Request) -> dict[str, str]:
     # The service straight from the state, not a dependency: see `deps.Caller`.
     job = await receive_webhook(request, request.state.jobs)
     return {"jobId": job.job_id, "status": job.status.public.value}
+
+
+@router.post(
+    "/webhooks/runpod/progress",
+    tags=[WEBHOOKS],
+    response_model=ProgressAnswer,
+    summary="Worker progress report",
+    responses={
+        200: {"content": {"application/json": {"example": PROGRESS_ANSWER_EXAMPLE}}},
+        **error_responses(
+            InvalidRequest, InvalidSignature, NotFound, PayloadTooLarge, *STORE_ERRORS
+        ),
+    },
+)
+async def worker_progress(
+    request: Request,
+    body: ProgressRequest,
+    job_id: Annotated[str, Query(alias="jobId", description="The job the report is about.")] = "",
+    token: Annotated[
+        str, Query(description="The job's progress token, as the gateway put it in progressUrl.")
+    ] = "",
+) -> ProgressAnswer:
+    """The worker's `progressUrl` (its job's input): proof is the per-job token in the URL.
+
+    The first report moves a queued job to running. Reports never move a job backwards, and a
+    finished job is answered as it is (200), unchanged. At most one is written per job per second
+    within a stage; a new stage is written at once.
+    """
+    job = await receive_progress(request.state.jobs, job_id, token, body)
+    progress, stage = job_progress(job)
+    return ProgressAnswer(
+        job_id=job.job_id, status=job.status.public, progress=progress, stage=stage
+    )
 
 
 @router.get("/healthz", summary="Liveness", include_in_schema=False)

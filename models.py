@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationInfo,
@@ -33,6 +34,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from worker.contract import PROGRESS_STAGES, ProgressStage
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_URL_CHARS = 2048
@@ -117,6 +120,18 @@ def upload_key_for(user_id: str, upload_id: str) -> str:
     return f"uploads/{user_id}/{upload_id}"
 
 
+def poster_key_for(object_key: str) -> str:
+    """The poster's key, beside its video's: one prefix per user holds both."""
+    return object_key.removesuffix(".mp4") + ".jpg"
+
+
+# The worker's stages (worker/contract.py), in the order it goes through them.
+PROGRESS_STAGE_RANK: dict[str, int] = {stage: rank for rank, stage in enumerate(PROGRESS_STAGES)}
+# At most one progress write per job per this long, whatever the worker sends: a stage change
+# and a job's first report are written at once (issue 14).
+PROGRESS_WRITE_INTERVAL_MS = 1000
+
+
 # --- Records the stores hand back -------------------------------------------------------------
 
 
@@ -167,6 +182,13 @@ class Job:
     download_expires_at: int | None = None
     checked_at: int | None = None
     idempotency_key: str | None = None
+    # The worker's latest report (0..1 and its stage), and when it was written: the throttle.
+    progress: float | None = None
+    stage: str | None = None
+    progress_written_at: int | None = None
+    # Set only when the worker said it uploaded the poster; its URL is presigned with the video's.
+    poster_key: str | None = None
+    poster_url: str | None = None
     # Not stored, like `User.signup_grant`: set on the answer of the charge that created its user.
     signup_grant: int = field(default=0, compare=False)
 
@@ -193,6 +215,17 @@ class StatusUpdate:
     error_code: str | None = None
     error_detail: str | None = None
     runpod_id: str | None = None
+    # With DONE: the poster's key, when the worker's output says it uploaded one.
+    poster_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressUpdate:
+    """A worker's report: recorded by the store's rules (forward only, throttled)."""
+
+    progress: float
+    stage: str
+    now: int  # ms: the caller's clock, so the throttle can be tested without waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,10 +356,16 @@ def image_url_host(url: str) -> str:
 DONE_JOB_EXAMPLE: dict[str, Any] = {
     "jobId": "job_Xk3v9QyL0aPz7wRt",
     "status": "done",
+    "progress": 1.0,
+    "stage": None,
     "r2Url": "https://acct.r2.cloudflarestorage.com/cineweave-videos/videos/user_alice/"
     "job_Xk3v9QyL0aPz7wRt.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=86400"
     "&X-Amz-Signature=5d41402abc4b2a76b9719d911017c592",
     "expiresAt": "2026-11-26T12:30:00.000Z",
+    "posterUrl": "https://acct.r2.cloudflarestorage.com/cineweave-videos/videos/user_alice/"
+    "job_Xk3v9QyL0aPz7wRt.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=86400"
+    "&X-Amz-Signature=7d793037a0760186574b0282f2f435e7",
+    "posterExpiresAt": "2026-11-26T12:30:00.000Z",
     "durationSec": 5,
     "prompt": "A silver drone flies through neon skyline",
     "imageUrl": None,
@@ -336,11 +375,24 @@ DONE_JOB_EXAMPLE: dict[str, Any] = {
     "updatedAt": "2026-11-25T12:29:58.402Z",
     "error": None,
 }
+RUNNING_JOB_EXAMPLE: dict[str, Any] = DONE_JOB_EXAMPLE | {
+    "jobId": "job_Rt5u7VwX9yZa1bCd",
+    "status": "running",
+    "progress": 0.1,
+    "stage": "generating",
+    "r2Url": None,
+    "expiresAt": None,
+    "posterUrl": None,
+    "posterExpiresAt": None,
+}
 FAILED_JOB_EXAMPLE: dict[str, Any] = DONE_JOB_EXAMPLE | {
     "jobId": "job_Pq8s2LmN4bWc6dYe",
     "status": "failed",
+    "progress": None,
     "r2Url": None,
     "expiresAt": None,
+    "posterUrl": None,
+    "posterExpiresAt": None,
     "error": {"code": "WORKER_FAILED", "detail": "CUDA out of memory"},
 }
 # `openapi_examples` of POST /jobs/create: Swagger UI offers each in a drop-down.
@@ -400,6 +452,35 @@ WEBHOOK_EXAMPLES: dict[str, Example] = {
     },
 }
 WEBHOOK_ANSWER_EXAMPLE = {"jobId": "job_Xk3v9QyL0aPz7wRt", "status": "done"}
+PROGRESS_ANSWER_EXAMPLE: dict[str, Any] = {
+    "jobId": "job_Xk3v9QyL0aPz7wRt",
+    "status": "running",
+    "progress": 0.1,
+    "stage": "generating",
+}
+
+
+class ProgressRequest(RequestModel):
+    """A worker's progress POST: `ProgressReport` of worker/contract.py, checked at the door."""
+
+    progress: StrictFloat = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="From 0 to 1.")
+    stage: ProgressStage = Field(description="Where the worker is: " + ", ".join(PROGRESS_STAGES))
+
+    # A tolerant reader, as the worker contract is (worker/contract.py): a newer worker may
+    # add a field, and refusing it would lose its progress.
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"progress": 0.1, "stage": "generating"}]},
+    )
+
+
+class ProgressAnswer(ApiModel):
+    job_id: str
+    status: JobStatus
+    progress: float | None
+    stage: str | None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [PROGRESS_ANSWER_EXAMPLE]})
 
 
 class CreateJobRequest(RequestModel):
@@ -487,8 +568,19 @@ class JobError(ApiModel):
 class JobResponse(ApiModel):
     job_id: str
     status: JobStatus
+    progress: float | None = Field(
+        description="0 to 1 while running, once the worker reports; 1 when done, else null."
+    )
+    stage: str | None = Field(
+        description="The worker's stage while running (started, generating, uploading); "
+        "null otherwise."
+    )
     r2_url: str | None
     expires_at: str | None
+    poster_url: str | None = Field(
+        description="A JPEG frame of the video, when the worker made one; presigned like r2Url."
+    )
+    poster_expires_at: str | None
     duration_sec: int
     prompt: str
     image_url: str | None
@@ -499,20 +591,27 @@ class JobResponse(ApiModel):
     error: JobError | None
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [DONE_JOB_EXAMPLE, FAILED_JOB_EXAMPLE]}
+        json_schema_extra={"examples": [DONE_JOB_EXAMPLE, RUNNING_JOB_EXAMPLE, FAILED_JOB_EXAMPLE]}
     )
 
     @classmethod
     def from_job(cls, job: Job) -> JobResponse:
+        """The one answer for a job: every route (and any fast twin) renders it through here."""
         done = job.status is JobStatus.DONE
         error = None
         if job.error_code:
             error = JobError(code=job.error_code, detail=job.error_detail or "")
+        poster = job.poster_url if done and job.poster_key else None
+        progress, stage = job_progress(job)
         return cls(
             job_id=job.job_id,
             status=job.status.public,
+            progress=progress,
+            stage=stage,
             r2_url=job.download_url if done else None,
             expires_at=iso_from_ms(job.download_expires_at) if done else None,
+            poster_url=poster,
+            poster_expires_at=iso_from_ms(job.download_expires_at) if poster else None,
             duration_sec=job.duration_sec,
             prompt=job.prompt,
             image_url=job.image_url,
@@ -522,6 +621,16 @@ class JobResponse(ApiModel):
             updated_at=iso_from_ms(job.updated_at) or "",
             error=error,
         )
+
+
+def job_progress(job: Job) -> tuple[float | None, str | None]:
+    """What a job shows of its progress: the worker's latest report while it is active, 1 once
+    done, nothing once failed or canceled (the error says why)."""
+    if job.status is JobStatus.DONE:
+        return 1.0, None
+    if job.status.is_terminal:
+        return None, None
+    return job.progress, job.stage
 
 
 class JobListResponse(ApiModel):

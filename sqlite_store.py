@@ -34,12 +34,15 @@ from errors import (
 from models import (
     ACTIVE_STATUSES,
     JOB_ID_PATTERN,
+    PROGRESS_STAGE_RANK,
+    PROGRESS_WRITE_INTERVAL_MS,
     REFUNDED_STATUSES,
     IdempotencyClaim,
     Job,
     JobPage,
     JobStatus,
     NewJob,
+    ProgressUpdate,
     StatusUpdate,
     Upload,
     User,
@@ -62,6 +65,27 @@ def job_problems(job_id: str, status: JobStatus, charges: int, refunds: int) -> 
     if refunds != expected:
         problems.append(f"{job_id} ({status.value}): {refunds} refunds")
     return problems
+
+
+def progress_to_write(job: Job, update: ProgressUpdate) -> tuple[JobStatus, float, str] | None:
+    """The status, progress and stage to write for a report, or None to write nothing.
+
+    The same rules as `recordProgress` in convex/gateway.ts; the contract suite runs both.
+    """
+    if job.status.is_terminal:
+        return None
+    if PROGRESS_STAGE_RANK[update.stage] < PROGRESS_STAGE_RANK.get(job.stage or "", -1):
+        return None  # a late report of an earlier stage: the job is past it
+    first = job.progress_written_at is None
+    new_stage = update.stage != job.stage
+    if not (first or new_stage):
+        if update.now - (job.progress_written_at or 0) < PROGRESS_WRITE_INTERVAL_MS:
+            return None  # the throttle: at most one write a second within a stage
+        if update.progress <= (job.progress or 0.0):
+            return None  # nothing new to say
+    progress = max(update.progress, job.progress or 0.0)
+    status = JobStatus.RUNNING if job.status.rank < JobStatus.RUNNING.rank else job.status
+    return status, progress, update.stage
 
 
 SCHEMA = """
@@ -91,7 +115,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
     -- The last evidence about the job: the reconciler checks jobs that have gone quiet.
-    checked_at INTEGER NOT NULL
+    checked_at INTEGER NOT NULL,
+    progress REAL,
+    stage TEXT,
+    progress_written_at INTEGER,
+    poster_key TEXT,
+    poster_url TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_user_created ON jobs (user_id, created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_user_status ON jobs (user_id, status);
@@ -155,8 +184,24 @@ def retry_after_seconds(oldest_expiry_ms: int, now_ms: int) -> int:
 _JOB_COLUMNS = (
     "job_id, user_id, status, prompt, image_url, duration_sec, seed, cost, object_key, created_at,"
     " updated_at, runpod_id, error_code, error_detail, download_url, download_expires_at,"
-    " checked_at, idempotency_key"
+    " checked_at, idempotency_key, progress, stage, progress_written_at, poster_key, poster_url"
 )
+# Columns added after the first release: a file made before them gets them on open.
+_ADDED_JOB_COLUMNS = {
+    "progress": "REAL",
+    "stage": "TEXT",
+    "progress_written_at": "INTEGER",
+    "poster_key": "TEXT",
+    "poster_url": "TEXT",
+}
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """`CREATE TABLE IF NOT EXISTS` leaves an older file's table as it was: add what it lacks."""
+    present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, kind in _ADDED_JOB_COLUMNS.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:
@@ -265,6 +310,7 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         add_deletion_schema(db)
+        add_missing_columns(db)
         db.executescript(UPLOAD_SCHEMA)
         return db
 
@@ -455,13 +501,14 @@ class SQLiteStore:
             now = now_ms()
             db.execute(
                 "UPDATE jobs SET status = ?, error_code = ?, error_detail = ?,"
-                " runpod_id = COALESCE(runpod_id, ?), updated_at = ?, checked_at = ?"
-                " WHERE job_id = ?",
+                " runpod_id = COALESCE(runpod_id, ?), poster_key = COALESCE(?, poster_key),"
+                " updated_at = ?, checked_at = ? WHERE job_id = ?",
                 (
                     update.status,
                     update.error_code,
                     update.error_detail,
                     update.runpod_id,
+                    update.poster_key,
                     now,
                     now,
                     job_id,
@@ -472,6 +519,26 @@ class SQLiteStore:
             changed = self._job_row(db, job_id)
             assert changed is not None
             return changed, True
+
+    def _record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        # BEGIN IMMEDIATE: the check and the write are one step for every process on the file.
+        with self._transaction() as db:
+            job = self._job_row(db, job_id)
+            if job is None:
+                raise NotFound("Job not found")
+            write = progress_to_write(job, update)
+            if write is None:
+                return job, False
+            status, progress, stage = write
+            # Progress is evidence the job lives: the reconciler need not ask RunPod about it.
+            db.execute(
+                "UPDATE jobs SET status = ?, progress = ?, stage = ?, progress_written_at = ?,"
+                " updated_at = ?, checked_at = ? WHERE job_id = ?",
+                (status, progress, stage, update.now, update.now, update.now, job_id),
+            )
+            written = self._job_row(db, job_id)
+            assert written is not None
+            return written, True
 
     def _cancel_job(self, user_id: str, job_id: str) -> Job:
         with self._transaction() as db:
@@ -513,10 +580,13 @@ class SQLiteStore:
         next_cursor = encode_cursor(jobs[-1].created_at, jobs[-1].job_id) if more else None
         return JobPage(jobs=jobs, next_cursor=next_cursor)
 
-    def _save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
+    def _save_download_url(
+        self, job_id: str, url: str, expires_at: int, poster_url: str | None
+    ) -> None:
         self._db.execute(
-            "UPDATE jobs SET download_url = ?, download_expires_at = ? WHERE job_id = ?",
-            (url, expires_at, job_id),
+            "UPDATE jobs SET download_url = ?, download_expires_at = ?, poster_url = ?"
+            " WHERE job_id = ?",
+            (url, expires_at, poster_url, job_id),
         )
 
     def _delete_job(self, user_id: str, job_id: str) -> Job:
@@ -535,7 +605,8 @@ class SQLiteStore:
             # is what the money records need (id, user, status, cost, times).
             db.execute(
                 "UPDATE jobs SET deleted_at = ?, updated_at = ?, prompt = '', image_url = NULL,"
-                " error_detail = NULL, download_url = NULL, download_expires_at = NULL"
+                " error_detail = NULL, download_url = NULL, download_expires_at = NULL,"
+                " poster_url = NULL"
                 " WHERE job_id = ?",
                 (now, now, job_id),
             )
@@ -726,6 +797,15 @@ class SQLiteStore:
     async def apply_status(self, job_id: str, update: StatusUpdate) -> tuple[Job, bool]:
         return await self._run(self._apply_status, job_id, update)
 
+    async def record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        # A read first, on the loop: a report it refuses would be refused in the transaction
+        # too (every field the rules read only moves forward), so most throttled reports never
+        # take the write lock that charges and refunds wait on.
+        seen = await self._read(self._job_row, job_id)
+        if seen is not None and progress_to_write(seen, update) is None:
+            return seen, False
+        return await self._run(self._record_progress, job_id, update)
+
     async def cancel_job(self, user_id: str, job_id: str) -> Job:
         return await self._run(self._cancel_job, user_id, job_id)
 
@@ -747,8 +827,10 @@ class SQLiteStore:
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         return await self._read(self._list_jobs, user_id, limit, cursor)
 
-    async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None:
-        await self._run(self._save_download_url, job_id, url, expires_at)
+    async def save_download_url(
+        self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
+    ) -> None:
+        await self._run(self._save_download_url, job_id, url, expires_at, poster_url)
 
     async def claim_idempotency_key(
         self, user_id: str, key: str, fingerprint: str, now: int, ttl_ms: int, stale_ms: int

@@ -15,6 +15,7 @@ from models import (
     Job,
     JobPage,
     NewJob,
+    ProgressUpdate,
     StatusUpdate,
     Upload,
     User,
@@ -62,6 +63,17 @@ class Store(Protocol):
         """
         ...
 
+    async def record_progress(self, job_id: str, update: ProgressUpdate) -> tuple[Job, bool]:
+        """Record a worker's report; returns the job afterwards and whether it was written.
+
+        The first report moves a queued (or submitting) job to running. A terminal job is never
+        changed; progress never decreases and the stage never goes back. The throttle lives in
+        this one conditional write, so it holds across instances: a report is written when it is
+        the job's first, names a new stage, or comes `PROGRESS_WRITE_INTERVAL_MS` after the last
+        write; any other is dropped without a write.
+        """
+        ...
+
     async def cancel_job(self, user_id: str, job_id: str) -> Job: ...
 
     async def delete_job(self, user_id: str, job_id: str) -> Job:
@@ -84,7 +96,11 @@ class Store(Protocol):
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage: ...
 
-    async def save_download_url(self, job_id: str, url: str, expires_at: int) -> None: ...
+    async def save_download_url(
+        self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
+    ) -> None:
+        """Remember a done job's presigned URLs; the poster's expires with the video's."""
+        ...
 
     async def ledger_totals(self) -> dict[str, dict[str, int]]:
         """Per user: `credits`, and the sums of `grants`, `charges` and `refunds`."""

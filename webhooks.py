@@ -1,4 +1,5 @@
-"""RunPod's webhook: its proofs (HMAC signature, per-job token), its body's shape, applying it."""
+"""RunPod's webhook and the worker's progress POST: their proofs (HMAC signature, per-job
+tokens), the webhook body's shape, applying them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -14,8 +16,9 @@ from fastapi import Request
 from crash_points import crash_point
 from errors import InvalidRequest, InvalidSignature, NotFound
 from metrics import Metrics
-from models import JOB_ID_PATTERN, Job
+from models import JOB_ID_PATTERN, Job, ProgressRequest
 from runpod_client import RUNPOD_ID_PATTERN, RunPodStatus
+from worker.contract import ProgressReport
 
 if TYPE_CHECKING:  # for the type only: jobs.py imports this module for `webhook_token`
     from jobs import JobService
@@ -27,15 +30,31 @@ SIGNATURE_TOLERANCE_SECONDS = 300  # Stripe's convention: 5 minutes of clock dri
 # --- Proofs -----------------------------------------------------------------------------------
 
 
-def webhook_token(secret: str, job_id: str) -> str:
-    """The per-job token in the webhook URL we hand RunPod: only we can mint it."""
-    message = f"runpod-webhook:{job_id}".encode()
+def _job_token(secret: str, purpose: str, job_id: str) -> str:
+    message = f"{purpose}:{job_id}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def token_is_valid(secret: str, job_id: str, token: str) -> bool:
+def webhook_token(secret: str, job_id: str) -> str:
+    """The per-job token in the webhook URL we hand RunPod: only we can mint it."""
+    return _job_token(secret, "runpod-webhook", job_id)
+
+
+def progress_token(secret: str, job_id: str) -> str:
+    """The per-job token in the worker's `progressUrl`.
+
+    Another purpose, so another token: the URL travels in the job's input, which RunPod's
+    console shows and the webhook body echoes, and holding it must not prove a webhook.
+    Progress moves no money, so this token alone is proof enough for it.
+    """
+    return _job_token(secret, "runpod-progress", job_id)
+
+
+def token_is_valid(
+    secret: str, job_id: str, token: str, mint: Callable[[str, str], str] = webhook_token
+) -> bool:
     # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
-    expected = webhook_token(secret, job_id).encode()
+    expected = mint(secret, job_id).encode()
     return hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape"))
 
 
@@ -178,3 +197,19 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
     if not isinstance(runpod_id, str) or not runpod_id:
         raise InvalidRequest("The webhook names no RunPod job")
     return await jobs.apply_tokened_webhook(job, runpod_id)
+
+
+# --- The worker's progress --------------------------------------------------------------------
+
+
+async def receive_progress(jobs: JobService, job_id: str, token: str, body: ProgressRequest) -> Job:
+    """A worker's report, proven by the job's progress token. A finished job is left as it is,
+    and answered like any other (200): the worker must not take it for a failure."""
+    if not (job_id and token) or not token_is_valid(
+        jobs.webhook_secret, job_id, token, progress_token
+    ):
+        raise InvalidSignature("Progress proof is missing or invalid")
+    job = await jobs.store.find_job(job_id)
+    if job is None:
+        raise NotFound("Job not found")
+    return await jobs.record_progress(job, ProgressReport(progress=body.progress, stage=body.stage))

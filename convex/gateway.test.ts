@@ -299,6 +299,11 @@ describe("chargeAndCreateJob", () => {
       createdAt: expect.any(Number),
       updatedAt: job.createdAt,
       checkedAt: job.createdAt,
+      progress: null,
+      stage: null,
+      progressWrittenAt: null,
+      posterKey: null,
+      posterUrl: null,
       signupGrant: 10,
     });
     expect(await credits(ALICE)).toBe(7);
@@ -559,6 +564,58 @@ describe("applyStatus", () => {
   test("refuses an unknown status", async () => {
     await charge("job_1");
     await expect(setStatus("job_1", "exploded" as JobStatus)).rejects.toThrow(/Validator error/);
+  });
+});
+
+describe("recordProgress", () => {
+  const T0 = 1_800_000_000_000;
+  const report = (progress: number, stage: "started" | "generating" | "uploading", now: number) =>
+    t.mutation(internal.gateway.recordProgress, { jobId: "job_1", progress, stage, now });
+
+  test("the first report runs the job; a report within the second and stage is not written", async () => {
+    await charge("job_1");
+    const first = await report(0.1, "generating", T0);
+    expect(first.written).toBe(true);
+    expect(first.job).toMatchObject({ status: "running", progress: 0.1, stage: "generating" });
+    expect(first.job).toMatchObject({ progressWrittenAt: T0, updatedAt: T0, checkedAt: T0 });
+    const soon = await report(0.5, "generating", T0 + 999);
+    expect(soon).toEqual({ job: first.job, written: false });
+    const stage = await report(0.8, "uploading", T0 + 1000 - 1);
+    expect(stage.written).toBe(true);
+    expect(stage.job).toMatchObject({ progress: 0.8, stage: "uploading" });
+  });
+
+  test.each([-0.01, 1.01, Infinity])("refuses progress %s", async (progress) => {
+    await charge("job_1");
+    await refusal(report(progress, "started", T0), "INVALID_REQUEST");
+    const job = await t.query(internal.gateway.findJob, { jobId: "job_1" });
+    expect(job?.progress).toBeNull();
+  });
+
+  test("refuses a stage the worker does not have", async () => {
+    await charge("job_1");
+    const call = t.mutation(internal.gateway.recordProgress, {
+      jobId: "job_1",
+      progress: 0.5,
+      stage: "dancing" as "started",
+      now: T0,
+    });
+    await expect(call).rejects.toThrow(/Validator|validator|stage/);
+  });
+
+  test("leaves a finished job alone, and an unknown job is NOT_FOUND", async () => {
+    await charge("job_1");
+    const done = (await setStatus("job_1", "done")).job;
+    expect(await report(0.5, "uploading", T0)).toEqual({ job: done, written: false });
+    await refusal(
+      t.mutation(internal.gateway.recordProgress, {
+        jobId: "job_nope",
+        progress: 0,
+        stage: "started",
+        now: T0,
+      }),
+      "NOT_FOUND",
+    );
   });
 });
 

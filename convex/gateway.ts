@@ -29,6 +29,7 @@ import {
   toJob,
   toUser,
   userRecord,
+  type JobStatus,
 } from "./model";
 import { jobStatus } from "./schema";
 
@@ -347,9 +348,10 @@ export const applyStatus = internalMutation({
     errorCode: nullableString,
     errorDetail: nullableString,
     runpodId: nullableString,
+    posterKey: nullableString,
   },
   returns: v.object({ job: jobRecord, changed: v.boolean() }),
-  handler: async (ctx, { jobId, status, errorCode, errorDetail, runpodId }) => {
+  handler: async (ctx, { jobId, status, errorCode, errorDetail, runpodId, posterKey }) => {
     const job = await jobOrNotFound(ctx, jobId);
     if (STATUS_RANK[status] <= STATUS_RANK[job.status]) {
       return { job: toJob(job), changed: false };
@@ -361,6 +363,7 @@ export const applyStatus = internalMutation({
       errorCode: errorCode ?? undefined,
       errorDetail: errorDetail ?? undefined,
       runpodId: job.runpodId ?? runpodId ?? undefined,
+      posterKey: posterKey ?? job.posterKey,
       updatedAt: now,
       checkedAt: now,
     });
@@ -368,6 +371,66 @@ export const applyStatus = internalMutation({
       await refund(ctx, job, status);
     }
     return { job: toJob((await ctx.db.get("jobs", job._id))!), changed: true };
+  },
+});
+
+/** The worker's stages in order (worker/contract.py `PROGRESS_STAGES`): never backwards. */
+const PROGRESS_STAGES = ["started", "generating", "uploading"] as const;
+const progressStage = v.union(...PROGRESS_STAGES.map((stage) => v.literal(stage)));
+/** At most one write per job per second within a stage (models.py `PROGRESS_WRITE_INTERVAL_MS`). */
+const PROGRESS_WRITE_INTERVAL_MS = 1000;
+
+/** What to write for a report, or null for nothing: `progress_to_write` in sqlite_store.py. */
+function progressToWrite(
+  job: Doc<"jobs">,
+  report: { progress: number; stage: (typeof PROGRESS_STAGES)[number]; now: number },
+): { status: JobStatus; progress: number; stage: string } | null {
+  if (isTerminal(job.status)) {
+    return null;
+  }
+  const rank = (stage: string | undefined) =>
+    PROGRESS_STAGES.indexOf(stage as (typeof PROGRESS_STAGES)[number]);
+  if (rank(report.stage) < rank(job.stage)) {
+    return null; // a late report of an earlier stage: the job is past it
+  }
+  const first = job.progressWrittenAt === undefined;
+  const newStage = report.stage !== job.stage;
+  if (!first && !newStage) {
+    if (report.now - job.progressWrittenAt! < PROGRESS_WRITE_INTERVAL_MS) {
+      return null; // the throttle: at most one write a second within a stage
+    }
+    if (report.progress <= (job.progress ?? 0)) {
+      return null; // nothing new to say
+    }
+  }
+  const status = STATUS_RANK[job.status] < STATUS_RANK.running ? "running" : job.status;
+  return { status, progress: Math.max(report.progress, job.progress ?? 0), stage: report.stage };
+}
+
+/**
+ * A worker's progress report. The throttle is decided in this transaction, so it holds across
+ * gateway instances: a dropped report costs a read and no write.
+ */
+export const recordProgress = internalMutation({
+  args: { jobId: v.string(), progress: v.number(), stage: progressStage, now: v.number() },
+  returns: v.object({ job: jobRecord, written: v.boolean() }),
+  handler: async (ctx, { jobId, progress, stage, now }) => {
+    if (!(progress >= 0 && progress <= 1)) {
+      throw fail("INVALID_REQUEST", "progress must be from 0 to 1");
+    }
+    const job = await jobOrNotFound(ctx, jobId);
+    const write = progressToWrite(job, { progress, stage, now });
+    if (write === null) {
+      return { job: toJob(job), written: false };
+    }
+    // Progress is evidence the job lives: the reconciler need not ask RunPod about it.
+    await ctx.db.patch("jobs", job._id, {
+      ...write,
+      progressWrittenAt: now,
+      updatedAt: now,
+      checkedAt: now,
+    });
+    return { job: toJob((await ctx.db.get("jobs", job._id))!), written: true };
   },
 });
 
@@ -430,19 +493,25 @@ export const deleteJob = internalMutation({
       errorDetail: undefined,
       downloadUrl: undefined,
       downloadExpiresAt: undefined,
+      // The poster's key stays, as the video's does: a retried delete removes both objects.
+      posterUrl: undefined,
     });
     return toJob((await ctx.db.get("jobs", job._id))!);
   },
 });
 
 export const saveDownloadUrl = internalMutation({
-  args: { jobId: v.string(), url: v.string(), expiresAt: v.number() },
+  args: { jobId: v.string(), url: v.string(), expiresAt: v.number(), posterUrl: nullableString },
   returns: v.null(),
-  handler: async (ctx, { jobId, url, expiresAt }) => {
+  handler: async (ctx, { jobId, url, expiresAt, posterUrl }) => {
     // Like store.py: an unknown job is ignored, and `updatedAt` is about the job, not its URL.
     const job = await findJobDoc(ctx, jobId);
     if (job !== null) {
-      await ctx.db.patch("jobs", job._id, { downloadUrl: url, downloadExpiresAt: expiresAt });
+      await ctx.db.patch("jobs", job._id, {
+        downloadUrl: url,
+        downloadExpiresAt: expiresAt,
+        posterUrl: posterUrl ?? undefined,
+      });
     }
     return null;
   },

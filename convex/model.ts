@@ -99,6 +99,11 @@ export const jobRecord = v.object({
   createdAt: v.number(),
   updatedAt: v.number(),
   checkedAt: v.number(),
+  progress: v.union(v.number(), v.null()),
+  stage: v.union(v.string(), v.null()),
+  progressWrittenAt: v.union(v.number(), v.null()),
+  posterKey: v.union(v.string(), v.null()),
+  posterUrl: v.union(v.string(), v.null()),
 });
 
 export type UserRecord = Infer<typeof userRecord>;
@@ -135,6 +140,11 @@ export function toJob(doc: Doc<"jobs">): JobRecord {
     createdAt: doc.createdAt,
     updatedAt: doc.updatedAt,
     checkedAt: doc.checkedAt,
+    progress: doc.progress ?? null,
+    stage: doc.stage ?? null,
+    progressWrittenAt: doc.progressWrittenAt ?? null,
+    posterKey: doc.posterKey ?? null,
+    posterUrl: doc.posterUrl ?? null,
   };
 }
 

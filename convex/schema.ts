@@ -54,6 +54,13 @@ export default defineSchema({
     // Set when the user deleted the job: a tombstone the ledger's rows still name. Absent on
     // every live job, so `by_user_live_created` holds the live ones in a range of their own.
     deletedAt: v.optional(v.number()),
+    // The worker's latest report (0..1, its stage) and when it was written: the throttle.
+    progress: v.optional(v.number()),
+    stage: v.optional(v.string()),
+    progressWrittenAt: v.optional(v.number()),
+    // Set when the worker's output says it uploaded the poster; its URL is cached with the video's.
+    posterKey: v.optional(v.string()),
+    posterUrl: v.optional(v.string()),
   })
     .index("by_jobId", ["jobId"])
     // Convex appends `_creationTime` to every index, so equal `createdAt`s keep insertion order.

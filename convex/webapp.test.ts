@@ -115,8 +115,12 @@ describe("myJobs", () => {
     expect(job).toEqual({
       jobId: "a1",
       status: "queued", // submitting is internal
+      progress: null,
+      stage: null,
       r2Url: null,
       expiresAt: null,
+      posterUrl: null,
+      posterExpiresAt: null,
       durationSec: 5,
       prompt: "render a1",
       imageUrl: null,

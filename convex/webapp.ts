@@ -11,7 +11,7 @@ import { paginationOptsValidator } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { query, type QueryCtx } from "./_generated/server";
-import { clampPageSize, fail, isInvalidCursor, publicStatus } from "./model";
+import { clampPageSize, fail, isInvalidCursor, isTerminal, publicStatus } from "./model";
 
 async function callerId(ctx: QueryCtx): Promise<string | null> {
   const identity = await ctx.auth.getUserIdentity();
@@ -41,9 +41,14 @@ const publicStatusValidator = v.union(
 const publicJob = v.object({
   jobId: v.string(),
   status: publicStatusValidator,
+  progress: v.union(v.number(), v.null()),
+  stage: v.union(v.string(), v.null()),
   // The owner's own bearer link to their video: fine to show them, and only them.
   r2Url: v.union(v.string(), v.null()),
   expiresAt: v.union(v.string(), v.null()),
+  // Its poster, presigned with the video by the gateway: the same caveat as `r2Url` applies.
+  posterUrl: v.union(v.string(), v.null()),
+  posterExpiresAt: v.union(v.string(), v.null()),
   durationSec: v.number(),
   prompt: v.string(),
   imageUrl: v.union(v.string(), v.null()),
@@ -61,14 +66,32 @@ function isoFromMs(ms: number): string {
   return new Date(ms).toISOString();
 }
 
+/** `models.py` `job_progress`: the latest report while active, 1 once done, else null. */
+function progressOf(doc: Doc<"jobs">): { progress: number | null; stage: string | null } {
+  if (doc.status === "done") {
+    return { progress: 1, stage: null };
+  }
+  if (isTerminal(doc.status)) {
+    return { progress: null, stage: null };
+  }
+  return { progress: doc.progress ?? null, stage: doc.stage ?? null };
+}
+
 function toPublicJob(doc: Doc<"jobs">): PublicJob {
   const done = doc.status === "done";
   const expiresAt = done ? (doc.downloadExpiresAt ?? null) : null;
+  const expiresIso = expiresAt === null ? null : isoFromMs(expiresAt);
+  const posterUrl = done && doc.posterKey ? (doc.posterUrl ?? null) : null;
+  const { progress, stage } = progressOf(doc);
   return {
     jobId: doc.jobId,
     status: publicStatus(doc.status),
+    progress,
+    stage,
     r2Url: done ? (doc.downloadUrl ?? null) : null,
-    expiresAt: expiresAt === null ? null : isoFromMs(expiresAt),
+    expiresAt: expiresIso,
+    posterUrl,
+    posterExpiresAt: posterUrl === null ? null : expiresIso,
     durationSec: doc.durationSec,
     prompt: doc.prompt,
     imageUrl: doc.imageUrl ?? null,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 from typing import Any
 
+import av
 import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -197,3 +199,10 @@ async def send_signed(client, payload: dict[str, Any], *, secret: str = WEBHOOK_
 
 def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
     return {**headers, "Idempotency-Key": key}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """A JPEG's size, decoded with PyAV (FFmpeg's decoder): it must be a real image."""
+    with av.open(io.BytesIO(data), "r", format="image2pipe") as container:
+        frame = next(container.decode(video=0))
+        return frame.width, frame.height

@@ -7,7 +7,9 @@ passes them here in the environment):
   store and RunPod, not only the 404 of an unknown id;
 * webhook bodies sometimes carry a real job's ids, so a body reaches the status rules;
 * every webhook is signed over the exact bytes sent (`X-RunPod-Signature`), so the handler
-  behind the proof is fuzzed rather than its 401.
+  behind the proof is fuzzed rather than its 401;
+* a progress report carries a real job's id and progress token half the time, so its body
+  reaches the progress rules.
 
 Hook names and arguments are schemathesis's own (`schemathesis/hook_specs.py` in 4.32).
 """
@@ -25,13 +27,15 @@ import schemathesis
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from webhooks import (
+from webhooks import (  # noqa: E402  (the gateway's own signer: one definition of the scheme)
+    progress_token,
     sign_body,
-)  # noqa: E402  (the gateway's own signer: one definition of the scheme)
+)
 
 JOBS_ENV = "FUZZ_JOBS"  # JSON: [[jobId, runpodId], ...]
 SECRET_ENV = "FUZZ_WEBHOOK_SECRET"
 WEBHOOK_PATH = "/webhooks/runpod"
+PROGRESS_PATH = "/webhooks/runpod/progress"
 # Every status RunPod sends (REFERENCE.md), and one it does not.
 RUNPOD_STATUSES = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT", "X"]
 
@@ -81,6 +85,18 @@ def flatmap_body(context: Any, body: Any) -> Any:
         skeletons.map(lambda skeleton: {**body, **skeleton}),
         skeletons.map(lambda skeleton: {**skeleton, **body}),
     )
+
+
+@schemathesis.hook
+def flatmap_query(context: Any, query: dict[str, Any] | None) -> Any:
+    """A progress report's proof for a real job half the time; else the generated query."""
+    if context.operation is None or context.operation.path != PROGRESS_PATH:
+        return st.just(query)
+    secret = os.environ[SECRET_ENV]
+    proven = st.sampled_from([job_id for job_id, _ in _seeded()]).map(
+        lambda job_id: {"jobId": job_id, "token": progress_token(secret, job_id)}
+    )
+    return st.one_of(st.just(query), proven)
 
 
 @schemathesis.hook

@@ -72,6 +72,7 @@ class TestOperations:
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
             ("/uploads", "post"),
+            ("/webhooks/runpod/progress", "post"),
         }
 
     def test_user_routes_declare_the_session_and_the_webhook_does_not(self, schema) -> None:

@@ -11,6 +11,7 @@ import av
 import httpx
 import pytest
 
+from tests.factories import jpeg_size
 from tests.servers import manage, running_gateway
 
 pytestmark = pytest.mark.e2e
@@ -67,17 +68,33 @@ class TestLocalMode:
         # With Convex configured, nothing may have gone to the embedded store.
         assert (tmp_path / "data" / "gateway.db").exists() == ("CONVEX_URL" not in store_env)
 
-    def test_a_poll_shows_running_while_the_stand_in_renders(self, tmp_path: Path) -> None:
-        with running_gateway(tmp_path / "data", LOCAL_RENDER_SECONDS="3") as (base, env):
+    def test_progress_then_done_with_a_poster(self, tmp_path: Path, store_env) -> None:
+        # The worker POSTs its progress to the gateway over loopback. Nothing here asks RunPod's
+        # /status (no reconciler, no stale poll within 10 minutes), so only the POSTs can show
+        # `running`, and only the webhook `done`.
+        settings = {
+            "LOCAL_RENDER_SECONDS": "3",
+            "RECONCILER_ENABLED": "false",
+            "RECONCILE_AFTER_SECONDS": "600",
+            **store_env,
+        }
+        with running_gateway(tmp_path / "data", **settings) as (base, env):
             token = manage(env, "mint-token", "user_e2e")
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
                 body = {"prompt": "A slow pan over a harbour", "durationSec": 1}
                 job_id = client.post("/jobs/create", json=body).json()["jobId"]
-                seen = [wait_for_status(client, job_id, "running")["status"]]
-                seen.append(wait_for_status(client, job_id, "done")["status"])
-                assert seen == ["running", "done"]
+                running = wait_for_status(client, job_id, "running")
+                done = wait_for_status(client, job_id, "done")
+                assert running["stage"] in ("started", "generating", "uploading")
+                assert 0 <= running["progress"] <= 0.8 and running["posterUrl"] is None
+                assert (done["progress"], done["stage"]) == (1.0, None)
+                assert done["posterUrl"].startswith(f"{base}/_local/storage/videos/user_e2e/")
                 assert client.get("/credits").json()["credits"] == 99
+
+            poster = httpx.get(done["posterUrl"], timeout=10)
+            assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+            assert jpeg_size(poster.content) == (320, 180)
 
     def test_worker_failure_is_refunded(self, tmp_path: Path, store_env) -> None:
         settings = {"LOCAL_RENDER_SECONDS": "0", **store_env}

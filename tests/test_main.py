@@ -21,12 +21,15 @@ from tests.factories import (
     JOB,
     assert_error,
     assert_written_for_people,
+    completed,
     create,
     credits_of,
     finished_job,
+    send_signed,
     store_object,
 )
 from webhooks import webhook_token
+from worker.contract import CONTRACT_VERSION, WorkerOutput
 
 
 class TestCreateJob:
@@ -341,11 +344,52 @@ class TestGetJob:
         job_id = (await create(client, alice)).json()["jobId"]
         job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
         assert set(job) == {
-            "jobId", "status", "r2Url", "expiresAt", "durationSec", "prompt", "imageUrl",
-            "seed", "cost", "createdAt", "updatedAt", "error",
+            "jobId", "status", "progress", "stage", "r2Url", "expiresAt", "posterUrl",
+            "posterExpiresAt", "durationSec", "prompt", "imageUrl", "seed", "cost", "createdAt",
+            "updatedAt", "error",
         }  # fmt: skip
         assert job["r2Url"] is None and job["expiresAt"] is None and job["error"] is None
+        assert job["progress"] is job["stage"] is job["posterUrl"] is job["posterExpiresAt"] is None
         assert job["createdAt"].endswith("Z") and job["updatedAt"].endswith("Z")
+
+    @staticmethod
+    def worker_output(job_id: str, poster_uploaded: bool) -> dict[str, Any]:
+        output = WorkerOutput(
+            contract_version=CONTRACT_VERSION,
+            job_id=job_id,
+            object_key=f"videos/user_alice/{job_id}.mp4",
+            size_bytes=3,
+            duration_sec=5,
+            poster_uploaded=poster_uploaded,
+        )
+        return output.to_wire()
+
+    async def test_done_job_with_a_poster_shows_it(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        store_object(client, f"videos/user_alice/{job_id}.jpg", b"\xff\xd8jpeg")
+        output = self.worker_output(job_id, poster_uploaded=True)
+        await send_signed(client, completed(job_id, output=output))
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        prefix = f"https://gateway.test/_local/storage/videos/user_alice/{job_id}.jpg?"
+        assert job["status"] == "done" and job["posterUrl"].startswith(prefix)
+        assert job["posterExpiresAt"] == job["expiresAt"]
+        assert (job["progress"], job["stage"]) == (1.0, None)
+        poster = await client.get(job["posterUrl"])
+        assert poster.status_code == 200 and poster.content == b"\xff\xd8jpeg"
+        assert poster.headers["content-type"] == "image/jpeg"
+        listed = (await client.get("/jobs", headers=alice)).json()["jobs"][0]
+        assert listed["posterUrl"] == job["posterUrl"]  # presigned once, reused like the video's
+
+    async def test_done_job_without_a_poster_is_still_done(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        output = self.worker_output(job_id, poster_uploaded=False)
+        await send_signed(client, completed(job_id, output=output))
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["r2Url"]
+        assert job["posterUrl"] is None and job["posterExpiresAt"] is None
+        assert await credits_of(client, alice) == 95
 
     async def test_done_job_has_a_stable_signed_url(self, client, runpod, alice) -> None:
         job_id = await finished_job(client, runpod, alice)
@@ -558,6 +602,36 @@ class TestReconciler:
             job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
             assert job["status"] == "running"
             assert await credits_of(client, alice) == 95
+
+    async def test_progress_in_status_is_recorded(self, settings_factory, runpod, alice) -> None:
+        # What `runpod.serverless.progress_update` makes /status show (rp_progress.py): the
+        # report as the IN_PROGRESS job's output. It survives a lost progress POST this way.
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200,
+            json={
+                "id": "rp-1",
+                "status": "IN_PROGRESS",
+                "output": {"progress": 0.1, "stage": "generating"},
+            },
+        )
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            assert await reconcile(client) == {"updated": 1}
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert (job["status"], job["progress"], job["stage"]) == ("running", 0.1, "generating")
+            assert await credits_of(client, alice) == 95
+
+    async def test_progress_of_another_shape_still_runs(
+        self, settings_factory, runpod, alice
+    ) -> None:
+        runpod.get(f"{RUNPOD_URL}/status/rp-1").respond(
+            200, json={"id": "rp-1", "status": "IN_PROGRESS", "output": 0.4}
+        )
+        async with quiet(settings_factory) as client:
+            job_id = (await create(client, alice)).json()["jobId"]
+            assert await reconcile(client) == {"updated": 1}
+            job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+            assert (job["status"], job["progress"], job["stage"]) == ("running", None, None)
 
     async def test_uncertain_submission_waits_for_word(self, settings_factory, alice) -> None:
         async with quiet(settings_factory) as client:

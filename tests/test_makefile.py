@@ -19,6 +19,7 @@ import av
 import jwt
 import pytest
 
+from tests.factories import jpeg_size
 from tests.servers import ROOT, clean_env, free_port, wait_until_healthy
 
 pytestmark = pytest.mark.e2e
@@ -70,6 +71,18 @@ def walkthrough() -> str:
     match = re.search(r"```bash\n(.*?)```", text[start:], re.DOTALL)
     assert match, "the README has no walk-through"
     return match.group(1)
+
+
+def shown_outputs(script: str) -> list[re.Pattern[str]]:
+    """The walk-through's `# {...}` and `# 204` lines, each what a command prints, `…` standing
+    for anything."""
+    shown = re.findall(r"^# (\{.*\}|[0-9]{3})$", script, re.MULTILINE)
+    return [re.compile(".*?".join(re.escape(part) for part in line.split("…"))) for line in shown]
+
+
+def as_printed(value: Any) -> str:
+    """A JSON body as the gateway writes it (Starlette's JSONResponse): compact, UTF-8."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def json_values(output: str) -> list[Any]:
@@ -144,12 +157,13 @@ class TestRun:
                 timeout=60,
             )
         assert done.returncode == 0, done.stderr
-        before, first_poll, second_poll, after, from_image, deleted, gone, url = json_values(
-            done.stdout
-        )
+        printed = json_values(done.stdout)
+        before, first_poll, second_poll, after, from_image, deleted, gone, url = printed
         assert before == {"credits": 100, "plan": "starter"}
         assert first_poll["status"] == "running"
-        assert second_poll["status"] == "done"
+        assert first_poll["stage"] in ("started", "generating", "uploading")
+        assert 0 <= first_poll["progress"] < 1
+        assert second_poll["status"] == "done" and second_poll["posterUrl"]
         assert after == {"credits": 95, "plan": "starter"}
         # The upload's PUT answers no body; the job from the uploaded PNG rendered.
         assert (from_image["status"], from_image["cost"]) == ("done", 2), from_image
@@ -157,6 +171,13 @@ class TestRun:
         # Step 10: deleted, then a 404 for the job and for its video's URL.
         assert (deleted, url) == (204, 404)
         assert gone == {"detail": "Job not found", "code": "NOT_FOUND"}
+        # What the README shows each command printing is what it printed.
+        shown = shown_outputs(script)
+        assert len(shown) == len(printed)
+        for pattern, value in zip(shown, printed, strict=True):
+            assert pattern.fullmatch(as_printed(value)), (pattern.pattern, as_printed(value))
+        # The poster: a real JPEG of the video's size.
+        assert jpeg_size((tmp_path / "poster.jpg").read_bytes()) == (320, 180)
         # The video lands outside the checkout, and plays for the asked 5 seconds.
         assert not (ROOT / "video.mp4").exists()
         with av.open(io.BytesIO((tmp_path / "video.mp4").read_bytes()), "r") as video:

@@ -444,7 +444,8 @@ def observe(tmp: Path, store_env: dict[str, str]) -> Observed:
         scrape=scrape,
         log_lines=[line for line in log_file(gateway).read_text().splitlines() if line.strip()],
         standin_webhooks=standin_webhooks,
-        uploads=len(list((tmp / "data" / "objects").rglob("*.mp4"))),
+        # Each stored video, and its poster: the worker PUTs both.
+        uploads=sum(1 for path in (tmp / "data" / "objects").rglob("*") if path.is_file()),
         final_credits=final_credits,
     )
 
@@ -483,6 +484,9 @@ class TestMetrics:
         counted = observed.scrape.requests()
         # The start-up health polls: how many depends on how fast the process started.
         assert counted.pop(("GET", "/healthz", "200")) >= 1
+        # The worker's progress reports: how many depends on how far each job got before it
+        # ended or was canceled (three for a job that ran to the end).
+        assert counted.pop(("POST", "/webhooks/runpod/progress", "200")) >= 3
         assert counted == expected
 
     def test_routes_are_templates_never_raw_paths(self, observed: Observed) -> None:
@@ -538,7 +542,7 @@ class TestMetrics:
         assert scrape.upstream_calls("runpod", "run", "error") >= unsubmitted >= 1
         assert scrape.upstream_calls("runpod", "cancel") == 1
         assert scrape.upstream_calls("runpod", "status") >= 1  # tokened webhooks ask RunPod
-        assert scrape.upstream_calls("r2", "presign_put") == created
+        assert scrape.upstream_calls("r2", "presign_put") == 2 * created  # video and poster
         assert scrape.upstream_calls("r2", "presign_get") >= 1
         done = sum(job["status"] == "done" for job in jobs)
         assert scrape.upstream_calls("r2", "head") >= done

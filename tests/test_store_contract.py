@@ -17,7 +17,7 @@ from errors import (
     NotFound,
     TooManyActiveJobs,
 )
-from models import Job, JobStatus, StatusUpdate, User, now_ms
+from models import Job, JobStatus, ProgressUpdate, StatusUpdate, User, now_ms
 from store import Store
 from tests.factories import new_job
 from tests.stores import STORE_KINDS, open_store
@@ -226,6 +226,107 @@ class TestApplyStatus:
     async def test_unknown_job(self, store: Store) -> None:
         with pytest.raises(NotFound):
             await store.apply_status("job_doesnotexist00", StatusUpdate(JobStatus.DONE))
+
+
+T0 = 1_800_000_000_000  # an injected clock, in ms: the throttle is tested without waiting
+
+
+class TestProgress:
+    """A worker's reports: forward only, terminal jobs untouched, one write a second per stage."""
+
+    async def report(
+        self, store: Store, job_id: str, progress: float, stage: str, now: int
+    ) -> tuple[bool, tuple[JobStatus, float | None, str | None]]:
+        job, written = await store.record_progress(job_id, ProgressUpdate(progress, stage, now))
+        return written, (job.status, job.progress, job.stage)
+
+    async def test_first_report_moves_queued_to_running(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await store.record_runpod_id(job.job_id, "rp-1")
+        written, seen = await self.report(store, job.job_id, 0.0, "started", T0)
+        assert written and seen == (JobStatus.RUNNING, 0.0, "started")
+        stored = await store.get_job("user_a", job.job_id)
+        assert (stored.progress_written_at, stored.updated_at, stored.checked_at) == (T0, T0, T0)
+
+    async def test_a_submitting_job_runs_too(self, store: Store) -> None:
+        # The worker can start before the gateway has recorded RunPod's id.
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        _, seen = await self.report(store, job.job_id, 0.0, "started", T0)
+        recorded = await store.record_runpod_id(job.job_id, "rp-1")
+        assert seen[0] is JobStatus.RUNNING and recorded.status is JobStatus.RUNNING
+
+    async def test_throttled_within_a_stage(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await self.report(store, job.job_id, 0.1, "generating", T0)
+        written, seen = await self.report(store, job.job_id, 0.3, "generating", T0 + 999)
+        assert not written and seen == (JobStatus.RUNNING, 0.1, "generating")
+        written, seen = await self.report(store, job.job_id, 0.4, "generating", T0 + 1000)
+        assert written and seen == (JobStatus.RUNNING, 0.4, "generating")
+
+    async def test_a_new_stage_is_written_at_once(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await self.report(store, job.job_id, 0.0, "started", T0)
+        written, seen = await self.report(store, job.job_id, 0.1, "generating", T0 + 1)
+        assert written and seen == (JobStatus.RUNNING, 0.1, "generating")
+        written, seen = await self.report(store, job.job_id, 0.8, "uploading", T0 + 2)
+        assert written and seen == (JobStatus.RUNNING, 0.8, "uploading")
+
+    async def test_never_backwards(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await self.report(store, job.job_id, 0.8, "uploading", T0)
+        late_stage = await self.report(store, job.job_id, 0.1, "generating", T0 + 5000)
+        lower = await self.report(store, job.job_id, 0.5, "uploading", T0 + 10_000)
+        expected = (JobStatus.RUNNING, 0.8, "uploading")
+        assert late_stage == (False, expected) and lower == (False, expected)
+
+    async def test_a_later_stage_keeps_the_higher_progress(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await self.report(store, job.job_id, 0.7, "generating", T0)
+        written, seen = await self.report(store, job.job_id, 0.5, "uploading", T0 + 1)
+        assert written and seen == (JobStatus.RUNNING, 0.7, "uploading")
+
+    @pytest.mark.parametrize("final", [JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED])
+    async def test_a_finished_job_is_never_changed(self, store: Store, final: JobStatus) -> None:
+        job = await store.charge_and_create_job(new_job("user_a", cost=5), 5)
+        await store.apply_status(job.job_id, StatusUpdate(final, "X" if final != "done" else None))
+        before = await store.get_job("user_a", job.job_id)
+        written, _ = await self.report(store, job.job_id, 0.5, "uploading", T0)
+        assert not written and await store.get_job("user_a", job.job_id) == before
+        refunded = final is not JobStatus.DONE
+        assert await credits(store, "user_a") == SIGNUP - (0 if refunded else 5)
+
+    async def test_parallel_first_reports_write_once(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        update = ProgressUpdate(0.1, "generating", T0)
+        results = await asyncio.gather(
+            *(store.record_progress(job.job_id, update) for _ in range(10))
+        )
+        assert sum(written for _, written in results) == 1
+
+    async def test_unknown_job(self, store: Store) -> None:
+        with pytest.raises(NotFound):
+            await store.record_progress("job_doesnotexist00", ProgressUpdate(0.1, "started", T0))
+
+
+class TestPoster:
+    async def test_done_records_the_poster_and_its_url(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        update = StatusUpdate(JobStatus.DONE, poster_key="videos/user_a/x.jpg")
+        done, _ = await store.apply_status(job.job_id, update)
+        await store.save_download_url(job.job_id, "https://v.test/x.mp4", 123, "https://p/x.jpg")
+        stored = await store.get_job("user_a", job.job_id)
+        assert done.poster_key == stored.poster_key == "videos/user_a/x.jpg"
+        assert (stored.download_url, stored.poster_url) == (
+            "https://v.test/x.mp4",
+            "https://p/x.jpg",
+        )
+
+    async def test_done_without_a_poster_has_none(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        done, _ = await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        await store.save_download_url(job.job_id, "https://v.test/x.mp4", 123)
+        stored = await store.get_job("user_a", job.job_id)
+        assert (done.poster_key, stored.poster_key, stored.poster_url) == (None, None, None)
 
 
 class TestCancel:

@@ -15,6 +15,7 @@ from errors import InvalidRequest
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET
 from tests.factories import (
     assert_error,
+    assert_written_for_people,
     completed,
     create,
     credits_of,
@@ -24,6 +25,7 @@ from tests.factories import (
 )
 from webhooks import (
     SIGNATURE_TOLERANCE_SECONDS,
+    progress_token,
     sign_body,
     signature_is_valid,
     webhook_payload,
@@ -410,3 +412,130 @@ class TestPayloadShape:
     def test_anything_but_a_json_object_is_refused(self, body: bytes) -> None:
         with pytest.raises(InvalidRequest):
             webhook_payload(body, signed=False)
+
+
+# --- The worker's progress POST -----------------------------------------------------------------
+
+
+def progress_path(runpod: respx.MockRouter) -> str:
+    """The `progressUrl` the gateway put in the last job it submitted, as a path and query."""
+    job_input = json.loads(runpod.routes[0].calls.last.request.content)["input"]
+    url = httpx.URL(job_input["progressUrl"])
+    return f"{url.raw_path.decode()}"
+
+
+async def job_of(client: httpx.AsyncClient, alice: dict[str, str], job_id: str) -> dict[str, Any]:
+    return (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+
+
+class TestProgress:
+    async def test_first_report_runs_the_job_and_shows(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        url = progress_path(runpod)
+        response = await client.post(url, json={"progress": 0.0, "stage": "started"})
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "jobId": job_id,
+            "status": "running",
+            "progress": 0.0,
+            "stage": "started",
+        }
+        await client.post(url, json={"progress": 0.1, "stage": "generating"})
+        job = await job_of(client, alice, job_id)
+        listed = (await client.get("/jobs", headers=alice)).json()["jobs"][0]
+        shown = ("running", 0.1, "generating")
+        assert (job["status"], job["progress"], job["stage"]) == shown
+        assert (listed["status"], listed["progress"], listed["stage"]) == shown
+        assert job["posterUrl"] is None and job["r2Url"] is None
+        assert await credits_of(client, alice) == 95  # progress moves no money
+
+    async def test_reports_within_a_second_are_not_written(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        jobs = client.app_state["jobs"]
+        now = [jobs.clock()]
+        jobs.clock = lambda: now[0]  # the service's injectable clock: nothing waits
+        url = progress_path(runpod)
+        await client.post(url, json={"progress": 0.1, "stage": "generating"})
+        now[0] += 999
+        dropped = await client.post(url, json={"progress": 0.5, "stage": "generating"})
+        assert dropped.status_code == 200 and dropped.json()["progress"] == 0.1
+        now[0] += 1
+        await client.post(url, json={"progress": 0.6, "stage": "generating"})
+        assert (await job_of(client, alice, job_id))["progress"] == 0.6
+
+    async def test_a_finished_job_is_answered_200_unchanged(self, client, runpod, alice) -> None:
+        job_id = await finished_job(client, runpod, alice)
+        url = progress_path(runpod)
+        before = await job_of(client, alice, job_id)
+        response = await client.post(url, json={"progress": 0.8, "stage": "uploading"})
+        assert response.status_code == 200
+        assert response.json() == {
+            "jobId": job_id,
+            "status": "done",
+            "progress": 1.0,
+            "stage": None,
+        }
+        assert await job_of(client, alice, job_id) == before
+
+    async def test_a_newer_workers_extra_field_is_ignored(self, client, runpod, alice) -> None:
+        await create(client, alice)
+        body = {"progress": 0.5, "stage": "generating", "etaSeconds": 12}
+        response = await client.post(progress_path(runpod), json=body)
+        assert response.status_code == 200 and response.json()["progress"] == 0.5
+
+    async def test_bad_or_missing_token_is_401(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        body = {"progress": 0.1, "stage": "started"}
+        other_job = progress_token(WEBHOOK_SECRET, "job_someotherjob000")
+        # The webhook's token proves a webhook only: another purpose, another token.
+        webhook = webhook_token(WEBHOOK_SECRET, job_id)
+        for params in [
+            {"jobId": job_id, "token": other_job},
+            {"jobId": job_id, "token": webhook},
+            {"jobId": job_id, "token": "é" * 64},
+            {"jobId": job_id},
+            {"token": progress_token(WEBHOOK_SECRET, job_id)},
+        ]:
+            response = await client.post("/webhooks/runpod/progress", params=params, json=body)
+            assert_error(response, 401, "INVALID_SIGNATURE")
+        assert (await job_of(client, alice, job_id))["status"] == "queued"
+
+    async def test_unknown_job_is_404(self, client) -> None:
+        job_id = "job_doesnotexist0000"
+        params = {"jobId": job_id, "token": progress_token(WEBHOOK_SECRET, job_id)}
+        body = {"progress": 0.1, "stage": "started"}
+        response = await client.post("/webhooks/runpod/progress", params=params, json=body)
+        assert_error(response, 404, "NOT_FOUND")
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"{}",
+            b"not json",
+            b"[0.5]",
+            b'{"progress": 1.5, "stage": "started"}',
+            b'{"progress": -0.1, "stage": "started"}',
+            b'{"progress": NaN, "stage": "started"}',
+            b'{"progress": 0.5, "stage": "dancing"}',
+            b'{"progress": 0.5, "stage": "g\xc3\xa9n\xc3\xa9ration \xf0\x9f\x8e\xac"}',
+            b'{"progress": 0.5, "stage": "\\ud800"}',
+            b'{"progress": true, "stage": "started"}',
+            b'{"stage": "started"}',
+        ],
+    )
+    async def test_junk_is_400_and_changes_nothing(self, client, runpod, alice, raw) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        headers = {"content-type": "application/json"}
+        response = await client.post(progress_path(runpod), content=raw, headers=headers)
+        body = assert_error(response, 400, "INVALID_REQUEST")
+        assert body["errors"]
+        assert_written_for_people(body)
+        job = await job_of(client, alice, job_id)
+        assert (job["status"], job["progress"], job["stage"]) == ("queued", None, None)
+
+    async def test_a_huge_body_is_413(self, client, runpod, alice) -> None:
+        await create(client, alice)
+        raw = b'{"progress": 0.5, "stage": "started", "pad": "' + b"x" * 70_000 + b'"}'
+        headers = {"content-type": "application/json"}
+        response = await client.post(progress_path(runpod), content=raw, headers=headers)
+        assert_error(response, 413, "PAYLOAD_TOO_LARGE")

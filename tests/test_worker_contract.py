@@ -23,8 +23,18 @@ from pydantic import BaseModel
 
 from config import Settings
 from jobs import echoed_job_id
+from models import ProgressRequest
 from runpod_client import RunPodStatus
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, moto_bucket, serve
+from tests.conftest import (
+    PUBLIC_BASE,
+    RUNPOD_URL,
+    WEBHOOK_SECRET,
+    TokenFactory,
+    bearer,
+    moto_bucket,
+    serve,
+)
+from tests.factories import jpeg_size
 from webhooks import sign_body
 from worker.contract import WorkerError, WorkerInput, WorkerOutput
 from worker.generator import TestPattern
@@ -73,6 +83,9 @@ def runpod(moto_endpoint: str) -> Iterator[respx.MockRouter]:
         mock.post(f"{RUNPOD_URL}/run").respond(200, json={"id": "rp-1", "status": "IN_QUEUE"})
         # The worker's uploads go to moto for real.
         mock.route(url__startswith=moto_endpoint).pass_through()
+        # Its progress POSTs to the gateway are caught here; a test may replay them.
+        progress = f"{PUBLIC_BASE}/webhooks/runpod/progress"
+        mock.post(url__startswith=progress, name="progress").respond(200)
         yield mock
 
 
@@ -117,6 +130,10 @@ class TestGatewayToWorker:
         required = {f.alias for f in WorkerInput.model_fields.values() if f.is_required()}
         assert required <= set(job_input)
         assert "contractVersion" in required
+        # Optional in the schema (an older gateway may leave them out), sent by this one.
+        assert job_input["progressUrl"].startswith(f"{PUBLIC_BASE}/webhooks/runpod/progress?")
+        assert job_input["output"]["posterUploadUrl"].startswith(r2_settings.r2_endpoint_url)
+        assert job_input["output"]["posterContentType"] == "image/jpeg"
 
 
 class TestWorkerToGateway:
@@ -142,6 +159,41 @@ class TestWorkerToGateway:
 
         assert answered.status_code == 200, answered.text
         assert job["status"] == "done" and job["r2Url"]
+
+    async def test_progress_and_the_poster_reach_the_user(
+        self,
+        r2_settings: Settings,
+        runpod: respx.MockRouter,
+        make_token: TokenFactory,
+        worker: Worker,
+    ) -> None:
+        # The worker's progress POSTs are caught at the transport, then handed to the gateway
+        # as they were sent: every field the worker posts must be one the gateway reads.
+        posted = runpod.routes["progress"]
+        user = bearer(make_token("u_1"))
+        async with serve(r2_settings) as client:
+            job_id, job_input = await submitted_input(client, runpod, user)
+            output = await asyncio.to_thread(worker.handle, {"id": "rp-1", "input": job_input})
+            seen = []
+            for call in posted.calls:
+                body = json.loads(call.request.content)
+                assert undeclared(body, ProgressRequest) == []
+                url = call.request.url
+                answer = await client.post(url.raw_path.decode(), json=body)
+                assert answer.status_code == 200, answer.text
+                job = (await client.get(f"/jobs/{job_id}", headers=user)).json()
+                seen.append((job["status"], job["stage"]))
+            completed = {"id": "rp-1", "status": "COMPLETED", "output": output}
+            await webhook(client, completed | {"input": job_input})
+            job = (await client.get(f"/jobs/{job_id}", headers=user)).json()
+
+        assert seen == [("running", "started"), ("running", "generating"), ("running", "uploading")]
+        assert output["posterUploaded"] is True
+        assert job["status"] == "done" and job["posterExpiresAt"] == job["expiresAt"]
+        poster = httpx.get(job["posterUrl"], timeout=10)
+        assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+        width, height = jpeg_size(poster.content)
+        assert 0 < width <= 640 and height > 0
 
     async def test_a_worker_failure_reaches_the_user_with_its_message(
         self,
