@@ -215,3 +215,18 @@ def moto_bucket(endpoint: str, name: str) -> Iterator[S3Client]:
     for item in client.list_objects_v2(Bucket=name).get("Contents", []):
         client.delete_object(Bucket=name, Key=item["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@contextmanager
+def settings_on_moto(
+    settings_factory: Callable[..., Settings], endpoint: str, bucket: str, **overrides: Any
+) -> Iterator[Settings]:
+    """Settings whose R2 is bucket `bucket` on moto's server, for as long as the block runs."""
+    with moto_bucket(endpoint, bucket):
+        yield settings_factory(
+            r2_access_key_id="test-key",
+            r2_secret_access_key="test-secret",
+            r2_bucket=bucket,
+            r2_endpoint_url=endpoint,
+            **overrides,
+        )

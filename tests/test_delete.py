@@ -15,7 +15,7 @@ import pytest
 import respx
 
 from config import Settings
-from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, TokenFactory, bearer, moto_bucket, serve
+from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET, moto_bucket, serve
 from tests.stores import CONVEX_TEST_KEY, reset_convex
 from webhooks import sign_body
 
@@ -73,16 +73,6 @@ def runpod() -> Iterator[respx.MockRouter]:
         )
         mock.route(host="127.0.0.1").pass_through()
         yield mock
-
-
-@pytest.fixture
-def alice(make_token: TokenFactory) -> dict[str, str]:
-    return bearer(make_token("user_alice"))
-
-
-@pytest.fixture
-def bob(make_token: TokenFactory) -> dict[str, str]:
-    return bearer(make_token("user_bob"))
 
 
 def video_key(user_id: str, job_id: str) -> str:

@@ -18,7 +18,7 @@ import pytest
 import respx
 
 from config import Settings
-from tests.conftest import RUNPOD_URL, moto_bucket, serve
+from tests.conftest import RUNPOD_URL, serve, settings_on_moto
 from tests.images import image_bytes, png
 
 BUCKET = "cineweave-videos"
@@ -29,15 +29,9 @@ PROMPT = "The paper boat drifts down the rainy street"
 def r2_settings(
     moto_endpoint: str, settings_factory: Callable[..., Settings]
 ) -> Iterator[Settings]:
-    with moto_bucket(moto_endpoint, BUCKET):
-        yield settings_factory(
-            r2_access_key_id="test-key",
-            r2_secret_access_key="test-secret",
-            r2_bucket=BUCKET,
-            r2_endpoint_url=moto_endpoint,
-            max_pending_uploads=3,
-            max_image_dimension_px=1000,
-        )
+    limits = {"max_pending_uploads": 3, "max_image_dimension_px": 1000}
+    with settings_on_moto(settings_factory, moto_endpoint, BUCKET, **limits) as settings:
+        yield settings
 
 
 @pytest.fixture

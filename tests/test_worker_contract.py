@@ -31,8 +31,8 @@ from tests.conftest import (
     WEBHOOK_SECRET,
     TokenFactory,
     bearer,
-    moto_bucket,
     serve,
+    settings_on_moto,
 )
 from tests.factories import jpeg_size
 from webhooks import sign_body
@@ -68,13 +68,8 @@ def undeclared(payload: dict[str, Any], model: type[BaseModel], where: str = "")
 def r2_settings(
     moto_endpoint: str, settings_factory: Callable[..., Settings]
 ) -> Iterator[Settings]:
-    with moto_bucket(moto_endpoint, BUCKET):
-        yield settings_factory(
-            r2_access_key_id="test-key",
-            r2_secret_access_key="test-secret",
-            r2_bucket=BUCKET,
-            r2_endpoint_url=moto_endpoint,
-        )
+    with settings_on_moto(settings_factory, moto_endpoint, BUCKET) as settings:
+        yield settings
 
 
 @pytest.fixture
