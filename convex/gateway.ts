@@ -626,6 +626,36 @@ export const listJobs = internalQuery({
   },
 });
 
+// One poll reads at most this many jobs: a job document is a few KiB (prompt, URLs), so a page
+// stays far below the 16 MiB and 32,000 documents one function may read.
+export const MAX_UPDATED_JOBS = 500;
+
+/**
+ * `Store.jobs_updated_since`: jobs whose (updatedAt, jobId) comes after (since, afterJobId),
+ * oldest change first. Two index ranges on `by_updated` (the jobs updated at `since` itself,
+ * after `afterJobId`; then the later ones) of the 4,096 one function may read.
+ */
+export const jobsUpdatedSince = internalQuery({
+  args: { since: v.number(), afterJobId: v.string(), limit: v.number() },
+  returns: v.array(jobRecord),
+  handler: async (ctx, { since, afterJobId, limit }) => {
+    requireWhole("limit", limit, 1);
+    const wanted = Math.min(limit, MAX_UPDATED_JOBS);
+    const ties = await ctx.db
+      .query("jobs")
+      .withIndex("by_updated", (q) => q.eq("updatedAt", since).gt("jobId", afterJobId))
+      .take(wanted);
+    const later =
+      ties.length < wanted
+        ? await ctx.db
+            .query("jobs")
+            .withIndex("by_updated", (q) => q.gt("updatedAt", since))
+            .take(wanted - ties.length)
+        : [];
+    return [...ties, ...later].map(toJob);
+  },
+});
+
 /** `Store.ping`: proves the deployment answers and the key works, reading nothing. */
 export const ping = internalQuery({
   args: {},

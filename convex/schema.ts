@@ -57,7 +57,9 @@ export default defineSchema({
     .index("by_user_created", ["userId", "createdAt"])
     .index("by_runpodId", ["runpodId"])
     .index("by_user_status", ["userId", "status"])
-    .index("by_status_checked", ["status", "checkedAt"]),
+    .index("by_status_checked", ["status", "checkedAt"])
+    // The gateway's event streams poll every job changed since a moment (`jobsUpdatedSince`).
+    .index("by_updated", ["updatedAt", "jobId"]),
 
   // One row per (user, Idempotency-Key): the first request's fingerprint, and once it is done,
   // the response to replay. Rows expire; `purgeIdempotencyKeys` deletes them.
