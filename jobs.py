@@ -29,6 +29,7 @@ from models import (
     MAX_SEED,
     CreateJobRequest,
     Job,
+    JobResponse,
     JobStatus,
     NewJob,
     StatusUpdate,
@@ -218,6 +219,10 @@ class JobService:
         expires_at = expiry_ms(ttl, self.clock() / 1000)
         await self.store.save_download_url(job.job_id, url, expires_at)
         return replace(job, download_url=url, download_expires_at=expires_at)
+
+    async def answer(self, job: Job) -> JobResponse:
+        """The job as the API shows it: `GET /jobs/{id}`, the list and every stream event."""
+        return JobResponse.from_job(await self.with_download_url(job))
 
     # --- RunPod said something --------------------------------------------------------
 

@@ -27,6 +27,7 @@ from errors import (
     PayloadTooLarge,
     TooManyActiveJobs,
 )
+from events import StreamHub, events_router
 from http_errors import (
     AUTH_ERRORS,
     STORE_ERRORS,
@@ -71,11 +72,19 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
                 reconciler = Reconciler(state["jobs"], on_action=metrics.count_reconciler_action)
                 task = asyncio.create_task(reconciler.run_forever())
                 stack.callback(task.cancel)
+            watch_streams(state["streams"], stack)
             yield state
         # uvicorn runs this after the requests in flight finished (or its graceful timeout).
         log.info("shutdown complete: requests drained, clients closed")
 
     return lifespan
+
+
+def watch_streams(streams: StreamHub, stack: AsyncExitStack) -> None:
+    """The event streams' poll, and their end when the server stops (see events.py)."""
+    for work in (streams.run_forever(), streams.close_on_shutdown()):
+        stack.callback(asyncio.create_task(work).cancel)
+    stack.callback(streams.close_all)
 
 
 # --- Routes -----------------------------------------------------------------------------------
@@ -180,8 +189,7 @@ async def list_jobs(
 ) -> JobListResponse:
     """The caller's jobs, newest first; pass `nextCursor` back as `cursor` for more."""
     page = await user.store.list_jobs(user.user_id, limit, cursor)
-    with_url = user.jobs.with_download_url
-    listed = [JobResponse.from_job(await with_url(job)) for job in page.jobs]
+    listed = [await user.jobs.answer(job) for job in page.jobs]
     return JobListResponse(jobs=listed, next_cursor=page.next_cursor)
 
 
@@ -195,8 +203,7 @@ async def list_jobs(
 async def get_job(job_id: str, user: CurrentUser) -> JobResponse:
     """The job's status; a done job carries a presigned download URL and its expiry."""
     job = await user.store.get_job(user.user_id, checked_job_id(job_id))
-    job = await user.jobs.check_if_stale(job)
-    return JobResponse.from_job(await user.jobs.with_download_url(job))
+    return await user.jobs.answer(await user.jobs.check_if_stale(job))
 
 
 @router.post(
@@ -323,6 +330,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     app.include_router(create_job_route(settings))
+    # Before `router`: its /jobs/{job_id} would take /jobs/events.
+    app.include_router(events_router)
     app.include_router(router)
     if not settings.uses_real_clerk:
         app.include_router(local_dev_router)

@@ -13,6 +13,7 @@ import httpx
 
 from auth import ClerkAuth, ensure_dev_key
 from config import Settings, revealed
+from events import StreamHub, renderer
 from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
 from jobs import JobService
 from local_storage import LocalStorage
@@ -36,6 +37,7 @@ class State(TypedDict):
     jobs: JobService
     settings: Settings
     readiness: Readiness
+    streams: StreamHub
 
 
 @dataclass
@@ -141,8 +143,15 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
     backends = Backends(store_name, auth_name, runpod_name, storage_name)
     log.info("gateway starting in %s mode: %s", settings.gateway_env.value, backends)
     readiness = Readiness(store, auth, jobs.runpod)
+    streams = StreamHub.from_settings(settings, store, renderer(jobs))
     return State(
-        store=store, storage=storage, auth=auth, jobs=jobs, settings=settings, readiness=readiness
+        store=store,
+        storage=storage,
+        auth=auth,
+        jobs=jobs,
+        settings=settings,
+        readiness=readiness,
+        streams=streams,
     )
 
 

@@ -66,8 +66,10 @@ class TestOperations:
         assert listed == {
             ("/jobs/create", "post"),
             ("/jobs", "get"),
+            ("/jobs/events", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
+            ("/jobs/{job_id}/events", "get"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
         }
@@ -88,8 +90,10 @@ class TestOperations:
         assert secured == {
             ("/jobs/create", "post"),
             ("/jobs", "get"),
+            ("/jobs/events", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
+            ("/jobs/{job_id}/events", "get"),
             ("/credits", "get"),
         }
         (webhook,) = schema["paths"]["/webhooks/runpod"].values()
@@ -112,11 +116,19 @@ class TestOperations:
 
     def test_every_success_body_has_a_valid_example(self, schema) -> None:
         for path, method, operation in operations(schema):
+            if path.endswith("/events"):  # a text/event-stream: see the test below
+                continue
             media = json_media(operation, "200")
             examples = body_examples(schema, media)
             assert examples, (method, path)
             for example in examples:
                 validator(schema, media).validate(example)
+
+    def test_event_streams_show_an_example_stream(self, schema) -> None:
+        for path in ("/jobs/events", "/jobs/{job_id}/events"):
+            content = schema["paths"][path]["get"]["responses"]["200"]["content"]
+            assert list(content) == ["text/event-stream"]
+            assert content["text/event-stream"]["example"].startswith("event: job\n")
 
     def test_every_error_uses_the_error_schema_with_an_example_per_code(self, schema) -> None:
         for path, method, operation in operations(schema):
