@@ -141,7 +141,7 @@ test-worker: $(WORKER_STAMP)
 # --- Benchmarks: bench/, BENCHMARKS.md ---------------------------------------------------------
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-streams
 
 # matplotlib for the plot, on top of the dev venv; rebuilt when either changes.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
@@ -171,3 +171,7 @@ bench-smoke: $(BENCH_STAMP) $(SERVE_STAMP) $(NODE_STAMP)
 		$(BIN)/python -m bench.run --quick --server-python $(SERVE_VENV)/bin/python \
 		--output $$out/BENCHMARKS.md --plot $$out/latency.png \
 		--results $$out/results.json
+
+## 1,000 open event streams on one gateway: memory, store reads, CPU, delay (bench/STREAMS.md).
+bench-streams: $(STAMP)
+	$(BIN)/python -m bench.streams

@@ -292,7 +292,6 @@ class HubStream(EventSourceResponse):
     ) -> None:
         super().__init__(
             events,
-            sep="\n",
             shutdown_event=hub.shutdown,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
             **kw,
