@@ -86,7 +86,7 @@ vitest: $(NODE_STAMP)
 ## Install everything, then lint and run every test.
 test: lint vitest pytest test-worker
 
-## Render /docs and /redoc of a real gateway in headless Chromium (Debian's, installed if missing).
+## /docs, /redoc and the playground of a real gateway in headless Chromium (Debian's, installed if missing).
 .PHONY: test-browser
 test-browser: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -54,6 +54,7 @@ from models import (
     json_dump,
 )
 from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install_openapi
+from playground import install_playground
 from readiness import failed_parts
 from runpod_client import RunPodError
 from webhooks import receive_webhook
@@ -337,6 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(local_dev_router)
     install_openapi(app, settings)
     install_docs(app)
+    install_playground(app, settings)
     if settings.metrics_token or not settings.is_production:
         endpoint = metrics_route(metrics.registry, revealed(settings.metrics_token))
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
