@@ -337,7 +337,7 @@ _EXAMPLE_STREAM = (
     'event: job\nid: 1764073790120\ndata: {"jobId":"job_Xk3v9QyL0aPz7wRt","status":"running",...}'
     '\n\n: keepalive\n\nevent: reconnect\ndata: {"reason":"timeout"}\nretry: 1000\n\n'
 )
-_STREAM_ANSWER = {
+_STREAM_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A `text/event-stream`: events `job` (data: the job as `GET /jobs/{id}`"
         " answers it; id: its `updatedAt` in ms), `: keepalive` comments, and a last"

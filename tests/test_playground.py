@@ -60,7 +60,7 @@ class TestLocalMode:
 
 class TestProduction:
     async def test_names_the_docs_and_serves_no_page_or_token(self) -> None:
-        app = create_app(Settings(_env_file=None, **COMPLETE))  # type: ignore[arg-type]
+        app = create_app(Settings(_env_file=None, **COMPLETE))  # type: ignore[arg-type,call-arg]
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             root = await client.get("/")
