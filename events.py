@@ -131,7 +131,6 @@ class StreamHub:
     _cursor: tuple[int, str] = (0, "")
     _newest: int = 0
     _seen: dict[str, Job] = field(default_factory=dict)
-    reads: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store, render: Render) -> StreamHub:
@@ -197,7 +196,6 @@ class StreamHub:
             return
         since, after = self._cursor
         page = await self.store.jobs_updated_since(since, after, self.page)
-        self.reads += 1
         for job in page:
             await self._dispatch(job)
         self._advance(page)
