@@ -37,8 +37,8 @@ log = logging.getLogger("gateway.events")
 # Convex), so a change may become visible after a later-stamped one was read. Up to 2 s of skew
 # or commit delay is caught; the repeats are dropped by version.
 OVERLAP_MS = 2_000
-# One poll reads at most this many changes (Convex's `MAX_UPDATED_JOBS` too); a busier interval
-# is read on in the next polls, from where this one stopped.
+# One poll reads at most this many changes (`MAX_UPDATED_JOBS` in convex/model.ts too); a busier
+# interval is read on in the next polls, from where this one stopped.
 POLL_PAGE = 500
 # What a client waits before it reconnects after a `reconnect` event (the SSE `retry:` field).
 RECONNECT_RETRY_MS = 1_000

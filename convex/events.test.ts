@@ -3,7 +3,7 @@
 import { convexTest } from "convex-test";
 import { beforeEach, describe, expect, test } from "vitest";
 import { internal } from "./_generated/api";
-import { MAX_UPDATED_JOBS } from "./gateway";
+import { MAX_UPDATED_JOBS } from "./model";
 import schema from "./schema";
 
 const modules = import.meta.glob("./**/*.*s");

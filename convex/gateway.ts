@@ -16,6 +16,7 @@ import {
 } from "./_generated/server";
 import {
   ACTIVE_STATUSES,
+  MAX_UPDATED_JOBS,
   REFUNDED_STATUSES,
   STATUS_RANK,
   clampPageSize,
@@ -625,10 +626,6 @@ export const listJobs = internalQuery({
     return { jobs: result.page.map(toJob), nextCursor: more ? result.continueCursor : null };
   },
 });
-
-// One poll reads at most this many jobs: a job document is a few KiB (prompt, URLs), so a page
-// stays far below the 16 MiB and 32,000 documents one function may read.
-export const MAX_UPDATED_JOBS = 500;
 
 /**
  * `Store.jobs_updated_since`: jobs whose (updatedAt, jobId) comes after (since, afterJobId),
