@@ -335,14 +335,41 @@ _EXAMPLE_STREAM = (
     'event: job\nid: 1764073790120\ndata: {"jobId":"job_Xk3v9QyL0aPz7wRt","status":"running",...}'
     '\n\n: keepalive\n\nevent: reconnect\ndata: {"reason":"timeout"}\nretry: 1000\n\n'
 )
+# Before Open API 3.2 (`itemSchema`), a `text/event-stream`'s schema describes each event.
+_EVENT_SCHEMA = {
+    "oneOf": [
+        {
+            "title": "job",
+            "type": "object",
+            "properties": {
+                "event": {"const": "job"},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/JobResponse"},
+                },
+            },
+            "required": ["event", "id", "data"],
+        },
+        {
+            "title": "reconnect",
+            "type": "object",
+            "properties": {
+                "event": {"const": "reconnect"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+                "retry": {"type": "integer", "minimum": 0},
+            },
+            "required": ["event", "data", "retry"],
+        },
+    ]
+}
 _STREAM_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A `text/event-stream`: events `job` (data: the job as `GET /jobs/{id}`"
         " answers it; id: its `updatedAt` in ms), `: keepalive` comments, and a last"
         " `reconnect` event before the server ends the stream.",
-        "content": {
-            "text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE_STREAM}
-        },
+        "content": {"text/event-stream": {"schema": _EVENT_SCHEMA, "example": _EXAMPLE_STREAM}},
     }
 }
 
