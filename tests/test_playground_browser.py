@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -25,9 +26,8 @@ DURATION_SEC = 2
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("playground") / "data"
-    # One active job at a time and jobs up to 200 s, so the page can meet a 429 and a 402.
-    settings = {"MAX_CONCURRENT_JOBS": "1", "MAX_DURATION_SEC": "200"}
-    process = GatewayProcess(data_dir, LOCAL_RENDER_SECONDS="1", **settings)
+    # Jobs up to 200 s, so that one can cost more than a new user's 100 credits (a 402).
+    process = GatewayProcess(data_dir, LOCAL_RENDER_SECONDS="1", MAX_DURATION_SEC="200")
     process.start()
     try:
         yield process.base_url
@@ -81,10 +81,25 @@ class TestPlayground:
         page.fill("#duration", "150")
         page.click("#create")
         expect(error).to_have_text("This job costs 150 credits; you have 100")  # 402
-        page.fill("#duration", "1")
-        page.click("#create")
-        expect(page.locator(".job")).to_have_count(1)
-        expect(error).to_have_text("")
-        page.click("#create")  # while the first still renders: MAX_CONCURRENT_JOBS is 1
-        expect(error).to_have_text("You already have 1 jobs queued or running")  # 429
         assert recorded.remote_requests() == []
+
+    def test_cancel_a_running_job_and_meet_the_job_limit(
+        self, tmp_path: Path, browser  # noqa: F811
+    ) -> None:
+        slow = GatewayProcess(tmp_path / "data", LOCAL_RENDER_SECONDS="60", MAX_CONCURRENT_JOBS="1")
+        slow.start()
+        try:
+            recorded = RecordedPage(browser)
+            page = recorded.page
+            signed_in(recorded, slow.base_url, "user_cancel")
+            page.fill("#duration", "3")
+            page.click("#create")
+            expect(page.locator("#credits")).to_have_text("97")
+            page.click("#create")  # the first still renders: MAX_CONCURRENT_JOBS is 1
+            expect(page.locator("#error")).to_have_text("You already have 1 jobs queued or running")
+            page.click(".job button")  # Cancel
+            expect(page.locator(".job .status")).to_have_text("canceled")
+            expect(page.locator("#credits")).to_have_text("100")  # refunded
+            assert recorded.remote_requests() == []
+        finally:
+            slow.stop()
