@@ -96,7 +96,7 @@ vitest: $(NODE_STAMP)
 ## Install everything, then lint, type-check and run every test.
 test: lint typecheck vitest pytest test-worker
 
-## Render /docs and /redoc of a real gateway in headless Chromium (Debian's, installed if missing).
+## /docs, /redoc and the playground of a real gateway in headless Chromium (Debian's, installed if missing).
 .PHONY: test-browser
 test-browser: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
@@ -151,7 +151,7 @@ test-worker: $(WORKER_STAMP)
 # --- Benchmarks: bench/, BENCHMARKS.md ---------------------------------------------------------
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-streams
 
 # matplotlib for the plot, on top of the dev venv; rebuilt when either changes.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
@@ -181,3 +181,7 @@ bench-smoke: $(BENCH_STAMP) $(SERVE_STAMP) $(NODE_STAMP)
 		$(BIN)/python -m bench.run --quick --server-python $(SERVE_VENV)/bin/python \
 		--output $$out/BENCHMARKS.md --plot $$out/latency.png \
 		--results $$out/results.json
+
+## 1,000 open event streams on one gateway: memory, store reads, CPU, delay (bench/STREAMS.md).
+bench-streams: $(STAMP)
+	$(BIN)/python -m bench.streams

@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=30, gt=0)
     reconciler_enabled: bool = True
 
+    # Event streams (events.py)
+    # A comment this often keeps proxies from closing a quiet stream (many cut at 30-60 s idle).
+    stream_keepalive_seconds: float = Field(default=15, gt=0)
+    # A stream ends with a `reconnect` event after this long: below Cloud Run's request timeout
+    # (300 s by default; deploy with --timeout=3600 and set 3540), so no client sees a cut.
+    stream_max_seconds: float = Field(default=270, gt=0)
+    # Each instance reads the jobs changed since its last look this often, once for all of its
+    # streams: a change anywhere reaches every stream within about this, plus the store's read.
+    stream_poll_interval_seconds: float = Field(default=0.5, gt=0)
+    # Open streams a user may hold (a page per tab, each with one per-user stream, say) and an
+    # instance may hold (each costs memory; keep it under Cloud Run's --concurrency).
+    streams_per_user: int = Field(default=10, ge=10)
+    streams_per_instance: int = Field(default=900, ge=1)
+
     # Operations
     # Required as `Authorization: Bearer <token>` on /metrics; without it, production serves no
     # /metrics at all (the service is public) and local mode serves it openly.

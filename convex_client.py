@@ -543,6 +543,12 @@ class ConvexStore:
         value = await self._query("listJobs", userId=user_id, limit=limit, cursor=cursor)
         return JobPage(jobs=[_job(job) for job in value["jobs"]], next_cursor=value["nextCursor"])
 
+    async def jobs_updated_since(self, since: int, after_job_id: str, limit: int) -> list[Job]:
+        value = await self._query(
+            "jobsUpdatedSince", since=since, afterJobId=after_job_id, limit=limit
+        )
+        return [_job(job) for job in value]
+
     async def save_download_url(
         self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
     ) -> None:

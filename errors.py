@@ -121,6 +121,16 @@ class TooManyActiveJobs(GatewayError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class TooManyStreams(GatewayError):
+    status_code = 429
+    code = "TOO_MANY_STREAMS"
+    detail = "Too many open event streams"
+
+    # A stream frees its place when its client goes: a second is enough to try again.
+    def __init__(self, detail: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class UpstreamError(GatewayError):
     """An upstream refused the request for a reason retrying will not fix."""
 

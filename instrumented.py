@@ -123,6 +123,11 @@ class InstrumentedStore:
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         return await self._timed("list_jobs", self._store.list_jobs(user_id, limit, cursor))
 
+    async def jobs_updated_since(self, since: int, after_job_id: str, limit: int) -> list[Job]:
+        # Timed like every call: its count per second is the event streams' whole store cost.
+        call = self._store.jobs_updated_since(since, after_job_id, limit)
+        return await self._timed("jobs_updated_since", call)
+
     async def save_download_url(
         self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
     ) -> None:

@@ -29,6 +29,7 @@ from models import (
     MAX_SEED,
     CreateJobRequest,
     Job,
+    JobResponse,
     JobStatus,
     NewJob,
     ProgressUpdate,
@@ -287,6 +288,10 @@ class JobService:
         if written and recorded.status is not job.status:
             log.info("job %s moved to %s", job.job_id, recorded.status.value)
         return recorded
+
+    async def answer(self, job: Job) -> JobResponse:
+        """The job as the API shows it: `GET /jobs/{id}`, the list and every stream event."""
+        return JobResponse.from_job(await self.with_download_url(job))
 
     # --- RunPod said something --------------------------------------------------------
 

@@ -30,6 +30,7 @@ from errors import (
     PayloadTooLarge,
     TooManyActiveJobs,
 )
+from events import StreamHub, events_router
 from http_errors import (
     AUTH_ERRORS,
     STORE_ERRORS,
@@ -62,6 +63,7 @@ from models import (
     json_dump,
 )
 from openapi import CREDITS, JOBS, OPENAPI_TAGS, WEBHOOKS, install_docs, install_openapi
+from playground import install_playground
 from r2_client import StorageUnavailable
 from readiness import failed_parts
 from runpod_client import RunPodError
@@ -87,12 +89,20 @@ def make_lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
                 interval = settings.reconcile_interval_seconds
                 sweep = asyncio.create_task(state["uploads"].sweep_forever(interval))
                 stack.callback(sweep.cancel)
+            watch_streams(state["streams"], stack)
             yield state
         # uvicorn runs this after the requests in flight finished (or its graceful timeout).
         log.info("shutdown complete: requests drained, clients closed")
         flush_logs()  # the info lines batched on the loop, before it closes
 
     return lifespan
+
+
+def watch_streams(streams: StreamHub, stack: AsyncExitStack) -> None:
+    """The event streams' poll, and their end when the server stops (see events.py)."""
+    for work in (streams.run_forever(), streams.close_on_shutdown()):
+        stack.callback(asyncio.create_task(work).cancel)
+    stack.callback(streams.close_all)
 
 
 # --- Routes -----------------------------------------------------------------------------------
@@ -215,8 +225,7 @@ async def list_jobs(
 ) -> JobListResponse:
     """The caller's jobs, newest first; pass `nextCursor` back as `cursor` for more."""
     page = await user.store.list_jobs(user.user_id, limit, cursor)
-    with_url = user.jobs.with_download_url
-    listed = [JobResponse.from_job(await with_url(job)) for job in page.jobs]
+    listed = [await user.jobs.answer(job) for job in page.jobs]
     return JobListResponse(jobs=listed, next_cursor=page.next_cursor)
 
 
@@ -236,7 +245,7 @@ async def job_answer(user: Caller, job_id: str) -> Response:
     """GET /jobs/{id}'s answer: the one source for this route and its fast twin."""
     job = await user.store.get_job(user.user_id, checked_job_id(job_id))
     job = await user.jobs.check_if_stale(job)
-    return model_response(JobResponse.from_job(await user.jobs.with_download_url(job)))
+    return model_response(await user.jobs.answer(job))
 
 
 def model_response(model: ApiModel) -> Response:
@@ -451,6 +460,10 @@ class FastRead(Route):
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)
+        job_id = child_scope.get("path_params", {}).get("job_id")
+        if job_id is not None and not JOB_ID_PATTERN.fullmatch(job_id):
+            # Not a job id: a sibling such as /jobs/events, or a 404 its FastAPI twin answers.
+            return Match.NONE, {}
         if match is not Match.NONE:
             child_scope["route"] = self  # the route template metrics label it with, as FastAPI's
         return match, child_scope
@@ -493,6 +506,8 @@ def create_app(settings: Settings | None = None, *, fast_reads_first: bool = Tru
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)
     app.include_router(create_job_route(settings))
+    # Before `router`: its /jobs/{job_id} would take /jobs/events.
+    app.include_router(events_router)
     app.include_router(router)
     app.include_router(uploads_router)
     if fast_reads_first:
@@ -501,6 +516,7 @@ def create_app(settings: Settings | None = None, *, fast_reads_first: bool = Tru
         app.include_router(local_dev_router)
     install_openapi(app, settings)
     install_docs(app)
+    install_playground(app, settings)
     if settings.metrics_token or not settings.is_production:
         endpoint = metrics_route(metrics.registry, revealed(settings.metrics_token))
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)

@@ -116,7 +116,9 @@ class HeadAsGetMiddleware:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+        # The mark lets an endless answer (an event stream, events.py) end at its headers.
+        head_as_get = {**scope, "method": "GET", "gateway.head": True}
+        await self.app(head_as_get, receive, send_headers_only)
 
 
 # --- CORS ---

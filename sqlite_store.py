@@ -126,6 +126,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_user_created ON jobs (user_id, created_at DES
 CREATE INDEX IF NOT EXISTS jobs_by_user_status ON jobs (user_id, status);
 CREATE INDEX IF NOT EXISTS jobs_by_runpod_id ON jobs (runpod_id);
 CREATE INDEX IF NOT EXISTS jobs_by_status_checked ON jobs (status, checked_at);
+-- The event streams' poll: every job changed since a moment (events.py).
+CREATE INDEX IF NOT EXISTS jobs_by_updated ON jobs (updated_at, job_id);
 CREATE TABLE IF NOT EXISTS idempotency (
     user_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -580,6 +582,17 @@ class SQLiteStore:
         next_cursor = encode_cursor(jobs[-1].created_at, jobs[-1].job_id) if more else None
         return JobPage(jobs=jobs, next_cursor=next_cursor)
 
+    @staticmethod
+    def _jobs_updated_since(
+        db: sqlite3.Connection, since: int, after_job_id: str, limit: int
+    ) -> list[Job]:
+        rows = db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (updated_at, job_id) > (?, ?)"
+            " ORDER BY updated_at, job_id LIMIT ?",
+            (since, after_job_id, limit),
+        ).fetchall()
+        return [_job_from_row(row) for row in rows]
+
     def _save_download_url(
         self, job_id: str, url: str, expires_at: int, poster_url: str | None
     ) -> None:
@@ -826,6 +839,9 @@ class SQLiteStore:
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         return await self._read(self._list_jobs, user_id, limit, cursor)
+
+    async def jobs_updated_since(self, since: int, after_job_id: str, limit: int) -> list[Job]:
+        return await self._read(self._jobs_updated_since, since, after_job_id, limit)
 
     async def save_download_url(
         self, job_id: str, url: str, expires_at: int, poster_url: str | None = None

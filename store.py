@@ -96,6 +96,15 @@ class Store(Protocol):
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage: ...
 
+    async def jobs_updated_since(self, since: int, after_job_id: str, limit: int) -> list[Job]:
+        """Every user's jobs whose `(updated_at, job_id)` comes after `(since, after_job_id)`.
+
+        Oldest change first, at most `limit` (a store may return fewer, never more). One call
+        per poll serves all of an instance's event streams (events.py); `after_job_id=""`
+        includes every job updated at `since` itself.
+        """
+        ...
+
     async def save_download_url(
         self, job_id: str, url: str, expires_at: int, poster_url: str | None = None
     ) -> None:

@@ -14,6 +14,7 @@ import httpx
 
 from auth import ClerkAuth, ensure_dev_key
 from config import Settings, revealed
+from events import StreamHub, renderer
 from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
 from jobs import JobService
 from local_storage import LocalStorage
@@ -39,6 +40,7 @@ class State(TypedDict):
     settings: Settings
     readiness: Readiness
     uploads: UploadService
+    streams: StreamHub
 
 
 @dataclass
@@ -161,6 +163,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
     readiness = Readiness(store, auth, jobs.runpod)
     local_files = storage if isinstance(storage, LocalStorage) else None
     uploads = UploadService(settings, store, jobs.storage, local_files=local_files)
+    streams = StreamHub.from_settings(settings, store, renderer(jobs))
     return State(
         store=store,
         storage=storage,
@@ -169,6 +172,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
         settings=settings,
         readiness=readiness,
         uploads=uploads,
+        streams=streams,
     )
 
 

@@ -332,4 +332,6 @@ METHOD = [
     "- Where the gateway's time goes: `python -m bench.profile` samples it with py-spy under",
     "  the same load, and `python -m bench.client_cost` prices one outbound HTTP call;",
     "  [bench/PROFILE.md](bench/PROFILE.md) has the latest findings.",
+    "- Open event streams (memory per stream, store reads, CPU, change-to-event delay): `make",
+    "  bench-streams` writes [bench/STREAMS.md](bench/STREAMS.md).",
 ]

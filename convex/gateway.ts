@@ -16,6 +16,7 @@ import {
 } from "./_generated/server";
 import {
   ACTIVE_STATUSES,
+  MAX_UPDATED_JOBS,
   REFUNDED_STATUSES,
   STATUS_RANK,
   clampPageSize,
@@ -734,6 +735,32 @@ export const listJobs = internalQuery({
     // another job really follows.
     const more = !result.isDone && last !== undefined && (await hasOlderJob(ctx, last));
     return { jobs: result.page.map(toJob), nextCursor: more ? result.continueCursor : null };
+  },
+});
+
+/**
+ * `Store.jobs_updated_since`: jobs whose (updatedAt, jobId) comes after (since, afterJobId),
+ * oldest change first. Two index ranges on `by_updated` (the jobs updated at `since` itself,
+ * after `afterJobId`; then the later ones) of the 4,096 one function may read.
+ */
+export const jobsUpdatedSince = internalQuery({
+  args: { since: v.number(), afterJobId: v.string(), limit: v.number() },
+  returns: v.array(jobRecord),
+  handler: async (ctx, { since, afterJobId, limit }) => {
+    requireWhole("limit", limit, 1);
+    const wanted = Math.min(limit, MAX_UPDATED_JOBS);
+    const ties = await ctx.db
+      .query("jobs")
+      .withIndex("by_updated", (q) => q.eq("updatedAt", since).gt("jobId", afterJobId))
+      .take(wanted);
+    const later =
+      ties.length < wanted
+        ? await ctx.db
+            .query("jobs")
+            .withIndex("by_updated", (q) => q.gt("updatedAt", since))
+            .take(wanted - ties.length)
+        : [];
+    return [...ties, ...later].map(toJob);
   },
 });
 

@@ -151,6 +151,10 @@ export function toJob(doc: Doc<"jobs">): JobRecord {
 /** The most jobs one page may hold: the gateway's `GET /jobs` allows 100 (`models.py`). */
 export const MAX_PAGE_ITEMS = 100;
 
+// One poll of `jobsUpdatedSince` reads at most this many jobs: a job document is a few KiB
+// (prompt, URLs), so a page stays far below the 16 MiB and 32,000 documents one function may read.
+export const MAX_UPDATED_JOBS = 500;
+
 /**
  * A page size the backend accepts and that keeps one page's reads small, whatever was asked.
  *

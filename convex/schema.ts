@@ -72,7 +72,9 @@ export default defineSchema({
     // the field (`IndexRangeBuilder.eq` takes undefined: convex `src/server/impl/
     // index_range_builder_impl.ts`, `convexOrUndefinedToJson`), so the list never reads a
     // deleted job, however many there are.
-    .index("by_user_live_created", ["userId", "deletedAt", "createdAt"]),
+    .index("by_user_live_created", ["userId", "deletedAt", "createdAt"])
+    // The gateway's event streams poll every job changed since a moment (`jobsUpdatedSince`).
+    .index("by_updated", ["updatedAt", "jobId"]),
 
   // One row per (user, Idempotency-Key): the first request's fingerprint, and once it is done,
   // the response to replay. Rows expire; `purgeIdempotencyKeys` deletes them.

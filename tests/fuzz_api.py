@@ -64,6 +64,8 @@ def run(max_examples: int, max_time: int) -> int:
             RECONCILER_ENABLED="false",
             MAX_CONCURRENT_JOBS="100000",
             RUNPOD_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            # An event stream of a queued job would stay open for the whole run: end each in 1 s.
+            STREAM_MAX_SECONDS="1",
         )
         gateway.start()
         try:

@@ -66,9 +66,11 @@ class TestOperations:
         assert listed == {
             ("/jobs/create", "post"),
             ("/jobs", "get"),
+            ("/jobs/events", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
             ("/jobs/{job_id}", "delete"),
+            ("/jobs/{job_id}/events", "get"),
             ("/credits", "get"),
             ("/webhooks/runpod", "post"),
             ("/uploads", "post"),
@@ -91,9 +93,11 @@ class TestOperations:
         assert secured == {
             ("/jobs/create", "post"),
             ("/jobs", "get"),
+            ("/jobs/events", "get"),
             ("/jobs/{job_id}", "get"),
             ("/jobs/{job_id}/cancel", "post"),
             ("/jobs/{job_id}", "delete"),
+            ("/jobs/{job_id}/events", "get"),
             ("/credits", "get"),
             ("/uploads", "post"),
         }
@@ -120,11 +124,19 @@ class TestOperations:
             if "204" in operation["responses"]:  # a success without a body: nothing to show
                 assert "content" not in operation["responses"]["204"], (method, path)
                 continue
+            if path.endswith("/events"):  # a text/event-stream: see the test below
+                continue
             media = json_media(operation, "200")
             examples = body_examples(schema, media)
             assert examples, (method, path)
             for example in examples:
                 validator(schema, media).validate(example)
+
+    def test_event_streams_show_an_example_stream(self, schema) -> None:
+        for path in ("/jobs/events", "/jobs/{job_id}/events"):
+            content = schema["paths"][path]["get"]["responses"]["200"]["content"]
+            assert list(content) == ["text/event-stream"]
+            assert content["text/event-stream"]["example"].startswith("event: job\n")
 
     def test_every_error_uses_the_error_schema_with_an_example_per_code(self, schema) -> None:
         for path, method, operation in operations(schema):

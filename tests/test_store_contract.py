@@ -655,3 +655,33 @@ class TestAudit:
         assert await store.audit() == []
         totals = await store.ledger_totals()
         assert totals["user_a"] == {"credits": 97, "grants": 100, "charges": 7, "refunds": 4}
+
+
+class TestJobsUpdatedSince:
+    """The event streams' one poll (events.py): every user's changes, oldest first, paged."""
+
+    async def test_every_users_changes_since_a_moment(self, store: Store) -> None:
+        before = now_ms() - 1
+        a = await store.charge_and_create_job(new_job("user_a"), 5)
+        b = await store.charge_and_create_job(new_job("user_b"), 5)
+        changed = await store.jobs_updated_since(before, "", 100)
+        assert {job.job_id for job in changed} == {a.job_id, b.job_id}
+        assert [job.updated_at for job in changed] == sorted(job.updated_at for job in changed)
+        assert await store.jobs_updated_since(max(a.updated_at, b.updated_at) + 1, "", 100) == []
+
+    async def test_a_status_change_is_seen_with_its_new_state(self, store: Store) -> None:
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        running, _ = await store.apply_status(job.job_id, StatusUpdate(JobStatus.RUNNING))
+        changed = await store.jobs_updated_since(running.updated_at, "", 100)
+        assert [(j.job_id, j.status) for j in changed] == [(job.job_id, JobStatus.RUNNING)]
+
+    async def test_pages_walk_every_change_once(self, store: Store) -> None:
+        before = now_ms() - 1
+        created = [await store.charge_and_create_job(new_job("user_a"), 10) for _ in range(7)]
+        seen: list[str] = []
+        since, after = before, ""
+        while page := await store.jobs_updated_since(since, after, 3):
+            seen += [job.job_id for job in page]
+            since, after = page[-1].updated_at, page[-1].job_id
+        assert sorted(seen) == sorted(job.job_id for job in created)
+        assert len(seen) == len(set(seen))
