@@ -324,6 +324,7 @@ def _job(value: dict[str, Any]) -> Job:
         progress_written_at=_int_or_none(value.get("progressWrittenAt")),
         poster_key=value.get("posterKey"),
         poster_url=value.get("posterUrl"),
+        deleted_at=_int_or_none(value.get("deletedAt")),
         signup_grant=_signup_grant(value),
     )
 

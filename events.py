@@ -10,6 +10,7 @@ streams that watch that job or its owner.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -188,6 +189,8 @@ class StreamHub:
     # --- the poll --------------------------------------------------------------------------
 
     async def change_for(self, job: Job) -> Change:
+        if job.deleted_at is not None:  # nothing left to show, and no URL to presign
+            return Change(job, json.dumps({"jobId": job.job_id}, separators=(",", ":")))
         return Change(job, await self.render(job))
 
     async def poll_once(self) -> None:
@@ -240,7 +243,15 @@ class StreamHub:
 
 
 def job_event(change: Change) -> ServerSentEvent:
-    return ServerSentEvent(data=change.data, event="job", id=str(change.job.updated_at))
+    """`job` with the job's answer, or `deleted` with its id once the user deleted it."""
+    name = "job" if change.job.deleted_at is None else "deleted"
+    return ServerSentEvent(data=change.data, event=name, id=str(change.job.updated_at))
+
+
+def ends_stream(sub: Subscription, change: Change) -> bool:
+    """A job's stream ends after its terminal event, or once the job is deleted."""
+    job = change.job
+    return sub.job_id is not None and (job.status.is_terminal or job.deleted_at is not None)
 
 
 def reconnect_event(reason: str) -> ServerSentEvent:
@@ -276,7 +287,7 @@ async def event_stream(
                 continue
             sent[change.job.job_id] = change
             yield job_event(change)
-            if sub.job_id is not None and change.job.status.is_terminal:
+            if ends_stream(sub, change):
                 return
         changes = await sub.next(deadline - clock())
     yield reconnect_event("shutdown" if sub.closed else "timeout")
@@ -353,6 +364,24 @@ _EVENT_SCHEMA = {
             "required": ["event", "id", "data"],
         },
         {
+            "title": "deleted",
+            "type": "object",
+            "properties": {
+                "event": {"const": "deleted"},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "type": "object",
+                        "properties": {"jobId": {"type": "string"}},
+                        "required": ["jobId"],
+                    },
+                },
+            },
+            "required": ["event", "id", "data"],
+        },
+        {
             "title": "reconnect",
             "type": "object",
             "properties": {
@@ -367,8 +396,9 @@ _EVENT_SCHEMA = {
 _STREAM_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A `text/event-stream`: events `job` (data: the job as `GET /jobs/{id}`"
-        " answers it; id: its `updatedAt` in ms), `: keepalive` comments, and a last"
-        " `reconnect` event before the server ends the stream.",
+        " answers it; id: its `updatedAt` in ms), `deleted` (data: `{\"jobId\"}`) once a job is"
+        " deleted, `: keepalive` comments, and a last `reconnect` event before the server ends"
+        " the stream.",
         "content": {"text/event-stream": {"schema": _EVENT_SCHEMA, "example": _EXAMPLE_STREAM}},
     }
 }

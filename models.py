@@ -189,6 +189,8 @@ class Job:
     # Set only when the worker said it uploaded the poster; its URL is presigned with the video's.
     poster_key: str | None = None
     poster_url: str | None = None
+    # A deleted job's tombstone: only the event streams' poll (`jobs_updated_since`) sees one.
+    deleted_at: int | None = None
     # Not stored, like `User.signup_grant`: set on the answer of the charge that created its user.
     signup_grant: int = field(default=0, compare=False)
 

@@ -186,7 +186,8 @@ def retry_after_seconds(oldest_expiry_ms: int, now_ms: int) -> int:
 _JOB_COLUMNS = (
     "job_id, user_id, status, prompt, image_url, duration_sec, seed, cost, object_key, created_at,"
     " updated_at, runpod_id, error_code, error_detail, download_url, download_expires_at,"
-    " checked_at, idempotency_key, progress, stage, progress_written_at, poster_key, poster_url"
+    " checked_at, idempotency_key, progress, stage, progress_written_at, poster_key, poster_url,"
+    " deleted_at"
 )
 # Columns added after the first release: a file made before them gets them on open.
 _ADDED_JOB_COLUMNS = {

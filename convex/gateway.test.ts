@@ -304,6 +304,7 @@ describe("chargeAndCreateJob", () => {
       progressWrittenAt: null,
       posterKey: null,
       posterUrl: null,
+      deletedAt: null,
       signupGrant: 10,
     });
     expect(await credits(ALICE)).toBe(7);

@@ -104,6 +104,9 @@ export const jobRecord = v.object({
   progressWrittenAt: v.union(v.number(), v.null()),
   posterKey: v.union(v.string(), v.null()),
   posterUrl: v.union(v.string(), v.null()),
+  // Set on a deleted job's tombstone: only `jobsUpdatedSince` returns one, so that the event
+  // streams can say the job is gone.
+  deletedAt: v.union(v.number(), v.null()),
 });
 
 export type UserRecord = Infer<typeof userRecord>;
@@ -145,6 +148,7 @@ export function toJob(doc: Doc<"jobs">): JobRecord {
     progressWrittenAt: doc.progressWrittenAt ?? null,
     posterKey: doc.posterKey ?? null,
     posterUrl: doc.posterUrl ?? null,
+    deletedAt: doc.deletedAt ?? null,
   };
 }
 

@@ -95,6 +95,25 @@ class TestDelivery:
         assert taken(on_job)[-1:] == taken(on_user)[-1:] == expected
         assert taken(on_other) == []
 
+    async def test_a_deleted_job_is_sent_as_deleted_with_its_id_alone(
+        self, store, metrics
+    ) -> None:
+        hub = make_hub(store, metrics)
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        sub = hub.subscribe("user_a")
+        await hub.poll_once()
+        taken(sub)  # the done state
+        await store.delete_job("user_a", job.job_id)
+        await hub.poll_once()
+        (change,) = sub.pending.values()
+        events = event_stream(hub.subscribe("user_a", job.job_id), [change], max_seconds=60)
+        event = await anext(events)
+        # The tombstone's prompt is gone, and it is never rendered as a job.
+        assert (event.event, event.data) == ("deleted", f'{{"jobId":"{job.job_id}"}}')
+        with pytest.raises(StopAsyncIteration):  # a job's own stream ends with it
+            await anext(events)
+
     async def test_a_new_job_reaches_its_owners_stream(self, store, metrics) -> None:
         hub = make_hub(store, metrics)
         sub = hub.subscribe("user_a")
