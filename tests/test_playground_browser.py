@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -69,6 +70,12 @@ class TestPlayground:
         assert recorded.errors == []
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+        # Deleted elsewhere (another tab, here the API with the page's own session): the
+        # stream's `deleted` event takes the row off the page.
+        job_id = page.locator(".job").first.get_attribute("data-job")
+        session = {"Authorization": f"Bearer {page.evaluate('() => state.token')}"}
+        assert httpx.delete(f"{gateway}/jobs/{job_id}", headers=session).status_code == 204
+        expect(page.locator(f'[data-job="{job_id}"]')).to_have_count(0)
 
     def test_errors_show_their_detail(self, gateway: str, browser) -> None:  # noqa: F811
         recorded = RecordedPage(browser)
