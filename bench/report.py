@@ -236,8 +236,29 @@ def render(results: Results, plot: Path | None, output: Path) -> str:
     ]
     if plot is not None:
         lines += [f"![latency percentiles vs baseline]({_relative(plot, output)})", ""]
+    lines += streams_section(Path(__file__).parent / "STREAMS.md", output)
     lines += METHOD + [""] + scale_on_paper(results)
     return "\n".join(lines) + "\n"
+
+
+def streams_section(streams: Path, output: Path) -> list[str]:
+    """The latest `make bench-streams` table, so that every load figure is in this one file.
+
+    A separate run (it needs 1,000 connections, not wrk): its own date and machine are in
+    bench/STREAMS.md, which this section names.
+    """
+    if not streams.exists():
+        return []
+    table = [line for line in streams.read_text().splitlines() if line.startswith("|")]
+    return [
+        "### Event streams",
+        "",
+        f"From the latest `make bench-streams` ([bench/STREAMS.md]({_relative(streams, output)}),",
+        "its own run and date): 1,000 open streams on one instance in local mode.",
+        "",
+        *table,
+        "",
+    ]
 
 
 def _load(values: list[float]) -> str:
