@@ -97,6 +97,26 @@ class TestJobStream:
         ids = [int(e["id"]) for e in jobs]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
+    def test_running_with_progress_then_done_with_a_poster(self, tmp_path: Path) -> None:
+        """What the issue asks one connection to show: queued, running with the worker's
+        progress, then done with a playable URL and a poster. A 3 s render keeps `running`
+        on screen for several polls, however loaded the machine."""
+        slow = GatewayProcess(
+            tmp_path / "data", LOCAL_RENDER_SECONDS="3", STREAM_POLL_INTERVAL_SECONDS="0.1"
+        )
+        slow.start()
+        try:
+            with client(slow, "user_progress") as http:
+                job_id = create(http)
+                with http.stream("GET", f"/jobs/{job_id}/events") as response:
+                    seen = list(job_events(response))
+        finally:
+            slow.stop()
+        running = [job for job in seen if job["status"] == "running"]
+        assert seen[0]["status"] == "queued" and running, [job["status"] for job in seen]
+        assert all(0 <= job["progress"] < 1 and job["stage"] for job in running), running
+        assert seen[-1]["status"] == "done" and seen[-1]["r2Url"] and seen[-1]["posterUrl"]
+
     def test_a_finished_job_sends_one_event_and_closes(self, gateway: GatewayProcess) -> None:
         with client(gateway, "user_again") as http:
             job_id = create(http)
