@@ -265,7 +265,10 @@ def is_news(sent: dict[str, Change], change: Change) -> bool:
     before = sent.get(change.job.job_id)
     if before is None:
         return True
-    return change.job.updated_at >= before.job.updated_at and change.data != before.data
+    if change.data == before.data:
+        return False
+    # A job's end is news whatever its time says: writes are stamped by more than one clock.
+    return change.job.status.is_terminal or change.job.updated_at >= before.job.updated_at
 
 
 async def event_stream(
@@ -396,7 +399,7 @@ _EVENT_SCHEMA = {
 _STREAM_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A `text/event-stream`: events `job` (data: the job as `GET /jobs/{id}`"
-        " answers it; id: its `updatedAt` in ms), `deleted` (data: `{\"jobId\"}`) once a job is"
+        ' answers it; id: its `updatedAt` in ms), `deleted` (data: `{"jobId"}`) once a job is'
         " deleted, `: keepalive` comments, and a last `reconnect` event before the server ends"
         " the stream.",
         "content": {"text/event-stream": {"schema": _EVENT_SCHEMA, "example": _EXAMPLE_STREAM}},

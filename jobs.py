@@ -289,6 +289,13 @@ class JobService:
             log.info("job %s moved to %s", job.job_id, recorded.status.value)
         return recorded
 
+    async def remove_late_media(self, job: Job) -> None:
+        """RunPod reports on a job the user deleted: its worker may have uploaded since the
+        delete (a job canceled while it uploaded), so the objects go again. No proof is needed:
+        the keys are the job's own, and deleting is safe to repeat."""
+        for key in media_keys(job):
+            await self.storage.delete(key)
+
     async def answer(self, job: Job) -> JobResponse:
         """The job as the API shows it: `GET /jobs/{id}`, the list and every stream event."""
         return JobResponse.from_job(await self.with_download_url(job))
@@ -296,6 +303,9 @@ class JobService:
     # --- RunPod said something --------------------------------------------------------
 
     async def apply_runpod_status(self, job: Job, status: RunPodStatus) -> Job:
+        if job.deleted_at is not None:
+            await self.remove_late_media(job)
+            return job
         if job.status.is_terminal:
             return job
         report = progress_in_status(status)
@@ -322,6 +332,9 @@ class JobService:
         only with the worker's echo as proof. Without proof nothing changes (the answer is still
         a 200, so RunPod does not retry): the job waits for a genuine webhook or its deadline.
         """
+        if job.deleted_at is not None:
+            await self.remove_late_media(job)
+            return job
         if job.status.is_terminal:
             return job  # A repeat: nothing to learn, and no need to ask RunPod again.
         if job.runpod_id is None:
@@ -423,10 +436,11 @@ class JobService:
 def media_keys(job: Job) -> list[str]:
     """Every storage object a job owns: what deleting the job must remove.
 
-    The one list: anything the gateway stores for a job is added here. The poster's key is
-    recorded only once the worker said it uploaded one.
+    The one list: anything the gateway stores for a job is added here. The poster's key is in it
+    whether or not the job recorded one: a worker may have uploaded a poster for a job that then
+    failed or was canceled, and deleting a missing key is no error.
     """
-    return [job.object_key, *([job.poster_key] if job.poster_key else [])]
+    return [job.object_key, poster_key_for(job.object_key)]
 
 
 async def delete_job_and_media(

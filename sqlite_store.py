@@ -199,12 +199,26 @@ _ADDED_JOB_COLUMNS = {
 }
 
 
+@contextmanager
+def schema_change(db: sqlite3.Connection) -> Iterator[None]:
+    """One step for every process: two opening one old file at once must not both add a column
+    (the second would fail with "duplicate column name"); the second sees the first's work."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def add_missing_columns(db: sqlite3.Connection) -> None:
     """`CREATE TABLE IF NOT EXISTS` leaves an older file's table as it was: add what it lacks."""
-    present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-    for name, kind in _ADDED_JOB_COLUMNS.items():
-        if name not in present:
-            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+    with schema_change(db):
+        present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_JOB_COLUMNS.items():
+            if name not in present:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:
@@ -255,8 +269,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 def add_deletion_schema(db: sqlite3.Connection) -> None:
     """Add `jobs.deleted_at` to a file made before it, and the index of the live jobs."""
-    db.execute("BEGIN IMMEDIATE")  # two processes opening one old file: only one adds it
-    try:
+    with schema_change(db):
         columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
         if "deleted_at" not in columns:
             db.execute("ALTER TABLE jobs ADD COLUMN deleted_at INTEGER")
@@ -264,10 +277,6 @@ def add_deletion_schema(db: sqlite3.Connection) -> None:
             "CREATE INDEX IF NOT EXISTS jobs_live_by_user_created"
             " ON jobs (user_id, created_at DESC, job_id DESC) WHERE deleted_at IS NULL"
         )
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _live_job_row(db: sqlite3.Connection, job_id: str) -> Job | None:
@@ -533,11 +542,15 @@ class SQLiteStore:
             if write is None:
                 return job, False
             status, progress, stage = write
-            # Progress is evidence the job lives: the reconciler need not ask RunPod about it.
+            # `checked_at` stays: progress is no proof the job will end, and a job the reconciler
+            # never picks would never meet its deadline (a leaked token could hold back a refund
+            # for ever). `updated_at` is the store's clock, as for every other write, so that an
+            # event stream orders this write among them; `progress_written_at` is the caller's,
+            # the clock the throttle compares it with.
             db.execute(
                 "UPDATE jobs SET status = ?, progress = ?, stage = ?, progress_written_at = ?,"
-                " updated_at = ?, checked_at = ? WHERE job_id = ?",
-                (status, progress, stage, update.now, update.now, update.now, job_id),
+                " updated_at = ? WHERE job_id = ?",
+                (status, progress, stage, update.now, now_ms(), job_id),
             )
             written = self._job_row(db, job_id)
             assert written is not None
@@ -598,8 +611,9 @@ class SQLiteStore:
         self, job_id: str, url: str, expires_at: int, poster_url: str | None
     ) -> None:
         self._db.execute(
+            # Not onto a tombstone: a read that began before a delete must not bring URLs back.
             "UPDATE jobs SET download_url = ?, download_expires_at = ?, poster_url = ?"
-            " WHERE job_id = ?",
+            " WHERE job_id = ? AND deleted_at IS NULL",
             (url, expires_at, poster_url, job_id),
         )
 

@@ -424,12 +424,14 @@ export const recordProgress = internalMutation({
     if (write === null) {
       return { job: toJob(job), written: false };
     }
-    // Progress is evidence the job lives: the reconciler need not ask RunPod about it.
+    // `checkedAt` stays: progress is no proof the job will end, and a job the reconciler never
+    // picks would never meet its deadline (a leaked token could hold back a refund for ever).
+    // `updatedAt` is the deployment's clock, as for every other write, so that the event streams
+    // order this write among them; `progressWrittenAt` is the caller's, which the throttle uses.
     await ctx.db.patch("jobs", job._id, {
       ...write,
       progressWrittenAt: now,
-      updatedAt: now,
-      checkedAt: now,
+      updatedAt: Date.now(),
     });
     return { job: toJob((await ctx.db.get("jobs", job._id))!), written: true };
   },
@@ -507,7 +509,8 @@ export const saveDownloadUrl = internalMutation({
   handler: async (ctx, { jobId, url, expiresAt, posterUrl }) => {
     // Like store.py: an unknown job is ignored, and `updatedAt` is about the job, not its URL.
     const job = await findJobDoc(ctx, jobId);
-    if (job !== null) {
+    // Not onto a tombstone: a read that began before a delete must not bring URLs back.
+    if (job !== null && job.deletedAt === undefined) {
       await ctx.db.patch("jobs", job._id, {
         downloadUrl: url,
         downloadExpiresAt: expiresAt,

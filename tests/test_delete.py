@@ -79,6 +79,10 @@ def video_key(user_id: str, job_id: str) -> str:
     return f"videos/{user_id}/{job_id}.mp4"
 
 
+def poster_key(user_id: str, job_id: str) -> str:
+    return f"videos/{user_id}/{job_id}.jpg"
+
+
 def stored(s3: S3Client, key: str) -> bool:
     """What a HEAD on the object answers: 200 while it is there, 404 once it is gone."""
     from botocore.exceptions import ClientError
@@ -184,6 +188,29 @@ class TestDelete:
             # Canceled, it may go.
             assert (await client.post(f"/jobs/{job_id}/cancel", headers=alice)).status_code == 200
             assert (await client.delete(f"/jobs/{job_id}", headers=alice)).status_code == 204
+
+    async def test_media_a_worker_uploads_for_a_canceled_job_goes_too(
+        self, r2_settings, s3, runpod, alice: dict[str, str]
+    ) -> None:
+        """The worker uploaded (or uploads later) for a job the user canceled and then deleted:
+        the delete takes the poster the job never recorded, and RunPod's late COMPLETED webhook
+        takes what arrived after the delete. The job stays deleted, the refund stays."""
+        async with serve(r2_settings()) as client:
+            job_id, runpod_id = await created_job(client, alice)
+            video, poster = video_key("user_alice", job_id), poster_key("user_alice", job_id)
+            s3.put_object(Bucket=BUCKET, Key=poster, Body=b"\xff\xd8\xff\xe0")  # before cancel
+            assert (await client.post(f"/jobs/{job_id}/cancel", headers=alice)).status_code == 200
+            assert (await client.delete(f"/jobs/{job_id}", headers=alice)).status_code == 204
+            assert not stored(s3, poster)
+
+            for key in (video, poster):  # the worker finishes after all
+                s3.put_object(Bucket=BUCKET, Key=key, Body=b"late")
+            output = {"jobId": job_id, "objectKey": video, "posterUploaded": True}
+            await webhook(client, {"id": runpod_id, "status": "COMPLETED", "output": output})
+
+            assert not stored(s3, video) and not stored(s3, poster)
+            assert (await client.get(f"/jobs/{job_id}", headers=alice)).status_code == 404
+            assert (await client.get("/credits", headers=alice)).json()["credits"] == SIGNUP
 
     async def test_another_users_job_is_not_found_and_its_video_stays(
         self, r2_settings, s3, runpod, alice: dict[str, str], bob: dict[str, str]

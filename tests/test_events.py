@@ -95,9 +95,7 @@ class TestDelivery:
         assert taken(on_job)[-1:] == taken(on_user)[-1:] == expected
         assert taken(on_other) == []
 
-    async def test_a_deleted_job_is_sent_as_deleted_with_its_id_alone(
-        self, store, metrics
-    ) -> None:
+    async def test_a_deleted_job_is_sent_as_deleted_with_its_id_alone(self, store, metrics) -> None:
         hub = make_hub(store, metrics)
         job = await store.charge_and_create_job(new_job("user_a"), 5)
         await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
@@ -246,6 +244,21 @@ class TestStream:
         await hub.close_on_shutdown()
         finals = await asyncio.gather(*waiting)
         assert [(e.event, e.data) for e in finals] == [("reconnect", '{"reason":"shutdown"}')] * 2
+
+    async def test_the_end_is_sent_even_when_stamped_earlier(self, store, metrics) -> None:
+        # Progress can be stamped by the caller's clock and the end by the store's: a clock a
+        # little ahead must not cost the stream its last event (it would then wait for ever).
+        hub = make_hub(store, metrics)
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        running, _ = await store.apply_status(job.job_id, StatusUpdate(JobStatus.RUNNING))
+        done, _ = await store.apply_status(job.job_id, StatusUpdate(JobStatus.DONE))
+        sub = hub.subscribe("user_a", job.job_id)
+        events = event_stream(sub, [Change(running, "running")], max_seconds=5)
+        assert (await anext(events)).data == "running"
+        sub.offer(Change(replace(done, updated_at=running.updated_at - 300), "done"))
+        assert (await anext(events)).data == "done"
+        with pytest.raises(StopAsyncIteration):
+            await anext(events)
 
     async def test_an_older_state_after_a_newer_one_is_not_sent(self, store, metrics) -> None:
         hub = make_hub(store, metrics)

@@ -242,11 +242,31 @@ class TestProgress:
 
     async def test_first_report_moves_queued_to_running(self, store: Store) -> None:
         job = await store.charge_and_create_job(new_job("user_a"), 5)
-        await store.record_runpod_id(job.job_id, "rp-1")
+        job = await store.record_runpod_id(job.job_id, "rp-1")
+        before = now_ms()
         written, seen = await self.report(store, job.job_id, 0.0, "started", T0)
         assert written and seen == (JobStatus.RUNNING, 0.0, "started")
         stored = await store.get_job("user_a", job.job_id)
-        assert (stored.progress_written_at, stored.updated_at, stored.checked_at) == (T0, T0, T0)
+        # The throttle's clock is the caller's; the change's time is the store's own; and the
+        # reconciler's mark is left alone, so that the job's deadline still applies.
+        assert stored.progress_written_at == T0 and stored.updated_at >= before
+        assert stored.checked_at == job.checked_at
+
+    async def test_a_reporting_job_is_still_checked_so_its_deadline_holds(
+        self, store: Store
+    ) -> None:
+        # Reports must not hide a job from the reconciler: only its checks can fail a job past
+        # its deadline and refund it, and anyone with the job's input holds its progress token.
+        job = await store.charge_and_create_job(new_job("user_a"), 5)
+        job = await store.record_runpod_id(job.job_id, "rp-1")
+        assert job.checked_at is not None
+        minute = 60_000
+        for step in range(1, 4):
+            await self.report(
+                store, job.job_id, step / 10, "generating", job.checked_at + step * 10 * minute
+            )
+        stale = await store.claim_stale_jobs(job.checked_at + minute, job.checked_at + minute, 10)
+        assert [claimed.job_id for claimed in stale] == [job.job_id]
 
     async def test_a_submitting_job_runs_too(self, store: Store) -> None:
         # The worker can start before the gateway has recorded RunPod's id.
@@ -391,6 +411,15 @@ class TestDelete:
         await store.apply_status(job.job_id, StatusUpdate(status, "X", "the worker said so"))
         await store.save_download_url(job.job_id, "https://x/y", 123_456)
         return job.job_id
+
+    async def test_a_url_saved_after_the_delete_is_not_kept(self, store: Store) -> None:
+        # A read that presigned before the delete committed saves its URLs after it.
+        job_id = await self.finished(store, JobStatus.DONE)
+        await store.delete_job("user_a", job_id)
+        await store.save_download_url(job_id, "https://x/late", 999_999, "https://x/late.jpg")
+        tombstone = await store.find_job(job_id)
+        assert tombstone is not None and tombstone.deleted_at is not None
+        assert (tombstone.download_url, tombstone.poster_url) == (None, None)
 
     @pytest.mark.parametrize("status", [JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELED])
     async def test_a_finished_job_is_gone_for_its_owner(
