@@ -60,6 +60,7 @@ from bench.processes import (
     free_port,
     minimal_env,
 )
+from outbound_http import AsyncioTransport
 
 CALLS = 2000
 REPEATS = 5
@@ -250,6 +251,29 @@ async def open_httpx_asyncio(
     return call, client.aclose
 
 
+async def open_gateway_transport(
+    base_url: str, in_flight: int
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    client = _httpx_client(base_url, transport=AsyncioTransport(retries=1))
+
+    async def call() -> None:
+        (await client.post(PATH, json=BODY)).raise_for_status()
+
+    return call, client.aclose
+
+
+async def open_gateway_transport_kept(
+    base_url: str, in_flight: int
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    client = _httpx_client(base_url, transport=AsyncioTransport(retries=1, limits=limits))
+
+    async def call() -> None:
+        (await client.post(PATH, json=BODY)).raise_for_status()
+
+    return call, client.aclose
+
+
 class _Connections:
     """Idle keep-alive connections for the h11 and raw clients: one per call in flight."""
 
@@ -338,6 +362,8 @@ CLIENTS = (
     Client("httpx, send() of a request built once", open_httpx_prebuilt),
     Client("httpx, max_keepalive_connections=100", open_httpx_tuned),
     Client("httpx on a plain-asyncio network backend (prototype)", open_httpx_asyncio),
+    Client("httpx on the gateway's AsyncioTransport (outbound_http.py)", open_gateway_transport),
+    Client("the same, max_keepalive_connections=100", open_gateway_transport_kept),
     Client("httpcore AsyncConnectionPool alone", open_httpcore),
     Client("httpcore on a plain-asyncio network backend (prototype)", open_httpcore_asyncio),
     Client("h11 over asyncio streams", open_h11),
