@@ -18,6 +18,8 @@ Clients, from the gateway's own down to bytes on a socket:
   the whole request built once (`send()`), to price `build_request`;
 - httpx whose pool keeps every connection it may open alive (`max_keepalive_connections=100`,
   httpx's default `max_connections`), where the default keeps 20 and closes the rest;
+- httpx on the gateway's own transport (`outbound_http.AsyncioTransport`, what the Convex
+  client uses), with httpx's default keep-alive limit and with one sized for every connection;
 - httpcore's `AsyncConnectionPool` alone: httpx's transport without httpx's client layers;
 - httpx and httpcore on `AsyncioBackend` below, a prototype network backend on plain asyncio
   streams in place of httpcore's AnyIO one (same exception mapping; not TLS-tested: bench only);
@@ -362,8 +364,8 @@ CLIENTS = (
     Client("httpx, send() of a request built once", open_httpx_prebuilt),
     Client("httpx, max_keepalive_connections=100", open_httpx_tuned),
     Client("httpx on a plain-asyncio network backend (prototype)", open_httpx_asyncio),
-    Client("httpx on the gateway's AsyncioTransport (outbound_http.py)", open_gateway_transport),
-    Client("the same, max_keepalive_connections=100", open_gateway_transport_kept),
+    Client("httpx on outbound_http.AsyncioTransport, default limits", open_gateway_transport),
+    Client("the same, keep-alive 100: the gateway's Convex client", open_gateway_transport_kept),
     Client("httpcore AsyncConnectionPool alone", open_httpcore),
     Client("httpcore on a plain-asyncio network backend (prototype)", open_httpcore_asyncio),
     Client("h11 over asyncio streams", open_h11),
