@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-
-from tests.factories import WEBHOOK_SECRET, completed, create, store_object
+from tests.conftest import WEBHOOK_SECRET
+from tests.factories import completed, create, store_object
 from tests.test_fast_reads import (
     REQUEST_ID,
     Call,
@@ -35,9 +34,10 @@ def post(
     return lambda client: client.post(PATH + query, content=raw, headers=headers)
 
 
-async def running_job(client: httpx.AsyncClient, alice: dict[str, str]) -> str:
+async def running_job(client: Any, alice: dict[str, str]) -> str:
+    """A job RunPod runs, its video in storage. `client` is a twin: an AppClient in all but type."""
     job_id = str((await create(client, alice)).json()["jobId"])
-    user = (await client.app_state["jobs"].store.find_job(job_id)).user_id  # type: ignore[attr-defined]
+    user = (await client.app_state["jobs"].store.find_job(job_id)).user_id
     store_object(client, f"videos/{user}/{job_id}.mp4")
     return job_id
 
