@@ -1,17 +1,19 @@
-"""The outbound HTTP transport: httpcore's pool on plain asyncio instead of AnyIO.
+"""The outbound HTTP transport: httpcore's connections, an O(1) pool, plain asyncio sockets.
 
-`bench/client_cost.py` measured one small Convex POST through httpx's default transport at
-777 µs of CPU with 1 call in flight and 1,707 µs with 16, against 653 / 842 µs for the same
-pool on plain asyncio streams: httpcore walks every pooled connection on each request and
-response, and for each idle one AnyIO rebuilds its attribute table and polls the socket. Here a
-connection's protocol already knows whether the server spoke or hung up (the loop read it), so
-that check costs no system call, and a read is a buffer slice rather than a stream's receive.
+`bench/client_cost.py` measured one small Convex POST through httpx's stock transport at
+840 / 1,530 / 1,915 µs of CPU with 1 / 16 / 64 calls in flight, and through this one at
+535-680 / 435-850 / 445 µs (bench/PROFILE.md, 2026-11-30, third session). Two costs are gone:
+httpcore 1.0.9's pool recounts all its connections for each idle one on every request and
+answer (quadratic in the pool's size), and AnyIO rebuilds its attribute table and polls the
+socket to ask whether an idle connection is still usable. Here the pool is a stack, and a
+connection's protocol already knows whether the server spoke or hung up (the loop read it).
 
 What a caller relies on is kept as httpx has it:
 - **Never sent against maybe sent.** Only a failure to open the connection (TCP or TLS) is a
-  `ConnectError`/`ConnectTimeout`, which httpx's transport retries (`retries=`) and the Convex
-  client may resend even for a mutation. Anything after the first byte was written is a
-  `ReadError`, `WriteError`, a timeout of those, or `RemoteProtocolError`.
+  `ConnectError`/`ConnectTimeout`, which the transport retries (`retries=`, httpcore's own
+  connection does it) and the Convex client may resend even for a mutation. Anything after the
+  first byte was written is a `ReadError`, `WriteError`, a timeout of those, or
+  `RemoteProtocolError`.
 - httpx's exception classes, mapped from httpcore's through one table (as httpx's
   `_transports/default.py` does).
 - TLS with httpx's default context (certifi's roots), hostname checked.
