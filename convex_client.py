@@ -74,6 +74,7 @@ from models import (
     Upload,
     User,
 )
+from outbound_http import AsyncioTransport
 
 log = logging.getLogger("gateway.convex")
 
@@ -117,6 +118,10 @@ _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # httpx's transport retries only ConnectError and ConnectTimeout (httpcore
 # `_async/connection.py`), at once: the request was never sent, so even a mutation is safe.
 CONNECT_RETRIES = 1
+# Every request may hold one Convex call (Cloud Run sends an instance up to 80 at once): keep a
+# connection for each, as re-opening one past httpx's default of 20 is a TLS handshake. The pool
+# (outbound_http.py) costs nothing per idle connection kept.
+CONVEX_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -391,7 +396,7 @@ class ConvexStore:
             # A mutation's user code may run 1 s, and the backend retries an OCC conflict four
             # times (100 ms doubling); the rest is queueing and the network.
             timeout=httpx.Timeout(10.0, connect=3.0),
-            transport=httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES),
+            transport=AsyncioTransport(retries=CONNECT_RETRIES, limits=CONVEX_LIMITS),
         )
         return cls(http, settings.effective_signup_credits, settings.default_plan)
 

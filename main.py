@@ -377,6 +377,11 @@ async def credits_answer(user: Caller) -> Response:
 )
 async def runpod_webhook(request: Request) -> dict[str, str]:
     """RunPod's job-finished call. Proof: `X-RunPod-Signature`, or the per-job URL token."""
+    return await webhook_answer(request)
+
+
+async def webhook_answer(request: Request) -> dict[str, str]:
+    """POST /webhooks/runpod's answer: the one source for this route and its fast twin."""
     # The service straight from the state, not a dependency: see `deps.Caller`.
     job = await receive_webhook(request, request.state.jobs)
     return {"jobId": job.job_id, "status": job.status.public.value}
@@ -445,18 +450,20 @@ async def local_jwks(settings: SettingsDep) -> dict[str, Any]:
 
 
 class FastRead(Route):
-    """A GET answered without FastAPI's route handling (dependency solving, parameter parsing,
-    the response model): 33-40 µs of the 180-260 µs a read cost (issue 13, bench/PROFILE.md).
+    """A hot route answered without FastAPI's route handling (dependency solving, parameter
+    parsing, the response model): 33-40 µs of the 180-260 µs a read cost (issue 13,
+    bench/PROFILE.md), and over half of the signed webhook's CPU in-app.
 
     Its FastAPI twin stays registered for the schema and the docs, and both build their answer
-    through one function (`credits_answer`, `job_answer`); tests/test_fast_reads.py proves the
-    two answer alike for every status. HEAD arrives here as GET (HeadAsGetMiddleware), so
-    `methods` is GET alone: a 405's `Allow` is then the twin's.
+    through one function (`credits_answer`, `job_answer`, `webhook_answer`);
+    tests/test_fast_reads.py and tests/test_fast_webhook.py prove the two answer alike for
+    every status. HEAD arrives here as GET (HeadAsGetMiddleware), so `methods` is the one
+    method: a 405's `Allow` is then the twin's.
     """
 
-    def __init__(self, path: str, endpoint: Any) -> None:
-        super().__init__(path, endpoint, methods=["GET"])
-        self.methods = {"GET"}
+    def __init__(self, path: str, endpoint: Any, method: str = "GET") -> None:
+        super().__init__(path, endpoint, methods=[method])
+        self.methods = {method}
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)
@@ -477,8 +484,18 @@ async def fast_job(request: Request) -> Response:
     return await job_answer(await current_user(request), request.path_params["job_id"])
 
 
+async def fast_webhook(request: Request) -> Response:
+    # The bytes FastAPI's route writes for the same dict (no response model): the twin test
+    # compares them.
+    return JSONResponse(await webhook_answer(request))
+
+
 def fast_reads() -> list[Route]:
-    return [FastRead("/credits", fast_credits), FastRead("/jobs/{job_id}", fast_job)]
+    return [
+        FastRead("/credits", fast_credits),
+        FastRead("/jobs/{job_id}", fast_job),
+        FastRead("/webhooks/runpod", fast_webhook, method="POST"),
+    ]
 
 
 # --- The app ----------------------------------------------------------------------------------

@@ -89,7 +89,6 @@ async def measure_all(args: argparse.Namespace, fixtures: Fixtures, data_dir: Pa
     from bench.baseline import app as baseline
     from main import app as gateway
 
-    auth = {"Authorization": f"Bearer {fixtures.token}"}
     show(
         f"{'route':16} {'conns':>5} {'gateway us':>11} {'baseline us':>12} {'added us':>9}"
         f" {'ratio':>6}"
@@ -97,19 +96,28 @@ async def measure_all(args: argparse.Namespace, fixtures: Fixtures, data_dir: Pa
     async with gateway.router.lifespan_context(gateway) as gateway_state:
         async with baseline.router.lifespan_context(baseline) as baseline_state:
             job_id = await seed_done_job(gateway, gateway_state or {}, fixtures, data_dir)
-            for label, path in (
-                ("GET /credits", "/credits"),
-                ("GET /jobs/{id}", f"/jobs/{job_id}"),
-                ("GET /jobs", "/jobs"),
-            ):
+            for label, request in measured_requests(fixtures, data_dir, job_id):
                 for connections in CONCURRENCY:
-                    request = ("GET", path, auth, b"")
                     apps = ((gateway, gateway_state or {}), (baseline, baseline_state or {}))
                     ours, bare = await costs(apps, request, connections, args)
                     show(
                         f"{label:16} {connections:5} {ours:11.1f} {bare:12.1f} {ours - bare:9.1f}"
                         f" {bare / ours:5.2f}x"
                     )
+
+
+def measured_requests(fixtures: Fixtures, data_dir: Path, job_id: str) -> list[tuple[str, Request]]:
+    """The reads, and the signed COMPLETED webhook sent again for the done job (as the bench
+    sends it: each one a replay the store finds unchanged)."""
+    auth = {"Authorization": f"Bearer {fixtures.token}"}
+    done = webhook_body(job_id, runpod_id_of(data_dir, job_id), "COMPLETED")
+    signed = {"X-RunPod-Signature": sign_body(fixtures.secret, done), "Content-Type": JSON}
+    return [
+        ("GET /credits", ("GET", "/credits", auth, b"")),
+        ("GET /jobs/{id}", ("GET", f"/jobs/{job_id}", auth, b"")),
+        ("GET /jobs", ("GET", "/jobs", auth, b"")),
+        ("POST /webhooks", ("POST", "/webhooks/runpod", signed, done)),
+    ]
 
 
 async def seed_done_job(

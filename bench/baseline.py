@@ -8,7 +8,8 @@ send the same bytes; the bodies are encoded once, so the baseline does routing a
 
 With `BENCH_UPSTREAM_URL` set (production mode), every route first makes one upstream call, as the
 gateway's reads make one Convex call each: a `gateway:getUser` query for `BENCH_UPSTREAM_USER`
-through one shared `httpx.AsyncClient` built as `ConvexStore.from_settings` builds the gateway's.
+through one shared `httpx.AsyncClient` built as `ConvexStore.from_settings` builds the gateway's
+(its transport, `outbound_http.AsyncioTransport`, included).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ async def _upstream(url: str | None) -> AsyncIterator[UpstreamCall]:
     # Imported only here: the local baseline is FastAPI alone, the production one adds httpx.
     import httpx
 
+    from outbound_http import AsyncioTransport
+
     key = os.environ.get("BENCH_UPSTREAM_KEY", "")
     body = {
         "path": "gateway:getUser",
@@ -83,6 +86,11 @@ async def _upstream(url: str | None) -> AsyncIterator[UpstreamCall]:
         base_url=url.rstrip("/"),
         headers={"Authorization": f"Convex {key}"},
         timeout=httpx.Timeout(10.0, connect=3.0),
+        # The gateway's transport and CONVEX_LIMITS: the ratio prices the gateway's own work,
+        # not a cheaper client on one side.
+        transport=AsyncioTransport(
+            retries=1, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        ),
     ) as client:
 
         async def call() -> None:

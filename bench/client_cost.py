@@ -18,6 +18,8 @@ Clients, from the gateway's own down to bytes on a socket:
   the whole request built once (`send()`), to price `build_request`;
 - httpx whose pool keeps every connection it may open alive (`max_keepalive_connections=100`,
   httpx's default `max_connections`), where the default keeps 20 and closes the rest;
+- httpx on the gateway's own transport (`outbound_http.AsyncioTransport`, what the Convex
+  client uses), with httpx's default keep-alive limit and with one sized for every connection;
 - httpcore's `AsyncConnectionPool` alone: httpx's transport without httpx's client layers;
 - httpx and httpcore on `AsyncioBackend` below, a prototype network backend on plain asyncio
   streams in place of httpcore's AnyIO one (same exception mapping; not TLS-tested: bench only);
@@ -60,6 +62,7 @@ from bench.processes import (
     free_port,
     minimal_env,
 )
+from outbound_http import AsyncioTransport
 
 CALLS = 2000
 REPEATS = 5
@@ -250,6 +253,29 @@ async def open_httpx_asyncio(
     return call, client.aclose
 
 
+async def open_gateway_transport(
+    base_url: str, in_flight: int
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    client = _httpx_client(base_url, transport=AsyncioTransport(retries=1))
+
+    async def call() -> None:
+        (await client.post(PATH, json=BODY)).raise_for_status()
+
+    return call, client.aclose
+
+
+async def open_gateway_transport_kept(
+    base_url: str, in_flight: int
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    client = _httpx_client(base_url, transport=AsyncioTransport(retries=1, limits=limits))
+
+    async def call() -> None:
+        (await client.post(PATH, json=BODY)).raise_for_status()
+
+    return call, client.aclose
+
+
 class _Connections:
     """Idle keep-alive connections for the h11 and raw clients: one per call in flight."""
 
@@ -338,6 +364,8 @@ CLIENTS = (
     Client("httpx, send() of a request built once", open_httpx_prebuilt),
     Client("httpx, max_keepalive_connections=100", open_httpx_tuned),
     Client("httpx on a plain-asyncio network backend (prototype)", open_httpx_asyncio),
+    Client("httpx on outbound_http.AsyncioTransport, default limits", open_gateway_transport),
+    Client("the same, keep-alive 100: the gateway's Convex client", open_gateway_transport_kept),
     Client("httpcore AsyncConnectionPool alone", open_httpcore),
     Client("httpcore on a plain-asyncio network backend (prototype)", open_httpcore_asyncio),
     Client("h11 over asyncio streams", open_h11),

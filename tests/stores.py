@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from convex_client import ConvexStore
+from outbound_http import AsyncioTransport
 from sqlite_store import SQLiteStore
 from store import Store
 
@@ -32,7 +33,9 @@ async def open_store(
         url = request.getfixturevalue("convex_server")
         reset_convex(url)
         http = httpx.AsyncClient(
-            base_url=url, headers={"Authorization": f"Convex {CONVEX_TEST_KEY}"}
+            base_url=url,
+            headers={"Authorization": f"Convex {CONVEX_TEST_KEY}"},
+            transport=AsyncioTransport(),  # production's transport (outbound_http.py)
         )
         store = ConvexStore(http, signup_credits, "starter")
     else:
