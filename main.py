@@ -413,7 +413,7 @@ async def worker_progress(
     finished job is answered as it is (200), unchanged. At most one is written per job per second
     within a stage; a new stage is written at once.
     """
-    job = await receive_progress(request.state.jobs, job_id, token, body)
+    job = await receive_progress(request, request.state.jobs, job_id, token, body)
     progress, stage = job_progress(job)
     return ProgressAnswer(
         job_id=job.job_id, status=job.status.public, progress=progress, stage=stage

@@ -42,13 +42,14 @@ _METHODS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 JobOutcome = Literal["done", "failed", "canceled", "timed_out"]
 CreditKind = Literal["charged", "refunded", "granted"]
-WebhookFailureReason = Literal["missing", "bad_signature", "bad_token"]
+WebhookFailureReason = Literal["missing", "bad_signature", "bad_token", "bad_progress_token"]
 JOB_OUTCOMES: tuple[JobOutcome, ...] = ("done", "failed", "canceled", "timed_out")
 CREDIT_KINDS: tuple[CreditKind, ...] = ("charged", "refunded", "granted")
 WEBHOOK_FAILURE_REASONS: tuple[WebhookFailureReason, ...] = (
     "missing",
     "bad_signature",
     "bad_token",
+    "bad_progress_token",
 )
 
 

@@ -202,12 +202,17 @@ async def _apply_tokened(jobs: JobService, job_id: str, payload: dict[str, Any] 
 # --- The worker's progress --------------------------------------------------------------------
 
 
-async def receive_progress(jobs: JobService, job_id: str, token: str, body: ProgressRequest) -> Job:
+async def receive_progress(
+    request: Request, jobs: JobService, job_id: str, token: str, body: ProgressRequest
+) -> Job:
     """A worker's report, proven by the job's progress token. A finished job is left as it is,
     and answered like any other (200): the worker must not take it for a failure."""
     if not (job_id and token) or not token_is_valid(
         jobs.webhook_secret, job_id, token, progress_token
     ):
+        # Counted with the webhook's refusals: after a secret rotation both climb together.
+        metrics: Metrics = request.app.state.metrics
+        metrics.count_webhook_failure("bad_progress_token")
         raise InvalidSignature("Progress proof is missing or invalid")
     job = await jobs.store.find_job(job_id)
     if job is None:

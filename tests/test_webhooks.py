@@ -499,6 +499,10 @@ class TestProgress:
             response = await client.post("/webhooks/runpod/progress", params=params, json=body)
             assert_error(response, 401, "INVALID_SIGNATURE")
         assert (await job_of(client, alice, job_id))["status"] == "queued"
+        # What an operator's alert reads: each refusal counted, by its own reason.
+        scraped = (await client.get("/metrics")).text
+        counted = 'gateway_webhook_verification_failures_total{reason="bad_progress_token"} 5.0'
+        assert counted in scraped.splitlines()
 
     async def test_unknown_job_is_404(self, client) -> None:
         job_id = "job_doesnotexist0000"
