@@ -4,6 +4,14 @@ URLs carry `expires` (unix seconds) and `sig` = HMAC-SHA256(secret, method, key,
 so they mean what a presigned R2 URL means: anyone holding one may GET (or PUT) that one object
 until it expires, and an expired or tampered URL is a 403. An upload URL also signs `length`,
 as R2's signs Content-Length: a PUT of another type or size is refused, as R2 refuses it.
+
+Sources for what it imitates: Cloudflare's "Presigned URLs" page
+(developers.cloudflare.com/r2/api/s3/presigned-urls/): a URL is bound to one object and one
+operation, has an expiry (X-Amz-Expires) that is signed, and changing the resource or tampering
+with a signed parameter "will return a 403 with an error code of SignatureDoesNotMatch"; a
+signed header (Content-Type, Content-Length) that differs breaks the SigV4 signature the same way.
+The status is R2's; the body is the gateway's error shape (`INVALID_SIGNATURE`, `URL_EXPIRED`)
+rather than S3's XML, since only the status is read by the clients here.
 """
 
 from __future__ import annotations
@@ -110,7 +118,8 @@ class LocalStorage:
         return await asyncio.to_thread(self.path_for(key).is_file)
 
     async def delete(self, key: str) -> None:
-        # Like S3's DeleteObject: a key that is already gone is not an error.
+        # Like S3's DeleteObject, which R2 implements (developers.cloudflare.com/r2/api/s3/api/):
+        # a key that is already gone is no error (AWS S3 API reference, DeleteObject: 204).
         await asyncio.to_thread(self.path_for(key).unlink, missing_ok=True)
 
     async def stat(self, key: str) -> ObjectInfo | None:
@@ -141,7 +150,10 @@ class LocalStorage:
         self.write(target, self.path_for(source).read_bytes())
 
     def _require_version(self, key: str, etag: str) -> None:
-        """What R2 answers 412 for: the object is gone, or is another version than `etag`."""
+        """What R2 answers 412 for: the object is gone, or is another version than `etag`
+        (If-Match on GetObject and x-amz-copy-source-if-match on CopyObject, both in R2's S3 API
+        list at developers.cloudflare.com/r2/api/s3/api/; AWS S3 API reference: 412 Precondition
+        Failed)."""
         info = self._stat(key)
         if info is None or info.etag != etag:
             raise ObjectChanged()
