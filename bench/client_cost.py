@@ -98,13 +98,18 @@ def _httpx_client(base_url: str, **options: Any) -> httpx.AsyncClient:
     )
 
 
-async def open_httpx(base_url: str, in_flight: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    client = _httpx_client(base_url)
+def posting(client: httpx.AsyncClient) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """One call: the Convex-shaped POST through `client`; and how to close it."""
 
     async def call() -> None:
         (await client.post(PATH, json=BODY)).raise_for_status()
 
     return call, client.aclose
+
+
+async def open_httpx(base_url: str, in_flight: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    client = _httpx_client(base_url)
+    return posting(client)
 
 
 async def open_httpx_content(
@@ -137,11 +142,7 @@ async def open_httpx_tuned(
 ) -> tuple[Call, Callable[[], Awaitable[None]]]:
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     client = _httpx_client(base_url, limits=limits)
-
-    async def call() -> None:
-        (await client.post(PATH, json=BODY)).raise_for_status()
-
-    return call, client.aclose
+    return posting(client)
 
 
 async def open_httpcore(
@@ -246,22 +247,14 @@ async def open_httpx_asyncio(
     # Prototype only: AsyncHTTPTransport takes no network backend, so its pool is swapped.
     transport._pool = httpcore.AsyncConnectionPool(network_backend=AsyncioBackend())
     client = _httpx_client(base_url, transport=transport)
-
-    async def call() -> None:
-        (await client.post(PATH, json=BODY)).raise_for_status()
-
-    return call, client.aclose
+    return posting(client)
 
 
 async def open_gateway_transport(
     base_url: str, in_flight: int
 ) -> tuple[Call, Callable[[], Awaitable[None]]]:
     client = _httpx_client(base_url, transport=AsyncioTransport(retries=1))
-
-    async def call() -> None:
-        (await client.post(PATH, json=BODY)).raise_for_status()
-
-    return call, client.aclose
+    return posting(client)
 
 
 async def open_gateway_transport_kept(
@@ -269,11 +262,7 @@ async def open_gateway_transport_kept(
 ) -> tuple[Call, Callable[[], Awaitable[None]]]:
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     client = _httpx_client(base_url, transport=AsyncioTransport(retries=1, limits=limits))
-
-    async def call() -> None:
-        (await client.post(PATH, json=BODY)).raise_for_status()
-
-    return call, client.aclose
+    return posting(client)
 
 
 class _Connections:
