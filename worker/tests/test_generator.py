@@ -27,6 +27,11 @@ def first_frame_luma(data: bytes) -> bytes:
     return b"".join(raw[row * plane.line_size :][: plane.width] for row in range(plane.height))
 
 
+def mean_difference(one: bytes, other: bytes) -> float:
+    """How far apart two brightness planes are, in levels per pixel on average."""
+    return sum(abs(a - b) for a, b in zip(one, other, strict=True)) / len(one)
+
+
 def rendered(tmp_path: Path, duration_sec: int, seed: int) -> bytes:
     path = tmp_path / f"{duration_sec}-{seed}.mp4"
     render_mp4(duration_sec, seed, path)
@@ -43,14 +48,13 @@ class TestRenderMp4:
 
     def test_seed_decides_the_picture(self, tmp_path: Path) -> None:
         # The picture, not the file: libx264's bytes for the same frames vary from run to run
-        # (7 different files in 30 renders here, even with one encoder thread), while the
-        # decoded first frame is identical.
+        # (7 different files in 30 renders here, even with one encoder thread), and so, by a
+        # level here and there, does the decoded frame (one pixel of 57,600 off by one, in CI).
+        # The same seed stays within a level on average; another seed's colours are far away.
         first = first_frame_luma(rendered(tmp_path, 1, 1))
 
-        assert first_frame_luma(rendered(tmp_path, 1, 1)) == first
-        other = first_frame_luma(rendered(tmp_path, 1, 2))
-        mean_difference = sum(abs(a - b) for a, b in zip(first, other, strict=True)) / len(first)
-        assert mean_difference > 10
+        assert mean_difference(first_frame_luma(rendered(tmp_path, 1, 1)), first) < 1
+        assert mean_difference(first_frame_luma(rendered(tmp_path, 1, 2)), first) > 10
 
     @pytest.mark.parametrize("duration_sec", [0, -1])
     def test_refuses_durations_below_one_second(self, tmp_path: Path, duration_sec: int) -> None:
