@@ -25,7 +25,15 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import GatewayError
-from logs import request_id_var, sole_handler, trace_id_from, trace_id_var, valid_request_id
+from logs import (
+    CloudLoggingFormatter,
+    ConsoleFormatter,
+    request_id_var,
+    sole_handler,
+    trace_id_from,
+    trace_id_var,
+    valid_request_id,
+)
 from models import Job, JobStatus
 
 access_log = logging.getLogger("gateway.access")
@@ -313,6 +321,31 @@ def log_access(
 ) -> None:
     # The path only: the query string can hold a webhook token or a URL signature.
     path = scope["path"]
+    args = (scope["method"], path, status, elapsed * 1000)
+    message = ACCESS_FORMAT % args
+    handler = sole_handler(access_log, level)
+    formatter = handler.formatter if handler is not None else None
+    if handler is not None and isinstance(formatter, ConsoleFormatter):
+        # Straight to the one handler the logger would reach, formatted as the record would be
+        # (tests/test_log_batching.py compares the two): a LogRecord and the logger's walk cost
+        # more than the rest of the line (issue 13). The console line has no httpRequest.
+        line = formatter.format_fields(level, access_log.name, message, time.time())
+        handler.write_line(line, level)
+        return
+    http_request = http_request_fields(scope, path, status, elapsed, user_agent)
+    fields: dict[str, Any] = {"httpRequest": http_request, "route": route}
+    if handler is not None and isinstance(formatter, CloudLoggingFormatter):
+        handler.write_line(
+            formatter.format_fields(level, access_log.name, message, time.time(), fields), level
+        )
+        return
+    access_log.log(level, ACCESS_FORMAT, *args, extra=fields)
+
+
+def http_request_fields(
+    scope: Scope, path: str, status: int, elapsed: float, user_agent: str | None
+) -> dict[str, Any]:
+    """Cloud Logging's `httpRequest`, which its request view and latency charts read."""
     http_request: dict[str, Any] = {
         "requestMethod": scope["method"],
         "requestUrl": path,
@@ -325,23 +358,10 @@ def log_access(
     client = scope.get("client")
     if client:
         http_request["remoteIp"] = client[0]
-    args = (scope["method"], path, status, elapsed * 1000)
-    write_access_line(level, args, {"httpRequest": http_request, "route": route})
+    return http_request
 
 
 ACCESS_FORMAT = "%s %s %d %.1fms"
-
-
-def write_access_line(level: int, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
-    handler = sole_handler(access_log, level)
-    if handler is None:
-        access_log.log(level, ACCESS_FORMAT, *args, extra=extra)
-        return
-    # Straight to the one handler the logger would reach: the same record and formatter,
-    # without the logger's walk to it (tests/test_log_batching.py compares the two lines).
-    # The caller fields are what `Logger.log` fills in once configure_logging stops looking.
-    caller = ("(unknown file)", 0, ACCESS_FORMAT, args, None, "(unknown function)")
-    handler.write_record(access_log.makeRecord(access_log.name, level, *caller, extra))
 
 
 # --- /metrics ---------------------------------------------------------------------------------
