@@ -246,7 +246,7 @@ async def job_answer(user: Caller, job_id: str) -> Response:
     """GET /jobs/{id}'s answer: the one source for this route and its fast twin."""
     job = await user.store.get_job(user.user_id, checked_job_id(job_id))
     job = await user.jobs.check_if_stale(job)
-    return model_response(await user.jobs.answer(job))
+    return Response(await user.jobs.answer_json(job), media_type="application/json")
 
 
 def model_response(model: ApiModel) -> Response:
