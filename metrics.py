@@ -8,17 +8,23 @@
 
 from __future__ import annotations
 
+import bisect
 import hmac
+import itertools
 import logging
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal
 
 from fastapi.routing import iter_route_contexts
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
@@ -61,6 +67,74 @@ WEBHOOK_FAILURE_REASONS: tuple[WebhookFailureReason, ...] = (
 )
 
 
+class LoopHistogram:
+    """A labelled histogram observed from the event loop, exposed as prometheus_client's own
+    `Histogram` is: the same buckets, `_count`, `_sum` and `_created` series.
+
+    The library's Histogram takes a lock for the sum and another for the bucket on every
+    observation: 3.0 µs for a request's, 1.9 µs for a store call's, two per read (issue 13).
+    Every observation here comes from the event loop's thread (the storage calls that run in
+    threads are timed around the await), so plain numbers do; were one ever made from
+    another thread, the worst is a lost count. Exposed through the library's custom-collector
+    interface (`collect`), so the registry and both text formats are the library's own.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._bounds = tuple(float(bound) for bound in buckets)
+        # The library's own text for a bound ("0.005", "1.0", "+Inf"), as its Histogram writes.
+        bounds = (*self._bounds, math.inf)
+        self._le = [floatToGoString(bound) for bound in bounds]  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], LoopHistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopHistogramSeries:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+        key = tuple(str(value) for value in values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = LoopHistogramSeries(self._bounds)
+        return series
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in list(self._series.items()):
+            cumulative = itertools.accumulate(series.counts)
+            buckets = [(le, float(count)) for le, count in zip(self._le, cumulative, strict=True)]
+            family.add_metric(list(key), buckets, series.sum)
+            labels = dict(zip(self._labelnames, key, strict=True))
+            family.samples.append(Sample(f"{self._name}_created", labels, series.created))
+        yield family
+
+
+class LoopHistogramSeries:
+    """One label set's counts: a bucket per bound (`le`, inclusive) and one past the last."""
+
+    __slots__ = ("_bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # The first bound >= amount: Prometheus buckets count values <= their `le`.
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
 class Metrics:
     """Every `gateway_*` metric, registered in one registry that belongs to one app."""
 
@@ -99,8 +173,8 @@ class Metrics:
 
     def _histogram(
         self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
-    ) -> Histogram:
-        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+    ) -> LoopHistogram:
+        return LoopHistogram(name, doc, labels, buckets, self.registry)
 
     def _counter(self, name: str, doc: str, label: str) -> Counter:
         return Counter(name, doc, (label,), registry=self.registry)
