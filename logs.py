@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -140,18 +141,37 @@ class CloudLoggingFormatter(logging.Formatter):
         self._redact = redactor
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = {name: record.__dict__.get(name) for name in ("httpRequest", "route")}
+        return self.format_fields(
+            record.levelno,
+            record.name,
+            record.getMessage(),
+            record.created,
+            fields,
+            self._stack_trace(record),
+        )
+
+    def format_fields(
+        self,
+        level: int,
+        logger: str,
+        message: str,
+        created: float,
+        fields: dict[str, Any],
+        stack_trace: str | None = None,
+    ) -> str:
+        """The line `format` writes for a record with these values, without building the record:
+        the access line comes straight here (metrics.log_access)."""
         entry: dict[str, Any] = {
-            "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
-            "message": record.getMessage(),
-            "time": rfc3339(record.created),
-            "logger": record.name,
+            "severity": _SEVERITY.get(level, "DEFAULT"),
+            "message": message,
+            "time": rfc3339(created),
+            "logger": logger,
         }
         self._add_request_context(entry)
-        for name in ("httpRequest", "route"):
-            value = record.__dict__.get(name)
+        for name, value in fields.items():
             if value is not None:
                 entry[name] = value
-        stack_trace = self._stack_trace(record)
         if stack_trace:
             entry["stack_trace"] = stack_trace
         return self._redact(_dumps(entry))
@@ -203,6 +223,14 @@ def _escape(match: re.Match[str]) -> str:
     return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+_LEVEL_NAMES = {level: logging.getLevelName(level) for level in _SEVERITY}
+
+
+def _level_name(level: int) -> str:
+    return _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+
+
 class ConsoleFormatter(logging.Formatter):
     """Plain text for a terminal, with the request id when there is one.
 
@@ -212,8 +240,10 @@ class ConsoleFormatter(logging.Formatter):
     """
 
     def __init__(self, redactor: Redactor = redact) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
+        super().__init__(CONSOLE_FORMAT)
         self._redact = redactor
+        self._second = -1
+        self._second_text = ""
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
@@ -223,6 +253,31 @@ class ConsoleFormatter(logging.Formatter):
         lines = [escape_controls(self.formatMessage(record))]
         lines += [TRACEBACK_INDENT + escape_controls(line) for line in self._trace_lines(record)]
         return self._redact("\n".join(lines))
+
+    def format_fields(self, level: int, logger: str, message: str, created: float) -> str:
+        """The line `format` writes for a record with these values and no traceback, without
+        building the record: the access line comes straight here (metrics.log_access)."""
+        request_id = request_id_var.get()
+        tag = f" [{request_id}]" if request_id else ""
+        stamp = self._timestamp(created)
+        return self._redact(
+            escape_controls(f"{stamp} {_level_name(level)} {logger}{tag}: {message}")
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        return self._timestamp(record.created)
+
+    def _timestamp(self, created: float) -> str:
+        """`logging.Formatter.formatTime`'s default text (`2026-11-30 10:29:43,415`), its
+        strftime done once a second rather than once a line."""
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, time.localtime(created))
+            self._second = second
+        # What LogRecord computes as `msecs`, formatted as `default_msec_format` does.
+        return f"{self._second_text},{int((created - second) * 1000):03d}"
 
     def _trace_lines(self, record: logging.LogRecord) -> list[str]:
         if record.exc_info and not record.exc_text:
@@ -271,6 +326,14 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """`record`, formatted and written as `handle` would, without the logger's walk."""
         with self.lock:  # type: ignore[union-attr]
             self.emit(record)
+
+    def write_line(self, text: str, level: int) -> None:
+        """A line already formatted (`format_fields`), written as `emit` writes a record's."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._write(text, level)
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": text, "levelno": level}))
 
     def _write(self, text: str, level: int) -> None:
         self.stream.write(text + self.terminator)

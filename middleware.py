@@ -42,9 +42,15 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared, chunked = _framing(scope["headers"])
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await _send_too_large(send, limit)
+            return
+        if not chunked and scope.get("http_version") in _FRAMED_VERSIONS:
+            # HTTP/1 framing bounds the body: the server reads exactly Content-Length bytes, and
+            # a request with neither header has none (RFC 9112 §6.3). Only a chunked body can
+            # outgrow what it declared, so only it needs counting (a read saves 2 wrappers).
+            await self.app(scope, receive, send)
             return
         guard = _BodyGuard(receive, send, limit)
         try:
@@ -54,6 +60,20 @@ class BodyLimitMiddleware:
                 raise
         if guard.overflowed:
             await _send_too_large(send, limit)
+
+
+_FRAMED_VERSIONS = frozenset({"1.0", "1.1"})
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
+    """The declared Content-Length, and whether any Transfer-Encoding is named."""
+    declared, encoded = None, False
+    for name, value in headers:
+        if name == b"content-length":
+            declared = value
+        elif name == b"transfer-encoding":
+            encoded = True
+    return declared, encoded
 
 
 class _BodyGuard:

@@ -10,13 +10,16 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from jobs import rendered_answer
 from logs import CloudLoggingFormatter, ConsoleFormatter
 from main import FastRead, create_app
+from models import Job, JobResponse, JobStatus
 from tests.conftest import PROJECT, bearer, with_lifespan_state
 from tests.factories import finished_job
 
@@ -164,3 +167,32 @@ class TestTwinRoutes:
 
 
 JOB_BODY = {"prompt": "A silver drone flies through a neon skyline", "durationSec": 5, "seed": 42}
+
+
+class TestRenderedAnswer:
+    """GET /jobs/{id} sends a job's answer rendered once per version of the job (jobs.py)."""
+
+    def test_each_version_of_a_job_is_rendered_from_that_version(self) -> None:
+        job = Job(
+            job_id="job_render",
+            user_id="user_alice",
+            status=JobStatus.RUNNING,
+            prompt="a boat",
+            image_url=None,
+            duration_sec=5,
+            seed=7,
+            cost=5,
+            object_key="videos/user_alice/job_render.mp4",
+            created_at=1_764_498_000_000,
+            updated_at=1_764_498_001_000,
+            progress=0.25,
+            stage="render",
+        )
+        later = replace(job, progress=0.5, updated_at=job.updated_at + 1000)
+        for version in (job, later, job):
+            expected = JobResponse.from_job(version).model_dump_json(by_alias=True).encode()
+            assert rendered_answer(version) == expected
+        assert b'"progress":0.25' in rendered_answer(job)
+        assert b'"progress":0.5' in rendered_answer(later)
+        # An equal job read again (a new object) is the same answer, from the cache.
+        assert rendered_answer(replace(job)) is rendered_answer(job)

@@ -20,6 +20,7 @@ from logs import (
     ConsoleFormatter,
     Redactor,
     flush_logs,
+    request_id_var,
     sole_handler,
 )
 from tests.conftest import PROJECT, serve
@@ -105,6 +106,57 @@ class TestDirectAccessLine:
         logging.getLogger("gateway").addHandler(extra := logging.NullHandler())
         assert sole_handler(access, logging.INFO) is None
         logging.getLogger("gateway").removeHandler(extra)
+
+
+class TestFormatFields:
+    """`format_fields` (the access line's path) must write what `format` writes for the same
+    record, to the character: time, level, request id, escapes and redaction."""
+
+    MESSAGES = [
+        "GET /credits 200 0.1ms",
+        f"GET /jobs/{JWT} 404 1.0ms",
+        f'GET /x%0A{{"severity":"CRITICAL"}}\n{KNOWN_SECRET} 404 0.2ms',
+        "GET /caf\u00e9/\u202e\ud800 404 0.3ms",
+        "GET /?token=abc&sig=def 401 0.1ms",
+    ]
+    # Second boundaries and rounding edges of the millisecond field.
+    CREATED = [1_764_498_000.0, 1_764_498_000.0005, 1_764_498_000.9996, 1_764_498_059.123456]
+
+    @pytest.mark.parametrize("json_mode", [True, False])
+    @pytest.mark.parametrize("level", [logging.INFO, logging.ERROR, 25])
+    @pytest.mark.parametrize("request_id", [None, "r-1"])
+    def test_same_text_as_format(self, json_mode, level, request_id) -> None:
+        redactor = Redactor([KNOWN_SECRET])
+        token = request_id_var.set(request_id)
+        try:
+            for message in self.MESSAGES:
+                for created in self.CREATED:
+                    fields = {"httpRequest": {"requestUrl": message, "status": 404}, "route": "/x"}
+                    entry = logging.LogRecord("gateway.access", level, "", 0, message, None, None)
+                    entry.created, entry.msecs = created, int((created - int(created)) * 1000) + 0.0
+                    if json_mode:
+                        formatter = CloudLoggingFormatter(PROJECT, redactor)
+                        entry.__dict__.update(fields)
+                        fast = formatter.format_fields(level, entry.name, message, created, fields)
+                    else:
+                        formatter = ConsoleFormatter(redactor)
+                        fast = formatter.format_fields(level, entry.name, message, created)
+                        # The cached second against the standard library's own clock text.
+                        assert fast.startswith(logging.Formatter().formatTime(entry) + " ")
+                    assert fast == formatter.format(entry)
+                    assert KNOWN_SECRET not in fast and "\n" not in fast
+        finally:
+            request_id_var.reset(token)
+
+    def test_the_cached_second_follows_the_clock(self) -> None:
+        formatter = ConsoleFormatter()
+        first = formatter.format_fields(logging.INFO, "gateway", "a", 1_764_498_000.999)
+        second = formatter.format_fields(logging.INFO, "gateway", "a", 1_764_498_001.0)
+        plain = logging.Formatter()
+        for line, created in ((first, 1_764_498_000.999), (second, 1_764_498_001.0)):
+            entry = logging.LogRecord("gateway", logging.INFO, "", 0, "a", None, None)
+            entry.created, entry.msecs = created, int((created - int(created)) * 1000) + 0.0
+            assert line.startswith(plain.formatTime(entry) + " INFO gateway: a")
 
 
 def record(level: int, text: str) -> logging.LogRecord:

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from logs import (
     current_request_id,
 )
-from metrics import Metrics
+from metrics import LoopHistogram, Metrics
 from tests.conftest import LogLines, bearer, serve
 from tests.factories import (
     METRICS_TOKEN,
@@ -225,3 +227,47 @@ class TestMetricsEndpoint:
 
 
 # --- The store --------------------------------------------------------------------------------
+
+
+class TestLoopHistogram:
+    """The hot histograms are the gateway's own (no lock per observation): their exposition must
+    be what prometheus_client's Histogram writes for the same observations, in both formats."""
+
+    BUCKETS = (0.005, 0.01, 0.5, 10.0)
+    # On a bound (counted in that bound's bucket), between bounds, zero, and past the last.
+    OBSERVED = {("GET", "/a"): [0.005, 0.0051, 0.0, 0.3], ("POST", "/b"): [10.0, 11.0, 0.01]}
+
+    @pytest.mark.parametrize("encoder", [generate_latest, openmetrics.generate_latest])
+    def test_same_exposition_as_the_library_histogram(self, encoder) -> None:
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        loop = LoopHistogram("h_seconds", "Help.", ("method", "route"), self.BUCKETS, ours)
+        library = Histogram(
+            "h_seconds", "Help.", ("method", "route"), buckets=self.BUCKETS, registry=theirs
+        )
+        for labels, amounts in self.OBSERVED.items():
+            for amount in amounts:
+                loop.labels(*labels).observe(amount)
+                library.labels(*labels).observe(amount)
+        assert self._samples(ours, encoder) == self._samples(theirs, encoder)
+        text = encoder(ours).decode()
+        assert 'h_seconds_bucket{le="0.005",method="GET",route="/a"} 2.0' in text
+        assert 'h_seconds_count{method="POST",route="/b"} 3.0' in text
+
+    @staticmethod
+    def _samples(registry: CollectorRegistry, encoder) -> list[str]:
+        # Label order within braces and the `_created` timestamps may differ; nothing else.
+        lines = []
+        for line in encoder(registry).decode().splitlines():
+            match = re.fullmatch(r"([^{ ]+)(?:\{(.*)\})? (\S+)(.*)", line)
+            if line.startswith("#") or match is None:
+                lines.append(line)
+                continue
+            name, labels, value, rest = match.groups()
+            value = "<created>" if name.endswith("_created") else value
+            lines.append(f"{name}{{{','.join(sorted((labels or '').split(',')))}}} {value}{rest}")
+        return sorted(lines)
+
+    def test_wrong_label_count_is_refused(self) -> None:
+        loop = LoopHistogram("h2_seconds", "Help.", ("method",), self.BUCKETS, CollectorRegistry())
+        with pytest.raises(ValueError):
+            loop.labels("GET", "/extra")
