@@ -12,7 +12,7 @@ from typing import TypedDict
 
 import httpx
 
-from auth import ClerkAuth, ensure_dev_key
+from auth import ClerkAuth, dev_public_key_pem
 from config import Settings, revealed
 from events import StreamHub, renderer
 from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
@@ -182,7 +182,7 @@ def build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, 
     if settings.uses_real_clerk:
         source = "a PEM key" if settings.clerk_jwt_key else f"keys from {settings.jwks_url}"
         return ClerkAuth(settings, http), f"Clerk, {source}"
-    _, public_pem = ensure_dev_key(settings.local_data_dir)
+    public_pem = dev_public_key_pem(settings.local_data_dir)
     return ClerkAuth(settings, http, public_key_pem=public_pem), "dev issuer"
 
 
