@@ -403,6 +403,8 @@ def load_rsa_public_key(pem: str) -> rsa.RSAPublicKey:
 DEV_ISSUER = "http://localhost/cineweave-dev-issuer"
 DEV_KID = "dev"
 DEV_KEY_FILE = "dev_jwt_key.pem"
+# The public half of DEV_KEY_FILE, after the SHA-256 of the key file it was derived from.
+DEV_PUBLIC_KEY_FILE = "dev_jwt_key.pub"
 
 
 def ensure_dev_key(data_dir: Path) -> tuple[str, str]:
@@ -413,10 +415,56 @@ def ensure_dev_key(data_dir: Path) -> tuple[str, str]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    public_pem = key.public_key().public_bytes(
+    return private_pem.decode(), _public_pem(key)
+
+
+def dev_public_key_pem(data_dir: Path) -> str:
+    """The dev issuer's public key as PEM, for the gateway's own checks; the pair is created on
+    first use.
+
+    Loading the private key checks it whole (OpenSSL's RSA key check tests p and q for
+    primality): ~50 ms, a twelfth of a local cold start (issue 13). So the public half is
+    derived from a checked key once, and kept beside it with the SHA-256 of the key file it
+    came from: a key file that changed in any way is loaded and checked again.
+    """
+    path = data_dir / DEV_KEY_FILE
+    if not path.exists():
+        _create_dev_key(path)
+    key_file = path.read_bytes()
+    digest = hashlib.sha256(key_file).hexdigest()
+    cached = data_dir / DEV_PUBLIC_KEY_FILE
+    try:
+        recorded, public_pem = cached.read_text().split("\n", 1)
+    except (OSError, ValueError):
+        recorded, public_pem = "", ""
+    if recorded == digest and public_pem:
+        return public_pem
+    public_pem = _public_pem(_checked_private_key(path, key_file))
+    _write_replacing(cached, f"{digest}\n{public_pem}")
+    return public_pem
+
+
+def _public_pem(key: rsa.RSAPrivateKey) -> str:
+    public = key.public_key()
+    pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return private_pem.decode(), public_pem.decode()
+    return pem.decode()
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Write `text` whole or not at all: a process starting alongside never reads half of it.
+    A data dir that refuses the write only costs the next start the check again."""
+    try:
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as temp_file:
+            temp_file.write(text)
+        os.replace(temp_name, path)
+    except OSError:
+        os.unlink(temp_name)
 
 
 def mint_dev_token(
@@ -447,7 +495,11 @@ def _dev_private_key(data_dir: Path) -> rsa.RSAPrivateKey:
     path = data_dir / DEV_KEY_FILE
     if not path.exists():
         _create_dev_key(path)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return _checked_private_key(path, path.read_bytes())
+
+
+def _checked_private_key(path: Path, key_file: bytes) -> rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(key_file, password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path} does not hold an RSA private key")
     return key

@@ -77,6 +77,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from outbound_http import default_ssl_context
 from worker.generator import TestPattern
 from worker.handler import Worker
 from worker.progress import RunPodProgress
@@ -225,11 +226,12 @@ class LocalRunPod:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._owns_http = http is None
         # Webhooks go to the gateway: none should take 30 s.
-        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0))
+        timeout = httpx.Timeout(30.0, connect=3.0)
+        self._http = http or httpx.AsyncClient(timeout=timeout, verify=default_ssl_context())
         self._owns_worker_client = worker_client is None
         # The worker's uploads and progress POSTs, made from its thread (it is synchronous, as
         # on RunPod).
-        client = worker_client or httpx.Client(timeout=httpx.Timeout(30.0, connect=3.0))
+        client = worker_client or httpx.Client(timeout=timeout, verify=default_ssl_context())
         self.worker = Worker(
             generator=FailOnMarker(), client=client, runpod_progress=self._progress_for
         )

@@ -6,7 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.constants import REF_TEMPLATE
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.models import Schema
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -15,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from config import Settings
 from deps import current_user
 from errors import InvalidRequest
-from http_errors import error_example
+from http_errors import ERROR_SCHEMA_REF, error_example
 from models import (
     CreateJobRequest,
     CreateJobResponse,
@@ -103,7 +106,7 @@ _ERROR_RESPONSE = {
     "description": "Invalid request",
     "content": {
         "application/json": {
-            "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+            "schema": {"$ref": ERROR_SCHEMA_REF},
             "examples": {"INVALID_REQUEST": error_example(InvalidRequest)},
         }
     },
@@ -125,6 +128,21 @@ def restore_examples(components: dict[str, Any]) -> None:
     """Put the models' examples back whole: get_openapi drops every null, even inside them."""
     for model in EXAMPLE_MODELS:
         components[model.__name__]["examples"] = model.model_json_schema()["examples"]
+
+
+def add_error_schemas(components: dict[str, Any]) -> None:
+    """`ErrorResponse`, and the models within it, among the components, in name order: as
+    get_openapi writes a route's `model`, which `http_errors.error_responses` names by reference
+    instead (see there why)."""
+    schema = ErrorResponse.model_json_schema(ref_template=REF_TEMPLATE, mode="serialization")
+    found = {ErrorResponse.__name__: schema, **schema.pop("$defs", {})}
+    for name, found_schema in found.items():
+        # Through FastAPI's own model of a schema, as get_openapi writes every component.
+        encoded = jsonable_encoder(Schema(**found_schema), by_alias=True, exclude_none=True)
+        components.setdefault(name, encoded)
+    ordered = sorted(components.items())
+    components.clear()
+    components.update(ordered)
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -152,6 +170,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         duration.update(minimum=settings.min_duration_sec, maximum=settings.max_duration_sec)
         size = components["CreateUploadRequest"]["properties"]["sizeBytes"]
         size["maximum"] = settings.max_upload_bytes
+        add_error_schemas(components)
         restore_examples(components)
         declare_security(schema, app)
         app.openapi_schema = schema

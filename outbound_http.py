@@ -25,6 +25,7 @@ nothing here streams. `tests/test_outbound_http.py` drives it against real serve
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Iterable
 from typing import Any, cast
@@ -210,6 +211,20 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's roots, or `SSL_CERT_FILE`/`SSL_CERT_DIR`), made
+    once per process and shared by every client the gateway builds.
+
+    Each httpx client and transport otherwise makes its own, and parsing certifi's bundle costs
+    25-30 ms a time: three of them were ~80 ms of each cold start, in both modes (issue 13).
+    Sharing is safe: a context is only read when a connection opens (httpcore sets the same
+    ALPN, HTTP/1.1, on it each time; no client here speaks HTTP/2), and OpenSSL's contexts may
+    be used from several threads.
+    """
+    return httpx.create_ssl_context()
+
+
 OriginKey = tuple[bytes, bytes, int]
 
 
@@ -233,7 +248,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         limits = limits or httpx.Limits()
-        self._ssl_context = ssl_context or httpx.create_ssl_context()
+        self._ssl_context = ssl_context or default_ssl_context()
         self._retries = retries
         self._keepalive_expiry = limits.keepalive_expiry
         self._max_idle = limits.max_keepalive_connections or 2**31

@@ -37,6 +37,7 @@ from typing import Any, Self
 import httpx
 
 from errors import GatewayError, UpstreamError, UpstreamUnavailable
+from outbound_http import default_ssl_context
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 # RunPod ids are UUIDs with a short suffix, sometimes a prefix too: "4b21f0f4-...-e1",
@@ -269,7 +270,8 @@ def build_http_client(
         headers={"Authorization": f"Bearer {api_key}"},
         # RunPod answers these calls in well under a second; 10 s means it is in trouble.
         timeout=httpx.Timeout(10.0, connect=3.0),
-        transport=transport or httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES),
+        transport=transport
+        or httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES, verify=default_ssl_context()),
     )
 
 

@@ -12,7 +12,7 @@ from typing import TypedDict
 
 import httpx
 
-from auth import ClerkAuth, ensure_dev_key
+from auth import ClerkAuth, dev_public_key_pem
 from config import Settings, revealed
 from events import StreamHub, renderer
 from instrumented import InstrumentedStorage, InstrumentedStore, InstrumentedTransport
@@ -20,6 +20,7 @@ from jobs import JobService
 from local_storage import LocalStorage
 from logs import configure_logging
 from metrics import Metrics
+from outbound_http import default_ssl_context
 from r2_client import ObjectStorage, PendingS3Client, R2Storage
 from readiness import Readiness
 from runpod_client import CONNECT_RETRIES, RunPodClient, build_http_client
@@ -119,7 +120,8 @@ def build_runpod_http(
             settings.runpod_endpoint_id,
             settings.runpod_api_key.get_secret_value(),
             transport=InstrumentedTransport(
-                httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES), metrics
+                httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES, verify=default_ssl_context()),
+                metrics,
             ),
         )
         return http, f"endpoint {settings.runpod_endpoint_id} at {settings.runpod_api_base}"
@@ -145,7 +147,7 @@ async def build_state(settings: Settings, stack: AsyncExitStack, metrics: Metric
     runpod_http, runpod_name = build_runpod_http(settings, stack, metrics)
     stack.push_async_callback(runpod_http.aclose)
     auth_http = await stack.enter_async_context(
-        httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0), verify=default_ssl_context())
     )
     auth, auth_name = build_auth(settings, auth_http)
     await auth.load_keys()
@@ -180,7 +182,7 @@ def build_auth(settings: Settings, http: httpx.AsyncClient) -> tuple[ClerkAuth, 
     if settings.uses_real_clerk:
         source = "a PEM key" if settings.clerk_jwt_key else f"keys from {settings.jwks_url}"
         return ClerkAuth(settings, http), f"Clerk, {source}"
-    _, public_pem = ensure_dev_key(settings.local_data_dir)
+    public_pem = dev_public_key_pem(settings.local_data_dir)
     return ClerkAuth(settings, http, public_key_pem=public_pem), "dev issuer"
 
 

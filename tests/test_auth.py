@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import jwt
@@ -36,6 +37,7 @@ from auth import (
     Principal,
     VerifiedTokens,
     dev_jwks,
+    dev_public_key_pem,
     ensure_dev_key,
     mint_dev_token,
     token_from_request,
@@ -659,6 +661,27 @@ class TestDevIssuer:
         ensure_dev_key(tmp_path / "nested")
         assert os.stat(tmp_path / "nested" / "dev_jwt_key.pem").st_mode & 0o777 == 0o600
         assert os.listdir(tmp_path / "nested") == ["dev_jwt_key.pem"]
+
+    def test_public_half_is_kept_for_the_key_it_came_from(self, tmp_path: Path) -> None:
+        public_pem = dev_public_key_pem(tmp_path)  # creates the pair, as a first start does
+        assert public_pem == ensure_dev_key(tmp_path)[1]
+        kept = tmp_path / "dev_jwt_key.pub"
+        assert sorted(os.listdir(tmp_path)) == ["dev_jwt_key.pem", "dev_jwt_key.pub"]
+        # A later start reads the kept half (no check of the private key: issue 13)...
+        with patch("auth._checked_private_key", side_effect=AssertionError("checked again")):
+            assert dev_public_key_pem(tmp_path) == public_pem
+        # ...but only while the key file is the one it was derived from.
+        (tmp_path / "dev_jwt_key.pem").unlink()
+        new_public_pem = dev_public_key_pem(tmp_path)
+        assert new_public_pem != public_pem
+        assert new_public_pem == ensure_dev_key(tmp_path)[1]
+        assert kept.read_text().endswith(new_public_pem)
+
+    def test_a_changed_key_file_is_checked_again(self, tmp_path: Path) -> None:
+        dev_public_key_pem(tmp_path)
+        (tmp_path / "dev_jwt_key.pem").write_text("not a key")
+        with pytest.raises(ValueError):
+            dev_public_key_pem(tmp_path)
 
     async def test_minted_token_verifies(self, tmp_path: Path, http: httpx.AsyncClient) -> None:
         _, public_pem = ensure_dev_key(tmp_path)

@@ -245,6 +245,22 @@ class TestStream:
         finals = await asyncio.gather(*waiting)
         assert [(e.event, e.data) for e in finals] == [("reconnect", '{"reason":"shutdown"}')] * 2
 
+    async def test_shutdown_waits_for_a_stream_before_making_its_event(
+        self, store, metrics
+    ) -> None:
+        # The event loads anyio's backend (20-25 ms of start-up, issue 13): none before a stream.
+        hub = make_hub(store, metrics)
+        watcher = asyncio.ensure_future(hub.close_on_shutdown())
+        await asyncio.sleep(0.01)
+        assert hub._shutdown is None and not watcher.done()
+        sub = hub.subscribe("user_a")
+        waiting = asyncio.ensure_future(anext(event_stream(sub, [], max_seconds=3600)))
+        await asyncio.sleep(0.01)
+        assert not watcher.done()
+        hub.shutdown.set()
+        await watcher
+        assert (await waiting).data == '{"reason":"shutdown"}'
+
     async def test_the_end_is_sent_even_when_stamped_earlier(self, store, metrics) -> None:
         # Progress can be stamped by the caller's clock and the end by the store's: a clock a
         # little ahead must not cost the stream its last event (it would then wait for ever).

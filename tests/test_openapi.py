@@ -31,3 +31,9 @@ class TestSchemaSnapshot:
         if UPDATE:
             SNAPSHOT.write_text(served)
         assert served == SNAPSHOT.read_text(), "schema changed: review, then UPDATE_SNAPSHOTS=1"
+
+    def test_error_answers_build_no_serializer(self, settings: Settings) -> None:
+        """Error schemas are named by reference: a `model` would make FastAPI build a serializer
+        per status per route at start-up, ~60 of them (issue 13), that no answer uses."""
+        for route in create_app(settings).routes:
+            assert not getattr(route, "response_fields", None), route

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from config import Settings
 from convex_client import CONNECT_RETRIES, ConvexStore
 from errors import StoreUnavailable
-from outbound_http import AsyncioTransport
+from outbound_http import AsyncioTransport, default_ssl_context
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -293,3 +293,12 @@ class TestThroughConvexStore:
                 await store.grant_credits("user_a", 5, "test")
             await store.close()
         assert (server.connections, server.requests) == (1, 1)
+
+
+def test_every_client_shares_one_default_tls_context() -> None:
+    """Parsing certifi's roots costs 25-30 ms a context: the process makes one (issue 13),
+    and it verifies as httpx's own does."""
+    context = default_ssl_context()
+    assert context is default_ssl_context()
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert AsyncioTransport()._ssl_context is context
