@@ -135,15 +135,16 @@ class TestFormatFields:
                     entry = logging.LogRecord("gateway.access", level, "", 0, message, None, None)
                     entry.created, entry.msecs = created, int((created - int(created)) * 1000) + 0.0
                     if json_mode:
-                        formatter = CloudLoggingFormatter(PROJECT, redactor)
+                        cloud = CloudLoggingFormatter(PROJECT, redactor)
                         entry.__dict__.update(fields)
-                        fast = formatter.format_fields(level, entry.name, message, created, fields)
+                        fast = cloud.format_fields(level, entry.name, message, created, fields)
+                        assert fast == cloud.format(entry)
                     else:
-                        formatter = ConsoleFormatter(redactor)
-                        fast = formatter.format_fields(level, entry.name, message, created)
+                        console = ConsoleFormatter(redactor)
+                        fast = console.format_fields(level, entry.name, message, created)
+                        assert fast == console.format(entry)
                         # The cached second against the standard library's own clock text.
                         assert fast.startswith(logging.Formatter().formatTime(entry) + " ")
-                    assert fast == formatter.format(entry)
                     assert KNOWN_SECRET not in fast and "\n" not in fast
         finally:
             request_id_var.reset(token)
