@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -44,13 +45,14 @@ from bench.processes import (
     minimal_env,
     peak_rss_kib,
 )
-from bench.report import goals_table, machine, now_utc, render
+from bench.report import goals_table, machine, now_utc, render, slicing
 from bench.results import MODES, Measurement, Results, results_from_json, results_to_json
 
 DEFAULT_DURATION = 10
 DEFAULT_WARMUP = 2
 DEFAULT_CONNECTIONS = (1, 16, 64)
-DEFAULT_COLD_STARTS = 5
+# 11: the median of 5 moved by 0.3x between runs of the same code on this shared machine.
+DEFAULT_COLD_STARTS = 11
 ROUTE_KEYS = ("credits", "job", "jobs", "webhook", "create")
 # Production mode leaves out `GET /jobs`: one Convex query like the other reads, and 72 s more.
 PRODUCTION_ROUTE_KEYS = ("credits", "job", "webhook", "create")
@@ -230,11 +232,7 @@ class Bench:
         found: list[Measurement] = []
         for route in selected:
             for connections in self.args.connections:
-                # ABBA order: a slow drift of the machine falls on both servers alike.
-                pair = (gateway, baseline) if len(found) % 2 == 0 else (baseline, gateway)
-                measured = {
-                    server.name: self.drive(mode, server, route, connections) for server in pair
-                }
+                measured = self.measure_pair(mode, (gateway, baseline), route, connections)
                 found.append(
                     Measurement(
                         route.key,
@@ -248,12 +246,31 @@ class Bench:
                 _print_pair(found[-1])
         return found
 
-    def drive(self, mode: Mode, server: Server, route: Route, connections: int) -> LoadResult:
-        if self.args.warmup:
+    def measure_pair(
+        self, mode: Mode, servers: tuple[Server, Server], route: Route, connections: int
+    ) -> dict[str, LoadResult]:
+        """Both servers, in `SLICES` alternating slices (ABBAAB): a burst of load from elsewhere
+        on the shared machine falls on one slice of one server, and the median slice's
+        latencies leave it out; requests and CPU are summed over all slices."""
+        slices, seconds = slicing(self.args.duration)
+        taken: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
+        for index in range(slices):
+            order = servers if index % 2 == 0 else servers[::-1]
+            for server in order:
+                warm = index == 0 and self.args.warmup > 0
+                taken[server.name].append(
+                    self.drive(mode, server, route, connections, seconds, warm)
+                )
+        return {name: combined(results) for name, results in taken.items()}
+
+    def drive(
+        self, mode: Mode, server: Server, route: Route, connections: int, seconds: int, warm: bool
+    ) -> LoadResult:
+        if warm:
             self.generator.run(server.port, route.spec(), connections, self.args.warmup)
         spec = route.spec()
         before = cpu_seconds(server.pid), _cpu_of(mode.upstream_pids)
-        result = self.generator.run(server.port, spec, connections, self.args.duration)
+        result = self.generator.run(server.port, spec, connections, seconds)
         # wrk's own start and exit fall inside this window; the server is idle for both.
         return replace(
             result,
@@ -280,6 +297,20 @@ class Bench:
         results.start_rss[mode.name] = {
             name: sorted(values)[len(values) // 2] for name, values in start_rss.items()
         }
+
+
+def combined(results: list[LoadResult]) -> LoadResult:
+    """Slices of one server's run as one: counts and CPU summed, latencies of the median slice."""
+    return LoadResult(
+        requests=sum(r.requests for r in results),
+        seconds=sum(r.seconds for r in results),
+        errors=sum(r.errors for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p95_ms=statistics.median(r.p95_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        cpu_seconds=sum(r.cpu_seconds for r in results),
+        upstream_cpu_seconds=sum(r.upstream_cpu_seconds for r in results),
+    )
 
 
 def _cpu_of(pids: list[int]) -> float:
