@@ -230,8 +230,10 @@ class LocalRunPod:
         self._http = http or httpx.AsyncClient(timeout=timeout, verify=default_ssl_context())
         self._owns_worker_client = worker_client is None
         # The worker's uploads and progress POSTs, made from its thread (it is synchronous, as
-        # on RunPod).
-        client = worker_client or httpx.Client(timeout=timeout, verify=default_ssl_context())
+        # on RunPod). Its own TLS context, not the shared one: httpcore sets ALPN on the context
+        # for each new connection, and OpenSSL forbids changing a context another thread is
+        # using to open one.
+        client = worker_client or httpx.Client(timeout=timeout, verify=httpx.create_ssl_context())
         self.worker = Worker(
             generator=FailOnMarker(), client=client, runpod_progress=self._progress_for
         )

@@ -242,8 +242,9 @@ class ConsoleFormatter(logging.Formatter):
     def __init__(self, redactor: Redactor = redact) -> None:
         super().__init__(CONSOLE_FORMAT)
         self._redact = redactor
-        self._second = -1
-        self._second_text = ""
+        # (second, its text) as one value: a thread formatting a record at a second boundary
+        # must never pair one second's number with another's text.
+        self._stamp = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
@@ -259,7 +260,7 @@ class ConsoleFormatter(logging.Formatter):
         building the record: the access line comes straight here (metrics.log_access)."""
         request_id = request_id_var.get()
         tag = f" [{request_id}]" if request_id else ""
-        stamp = self._timestamp(created)
+        stamp = self._clock_text(created)
         return self._redact(
             escape_controls(f"{stamp} {_level_name(level)} {logger}{tag}: {message}")
         )
@@ -269,15 +270,24 @@ class ConsoleFormatter(logging.Formatter):
             return super().formatTime(record, datefmt)
         return self._timestamp(record.created)
 
+    def _clock_text(self, created: float) -> str:
+        """What `formatTime` writes for a record made at `created`."""
+        if self.datefmt is None and self.converter is time.localtime:
+            return self._timestamp(created)
+        msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
+        record = logging.makeLogRecord({"created": created, "msecs": msecs})
+        return super().formatTime(record, self.datefmt)
+
     def _timestamp(self, created: float) -> str:
         """`logging.Formatter.formatTime`'s default text (`2026-11-30 10:29:43,415`), its
         strftime done once a second rather than once a line."""
         second = int(created)
-        if second != self._second:
-            self._second_text = time.strftime(self.default_time_format, time.localtime(created))
-            self._second = second
+        cached_second, text = self._stamp
+        if second != cached_second:
+            text = time.strftime(self.default_time_format, time.localtime(created))
+            self._stamp = (second, text)
         # What LogRecord computes as `msecs`, formatted as `default_msec_format` does.
-        return f"{self._second_text},{int((created - second) * 1000):03d}"
+        return f"{text},{int((created - second) * 1000):03d}"
 
     def _trace_lines(self, record: logging.LogRecord) -> list[str]:
         if record.exc_info and not record.exc_text:

@@ -13,6 +13,7 @@ import hmac
 import itertools
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from fastapi.routing import iter_route_contexts
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
@@ -113,9 +115,16 @@ class LoopHistogram:
             cumulative = itertools.accumulate(series.counts)
             buckets = [(le, float(count)) for le, count in zip(self._le, cumulative, strict=True)]
             family.add_metric(list(key), buckets, series.sum)
-            labels = dict(zip(self._labelnames, key, strict=True))
-            family.samples.append(Sample(f"{self._name}_created", labels, series.created))
+            if created_series_enabled():
+                labels = dict(zip(self._labelnames, key, strict=True))
+                family.samples.append(Sample(f"{self._name}_created", labels, series.created))
         yield family
+
+
+def created_series_enabled() -> bool:
+    """Whether the library writes `_created` series (`PROMETHEUS_DISABLE_CREATED_SERIES`, or
+    `disable_created_metrics()`): the library's own switch, read as its metrics read it."""
+    return bool(prometheus_metrics._use_created)
 
 
 class LoopHistogramSeries:
@@ -286,6 +295,9 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 _REQUEST_IDS = random.Random()  # seeded from os.urandom
+# A forked worker (a pre-fork server) must not repeat its parent's ids: `random` reseeds only
+# its own global generator after a fork.
+os.register_at_fork(after_in_child=_REQUEST_IDS.seed)
 
 
 class RequestTelemetryMiddleware:

@@ -250,8 +250,8 @@ class Bench:
         self, mode: Mode, servers: tuple[Server, Server], route: Route, connections: int
     ) -> dict[str, LoadResult]:
         """Both servers, in `SLICES` alternating slices (ABBAAB): a burst of load from elsewhere
-        on the shared machine falls on one slice of one server, and the median slice's
-        latencies leave it out; requests and CPU are summed over all slices."""
+        on the shared machine falls on one slice of one server, and each latency percentile, the
+        median of the slices', leaves it out; requests and CPU are summed over all slices."""
         slices, seconds = slicing(self.args.duration)
         taken: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
         for index in range(slices):
@@ -300,7 +300,8 @@ class Bench:
 
 
 def combined(results: list[LoadResult]) -> LoadResult:
-    """Slices of one server's run as one: counts and CPU summed, latencies of the median slice."""
+    """Slices of one server's run as one: counts and CPU summed, each percentile the median of
+    the slices' (so p50 and p99 may come from different slices)."""
     return LoadResult(
         requests=sum(r.requests for r in results),
         seconds=sum(r.seconds for r in results),

@@ -10,6 +10,7 @@ import asyncio
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -217,3 +218,22 @@ class TestBatchedFlushing:
             assert (await client.get("/credits", headers=alice)).status_code == 200
         flushed = only_handler.stream.flushed
         assert "GET /credits 200" in flushed and "shutdown complete" in flushed
+
+
+class TestFormatFieldsClock:
+    """A formatter told to write UTC (`converter`) or its own `datefmt` keeps that on the fast
+    path too."""
+
+    @pytest.mark.parametrize("setting", ["gmtime", "datefmt"])
+    def test_a_configured_clock_is_kept(self, setting) -> None:
+        formatter = ConsoleFormatter()
+        if setting == "gmtime":
+            formatter.converter = time.gmtime
+        else:
+            formatter.datefmt = "%H:%M:%S"
+        created = 1_764_498_000.25
+        entry = logging.LogRecord("gateway.access", logging.INFO, "", 0, "m", None, None)
+        entry.created, entry.msecs = created, 250.0
+        assert formatter.format_fields(logging.INFO, entry.name, "m", created) == formatter.format(
+            entry
+        )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.openmetrics import exposition as openmetrics
 
+import metrics as metrics_module
 from logs import (
     current_request_id,
 )
@@ -271,3 +274,33 @@ class TestLoopHistogram:
         loop = LoopHistogram("h2_seconds", "Help.", ("method",), self.BUCKETS, CollectorRegistry())
         with pytest.raises(ValueError):
             loop.labels("GET", "/extra")
+
+
+class TestLoopHistogramCreated:
+    def test_the_librarys_switch_for_created_series_holds(self) -> None:
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        prometheus_metrics.disable_created_metrics()
+        try:
+            loop = LoopHistogram("c_seconds", "Help.", ("route",), (0.1,), ours)
+            library = Histogram("c_seconds", "Help.", ("route",), buckets=(0.1,), registry=theirs)
+            loop.labels("/a").observe(0.05)
+            library.labels("/a").observe(0.05)
+            assert "_created" not in generate_latest(ours).decode()
+            assert generate_latest(ours) == generate_latest(theirs)
+        finally:
+            prometheus_metrics.enable_created_metrics()
+
+
+class TestRequestIds:
+    def test_a_forked_child_does_not_repeat_its_parents_ids(self) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its next id, then out at once
+            os.write(write_end, f"{metrics_module._REQUEST_IDS.getrandbits(128):032x}".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = os.read(read_end, 64).decode()
+        os.close(read_end)
+        os.close(write_end)
+        assert len(child) == 32
+        assert child != f"{metrics_module._REQUEST_IDS.getrandbits(128):032x}"
