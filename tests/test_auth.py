@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import httpx
 import jwt
@@ -667,9 +666,14 @@ class TestDevIssuer:
         assert public_pem == ensure_dev_key(tmp_path)[1]
         kept = tmp_path / "dev_jwt_key.pub"
         assert sorted(os.listdir(tmp_path)) == ["dev_jwt_key.pem", "dev_jwt_key.pub"]
-        # A later start reads the kept half (no check of the private key: issue 13)...
-        with patch("auth._checked_private_key", side_effect=AssertionError("checked again")):
-            assert dev_public_key_pem(tmp_path) == public_pem
+        # A later start reads the kept half, not the private key (no key check: issue 13): a
+        # kept text under the key file's digest is what it answers...
+        digest = kept.read_text().split("\n", 1)[0]
+        assert digest == hashlib.sha256((tmp_path / "dev_jwt_key.pem").read_bytes()).hexdigest()
+        kept.write_text(f"{digest}\nkept half")
+        assert dev_public_key_pem(tmp_path) == "kept half"
+        kept.write_text(f"{digest}\n{public_pem}")
+        assert dev_public_key_pem(tmp_path) == public_pem
         # ...but only while the key file is the one it was derived from.
         (tmp_path / "dev_jwt_key.pem").unlink()
         new_public_pem = dev_public_key_pem(tmp_path)
