@@ -1,6 +1,7 @@
-"""GET /credits and GET /jobs/{id} are served twice: by a fast Starlette route placed first, and
-by their FastAPI route (the schema's). The two must answer alike, byte for byte, whatever the
-request: an app built with `fast_reads_first=False` is the reference every answer is held to.
+"""GET /credits and GET /jobs/{id} are served twice: by a fast Starlette route that the entry
+layer answers first (middleware.py), and by their FastAPI route (the schema's). The two must
+answer alike, byte for byte, whatever the request: an app built with `fast_reads_first=False`
+is the reference every answer is held to.
 """
 
 from __future__ import annotations
