@@ -3,7 +3,8 @@ the shortcuts: whichever answers shows which path a request took."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -57,7 +58,11 @@ SHORTCUTS = [
     Route("/fast/{name}", shortcut, methods=["GET"]),
     Route("/webhooks/runpod", shortcut, methods=["POST"]),
 ]
-HANDLERS = {Refused: on_refused, 418: on_teapot, Exception: on_any}
+HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
+    Refused: on_refused,
+    418: on_teapot,
+    Exception: on_any,
+}
 
 
 def app_with(shortcuts: list[Route]) -> Starlette:
