@@ -129,7 +129,7 @@ async def render_http_error(request: Request, exc: Exception) -> JSONResponse:
         # RFC 9110: a 405 names the methods the resource does support.
         allow = (exc.headers or {}).get("Allow")
         if allow and "GET" in allow.split(", "):
-            allow += ", HEAD"  # HeadAsGetMiddleware answers HEAD wherever GET is allowed
+            allow += ", HEAD"  # EntryMiddleware answers HEAD wherever GET is allowed
         return await render_gateway_error(request, MethodNotAllowed(headers_allow=allow))
     if exc.status_code == 404:
         return await render_gateway_error(request, NotFound("No such route"))

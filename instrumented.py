@@ -51,7 +51,8 @@ class InstrumentedStore:
             return await call
 
     async def _timed_read(self, operation: str, call: Awaitable[T]) -> T:
-        """`_timed` written out, for the reads every GET makes: no timer object, no `with`."""
+        """`_timed` written out, for the reads every GET and webhook makes: no timer object, no
+        `with`."""
         start = time.perf_counter()
         try:
             result = await call
@@ -114,11 +115,11 @@ class InstrumentedStore:
         return await self._timed_read("get_job", self._store.get_job(user_id, job_id))
 
     async def find_job(self, job_id: str) -> Job | None:
-        return await self._timed("find_job", self._store.find_job(job_id))
+        return await self._timed_read("find_job", self._store.find_job(job_id))
 
     async def find_job_by_runpod_id(self, runpod_id: str) -> Job | None:
         call = self._store.find_job_by_runpod_id(runpod_id)
-        return await self._timed("find_job_by_runpod_id", call)
+        return await self._timed_read("find_job_by_runpod_id", call)
 
     async def list_jobs(self, user_id: str, limit: int, cursor: str | None) -> JobPage:
         return await self._timed("list_jobs", self._store.list_jobs(user_id, limit, cursor))

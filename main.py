@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from auth import dev_jwks
 from config import AccessLog, Settings, get_settings, revealed, settings_or_exit
@@ -44,7 +44,7 @@ from jobs import Reconciler, delete_job_and_media
 from local_storage import storage_router
 from logs import flush_logs
 from metrics import Metrics, RequestTelemetryMiddleware, metrics_route
-from middleware import BodyLimitMiddleware, HeadAsGetMiddleware, install_cors
+from middleware import EntryMiddleware, install_cors
 from models import (
     CREATE_JOB_EXAMPLES,
     JOB_ID_PATTERN,
@@ -453,19 +453,19 @@ async def local_jwks(settings: SettingsDep) -> dict[str, Any]:
 class FastRead(Route):
     """A hot route answered without FastAPI's route handling (dependency solving, parameter
     parsing, the response model): 33-40 µs of the 180-260 µs a read cost (issue 13,
-    bench/PROFILE.md), and over half of the signed webhook's CPU in-app.
+    bench/PROFILE.md), and over half of the signed webhook's CPU in-app. The entry middleware
+    answers it before the app's own layers (`EntryMiddleware`'s shortcuts).
 
-    Its FastAPI twin stays registered for the schema and the docs, and both build their answer
-    through one function (`credits_answer`, `job_answer`, `webhook_answer`);
-    tests/test_fast_reads.py and tests/test_fast_webhook.py prove the two answer alike for
-    every status. HEAD arrives here as GET (HeadAsGetMiddleware), so `methods` is the one
-    method: a 405's `Allow` is then the twin's.
+    Its FastAPI twin stays registered for the schema, the docs and whatever this route does not
+    fully match (a 405, a trailing slash); both build their answer through one function
+    (`credits_answer`, `job_answer`, `webhook_answer`). tests/test_fast_reads.py and
+    tests/test_fast_webhook.py prove the two answer alike for every status. HEAD arrives here
+    as GET, so `methods` is the one method: a 405's `Allow` is then the twin's.
     """
 
     def __init__(self, path: str, endpoint: Endpoint, method: str = "GET") -> None:
         super().__init__(path, endpoint, methods=[method])
         self.methods = {method}
-        self.app = _plain_endpoint(endpoint)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)
@@ -479,20 +479,6 @@ class FastRead(Route):
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _plain_endpoint(endpoint: Endpoint) -> ASGIApp:
-    """`endpoint` as an ASGI app, without Starlette's `request_response` wrapper: that wrapper
-    catches the endpoint's exceptions with the app's handlers, which the app's
-    ExceptionMiddleware, a few frames out, does again with the same handlers (same function,
-    same Request scope). A read saves a layer and a `send` wrapper; the twin tests compare
-    every error answer."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await endpoint(Request(scope, receive, send))
-        await response(scope, receive, send)
-
-    return app
 
 
 async def fast_credits(request: Request) -> Response:
@@ -561,8 +547,6 @@ def create_app(settings: Settings | None = None, *, fast_reads_first: bool = Tru
     add_routes(app, events_router)
     add_routes(app, router)
     add_routes(app, uploads_router)
-    if fast_reads_first:
-        app.router.routes[0:0] = fast_reads()  # tried first: /credits was tried 5th
     if not settings.uses_real_clerk:
         add_routes(app, local_dev_router)
     install_openapi(app, settings)
@@ -573,8 +557,9 @@ def create_app(settings: Settings | None = None, *, fast_reads_first: bool = Tru
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
-    app.add_middleware(HeadAsGetMiddleware)
-    app.add_middleware(BodyLimitMiddleware)
+    # Kept on the state, so tests can tell the twins' apps apart.
+    app.state.fast_reads = shortcuts = fast_reads() if fast_reads_first else []
+    app.add_middleware(EntryMiddleware, shortcuts=shortcuts, handlers=app.exception_handlers)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.
     quiet = settings.access_log is AccessLog.ERRORS

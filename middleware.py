@@ -1,14 +1,22 @@
-"""The gateway's ASGI middleware: body limits, HEAD answered as GET, and CORS."""
+"""The gateway's ASGI middleware: body limits, HEAD answered as GET, the hot routes' shortcut,
+and CORS."""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings
@@ -20,14 +28,42 @@ MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
 MAX_LOCAL_UPLOAD_BYTES = 512 * 1024 * 1024
 
 
-# --- Body limits ------------------------------------------------------------------------------
+# --- The gateway's entry: body limits, HEAD, and the hot routes' shortcut -------------------
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over the route's limit (413) before they are read into memory."""
+class EntryMiddleware:
+    """The body limit, HEAD answered as GET, and the hot routes' shortcut, as one ASGI layer.
 
-    def __init__(self, app: ASGIApp) -> None:
+    One layer, not three: each is a coroutine and often a `send` wrapper per request, and inside
+    a request code costs 2-4x what it costs in a tight loop (issue 13, bench/PROFILE.md).
+
+    * **Body limit.** Bodies over the route's limit get a 413 before they are read into memory.
+    * **HEAD** answers as GET would, headers and all, without the body (RFC 9110 §9.3.2).
+      FastAPI's routes answer only the methods they name, and naming HEAD on each would list a
+      HEAD operation per route in the OpenAPI schema. Routes that have no GET still refuse it
+      (405, with their `Allow`).
+    * **Shortcuts.** A request that one of `shortcuts` (Starlette routes, each with a
+      `Request -> Response` endpoint) fully matches is answered by that endpoint here, past
+      the app's exception middleware, FastAPI's exit stack, the router and the route's own
+      wrapper: 10-15 µs of a hot read in-app. The endpoint's exceptions go to the handlers the
+      exception middleware would pick (`handlers`, the app's); those it leaves to the server's
+      error middleware (`Exception`, 500, anything unhandled) propagate there as they did.
+      Whatever no shortcut fully matches, a 405 or a trailing slash included, goes on to the
+      app, whose routes then answer it.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        shortcuts: Sequence[Route] = (),
+        handlers: Mapping[Any, Callable[..., Any]] | None = None,
+    ) -> None:
         self.app = app
+        # Exact paths are found by a dict lookup; a path with parameters is matched in order.
+        self._exact = {route.path: route for route in shortcuts if not route.param_convertors}
+        self._templated = tuple(route for route in shortcuts if route.param_convertors)
+        self._handlers = _ExceptionHandlers(handlers or {})
 
     @staticmethod
     def limit_for(path: str) -> int:
@@ -46,20 +82,75 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await _send_too_large(send, limit)
             return
-        if not chunked and scope.get("http_version") in _FRAMED_VERSIONS:
-            # HTTP/1 framing bounds the body: the server reads exactly Content-Length bytes, and
-            # a request with neither header has none (RFC 9112 §6.3). Only a chunked body can
-            # outgrow what it declared, so only it needs counting (a read saves 2 wrappers).
-            await self.app(scope, receive, send)
-            return
-        guard = _BodyGuard(receive, send, limit)
+        guard = None
+        if chunked or scope.get("http_version") not in _FRAMED_VERSIONS:
+            # HTTP/1 framing bounds any other body: the server reads exactly Content-Length
+            # bytes, and a request with neither header has none (RFC 9112 §6.3). Only a
+            # chunked body (or another protocol's) can outgrow what it declared.
+            guard = _BodyGuard(receive, send, limit)
+            receive, send = guard.receive, guard.send
+        if scope["method"] == "HEAD":
+            scope, send = _head_as_get(scope, send)
+        app = self._app_for(scope)
         try:
-            await self.app(scope, guard.receive, guard.send)
+            await app(scope, receive, send)
         except Exception:
-            if not guard.overflowed:
+            if guard is None or not guard.overflowed:
                 raise
-        if guard.overflowed:
-            await _send_too_large(send, limit)
+        if guard is not None and guard.overflowed:
+            await _send_too_large(guard.unguarded_send, limit)
+
+    def _app_for(self, scope: Scope) -> ASGIApp:
+        """The shortcut when one fully matches `scope` (which then carries its route, as the
+        router's match would), else the app."""
+        route = self._exact.get(scope["path"])
+        for candidate in self._templated if route is None else (route,):
+            match, child_scope = candidate.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                return self._answer
+        return self.app
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await scope["endpoint"](request)
+        except Exception as exc:
+            handler = self._handlers.find(exc)
+            if handler is None:
+                raise
+            response = await self._handlers.run(handler, request, exc)
+        await response(scope, receive, send)
+
+
+class _ExceptionHandlers:
+    """The app's exception handlers as Starlette's ExceptionMiddleware picks them.
+
+    Follows starlette/_exception_handler.py (`wrap_app_handling_exceptions`,
+    `_lookup_exception_handler`) and starlette/middleware/exceptions.py: an HTTPException by
+    its status first, then the nearest class in the exception's MRO; `Exception` and 500 are the
+    server error middleware's (FastAPI's `build_middleware_stack` leaves them out).
+    """
+
+    def __init__(self, handlers: Mapping[Any, Callable[..., Any]]) -> None:
+        self._all = handlers  # the app's own dict: read at the error, as the app's stack does
+
+    def find(self, exc: Exception) -> Callable[..., Any] | None:
+        handlers = {key: value for key, value in self._all.items() if key not in (500, Exception)}
+        handler = None
+        if isinstance(exc, HTTPException):
+            handler = handlers.get(exc.status_code)
+        if handler is None:
+            handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
+        return handler
+
+    @staticmethod
+    async def run(handler: Callable[..., Any], request: Request, exc: Exception) -> Response:
+        if inspect.iscoroutinefunction(handler):
+            response: Response = await handler(request, exc)
+        else:
+            response = await run_in_threadpool(handler, request, exc)
+        return response
 
 
 _FRAMED_VERSIONS = frozenset({"1.0", "1.1"})
@@ -84,7 +175,7 @@ class _BodyGuard:
     """
 
     def __init__(self, receive: Receive, send: Send, limit: int) -> None:
-        self._receive, self._send, self._limit = receive, send, limit
+        self._receive, self.unguarded_send, self._limit = receive, send, limit
         self._received = 0
         self.overflowed = False
 
@@ -99,7 +190,7 @@ class _BodyGuard:
 
     async def send(self, message: Message) -> None:
         if not self.overflowed:
-            await self._send(message)
+            await self.unguarded_send(message)
 
 
 async def _send_too_large(send: Send, limit: int) -> None:
@@ -111,34 +202,17 @@ async def _send_too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-# --- HEAD -------------------------------------------------------------------------------------
+def _head_as_get(scope: Scope, send: Send) -> tuple[Scope, Send]:
+    """A HEAD request's scope as a GET's, and a `send` that drops the body."""
 
+    async def send_headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            # Content-Length stays as GET's: it says what a GET would send (§8.6).
+            message = {**message, "body": b""}
+        await send(message)
 
-class HeadAsGetMiddleware:
-    """HEAD answers as GET would, headers and all, without the body (RFC 9110 §9.3.2).
-
-    FastAPI's routes answer only the methods they name, and naming HEAD on each would list a
-    HEAD operation per route in the OpenAPI schema. Routes that have no GET still refuse it
-    (405, with their `Allow`).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_headers_only(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                # Content-Length stays as GET's: it says what a GET would send (§8.6).
-                message = {**message, "body": b""}
-            await send(message)
-
-        # The mark lets an endless answer (an event stream, events.py) end at its headers.
-        head_as_get = {**scope, "method": "GET", "gateway.head": True}
-        await self.app(head_as_get, receive, send_headers_only)
+    # The mark lets an endless answer (an event stream, events.py) end at its headers.
+    return {**scope, "method": "GET", "gateway.head": True}, send_headers_only
 
 
 # --- CORS ---

@@ -1,6 +1,7 @@
 """POST /webhooks/runpod is served twice, like the hot reads (tests/test_fast_reads.py): by a
-fast Starlette route placed first and by its FastAPI route (the schema's). Both must answer
-alike, byte for byte, access line included, for every status.
+fast Starlette route that the entry layer answers first (middleware.py) and by its FastAPI
+route (the schema's). Both must answer alike, byte for byte, access line included, for every
+status.
 """
 
 from __future__ import annotations

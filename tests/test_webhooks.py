@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from dataclasses import replace
@@ -383,6 +385,12 @@ class TestSignatureProof:
         header = sign_body(WEBHOOK_SECRET, self.BODY, 1_000)
         assert signature_is_valid(WEBHOOK_SECRET, header, self.BODY, now=1_010)
 
+    def test_the_signature_is_hmac_sha256_of_timestamp_dot_body(self) -> None:
+        # Computed here from the scheme itself, so a relay's signer can be checked against it.
+        for secret in (WEBHOOK_SECRET, "another-secret", WEBHOOK_SECRET):
+            digest = hmac.new(secret.encode(), b"1000." + self.BODY, hashlib.sha256).hexdigest()
+            assert sign_body(secret, self.BODY, 1_000) == f"t=1000,v1={digest}"
+
     def test_another_body_or_secret_is_not(self) -> None:
         header = sign_body(WEBHOOK_SECRET, self.BODY, 1_000)
         assert not signature_is_valid(WEBHOOK_SECRET, header, self.BODY + b" ", now=1_000)
@@ -408,10 +416,33 @@ class TestPayloadShape:
     def test_a_tokened_body_may_omit_them(self) -> None:
         assert webhook_payload(b"{}", signed=False) == {}
 
-    @pytest.mark.parametrize("body", [b"[]", b"not json", b"[" * 10_000])
+    @pytest.mark.parametrize(
+        "body", [b"[]", b"not json", b"[" * 10_000, b'{"a": 1} x', b"\xff{}", b'{"a": 1,}']
+    )
     def test_anything_but_a_json_object_is_refused(self, body: bytes) -> None:
         with pytest.raises(InvalidRequest):
             webhook_payload(body, signed=False)
+        try:
+            read = json.loads(body)
+        except (ValueError, RecursionError):
+            read = None
+        assert not isinstance(read, dict)  # the stdlib finds no object in any of them either
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"output": {"p": 0.5, "n": -7, "e": 1e-7, "u": "\\u00e9\\ud83c\\udfac"}}',
+            b'{"a": 1, "a": 2}',
+            # Refused by orjson, read by the stdlib: the parser falls back to it.
+            b'{"output": NaN, "error": Infinity}',
+            b'{"error": "\\ud800"}',
+            b"\xef\xbb\xbf{}",
+            ' {"error": "ça n\'a pas marché"} '.encode(),
+        ],
+    )
+    def test_a_json_object_is_read_as_the_stdlib_reads_it(self, body: bytes) -> None:
+        parsed = webhook_payload(body, signed=False)
+        assert repr(parsed) == repr(json.loads(body))  # repr: NaN is not equal to itself
 
 
 # --- The worker's progress POST -----------------------------------------------------------------
