@@ -6,12 +6,14 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from starlette.requests import ClientDisconnect
 
 from errors import InvalidRequest
 from tests.conftest import RUNPOD_URL, WEBHOOK_SECRET
@@ -28,6 +30,7 @@ from tests.factories import (
 from webhooks import (
     SIGNATURE_TOLERANCE_SECONDS,
     progress_token,
+    read_body,
     sign_body,
     signature_is_valid,
     webhook_payload,
@@ -89,6 +92,21 @@ class TestWebhookProof:
             "/webhooks/runpod", content=raw, headers={"x-runpod-signature": header}
         )
         assert response.status_code == 200 and response.json()["status"] == "done"
+
+    async def test_a_body_sent_in_chunks_is_read_whole(self, client, runpod, alice) -> None:
+        job_id = (await create(client, alice)).json()["jobId"]
+        store_object(client, f"videos/user_alice/{job_id}.mp4")
+        raw = json.dumps(completed(job_id)).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(raw), 7):
+                yield raw[start : start + 7]
+
+        headers = {"x-runpod-signature": sign_body(WEBHOOK_SECRET, raw)}
+        response = await client.post("/webhooks/runpod", content=chunks(), headers=headers)
+        assert response.status_code == 200 and response.json()["status"] == "done"
+        job = (await client.get(f"/jobs/{job_id}", headers=alice)).json()
+        assert job["status"] == "done" and job["r2Url"]
 
     async def test_bad_token_is_401(self, client, runpod, alice) -> None:
         job_id = (await create(client, alice)).json()["jobId"]
@@ -404,6 +422,35 @@ class TestSignatureProof:
     @pytest.mark.parametrize("header", ["", "t=abc,v1=00", "t=1000", "v1=00", "t=²,v1=00"])
     def test_a_malformed_header_is_not(self, header: str) -> None:
         assert not signature_is_valid(WEBHOOK_SECRET, header, self.BODY, now=1_000)
+
+
+class TestReadBody:
+    """`read_body` against the messages an ASGI server sends (one, several, a disconnect)."""
+
+    @staticmethod
+    def receiving(*messages: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0)
+
+        return receive
+
+    async def test_one_message_or_several(self) -> None:
+        one = self.receiving({"type": "http.request", "body": b"{}"})
+        assert await read_body(one) == b"{}"
+        assert await read_body(self.receiving({"type": "http.request"})) == b""
+        parts = [
+            {"type": "http.request", "body": b'{"a"', "more_body": True},
+            {"type": "http.request", "body": b"", "more_body": True},
+            {"type": "http.request", "body": b": 1}", "more_body": False},
+        ]
+        assert await read_body(self.receiving(*parts)) == b'{"a": 1}'
+
+    async def test_a_disconnect_is_starlettes_client_disconnect(self) -> None:
+        first = {"type": "http.request", "body": b"{", "more_body": True}
+        with pytest.raises(ClientDisconnect):
+            await read_body(self.receiving(first, {"type": "http.disconnect"}))
 
 
 class TestPayloadShape:
