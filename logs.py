@@ -350,15 +350,20 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if level >= logging.WARNING:
             self.flush()
             return
+        due = self._flush_due_on
+        if due is not None and due.is_running():
+            # Its flush comes. Checked first: on Python 3.11 `get_running_loop()` makes a
+            # getpid() system call each time, one per request for the access line (issue 13).
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        # A flush due on another loop (one since closed, in tests) never comes: schedule anew.
-        if self._flush_due_on is not loop:
-            self._flush_due_on = loop
-            loop.call_later(FLUSH_DELAY_SECONDS, self._scheduled_flush)
+        # A flush due on a loop that no longer runs (one since closed, in tests) never comes,
+        # or not soon: schedule one on this loop.
+        self._flush_due_on = loop
+        loop.call_later(FLUSH_DELAY_SECONDS, self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_due_on = None

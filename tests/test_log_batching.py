@@ -211,6 +211,38 @@ class TestBatchedFlushing:
         flush_logs()
         assert stream.flushed.endswith("in a second loop\nheld\n")
 
+    async def test_a_thread_s_line_goes_with_the_loop_s_due_flush(self) -> None:
+        stream = FlushedStream()
+        handler = BatchedStreamHandler(stream)
+        handler.handle(record(logging.INFO, "on the loop"))  # a flush is now due on this loop
+        await asyncio.to_thread(handler.handle, record(logging.INFO, "from a thread"))
+        assert stream.flushed == ""  # batched with the loop's line, not flushed at once
+        while stream.flushed == "":
+            await asyncio.sleep(0.01)
+        assert stream.flushed == "on the loop\nfrom a thread\n"
+
+    def test_a_stopped_loop_s_flush_is_not_waited_for(self, only_handler) -> None:
+        stream = only_handler.stream
+        alone(only_handler)
+        stopped = asyncio.new_event_loop()
+
+        async def log_info(text: str) -> None:
+            only_handler.handle(record(logging.INFO, text))
+
+        try:
+            stopped.run_until_complete(log_info("on a loop that then stops"))
+            assert stream.flushed == ""  # its flush is due on a loop that no longer runs
+
+            async def log_and_wait() -> None:
+                await log_info("on the next loop")
+                while "next" not in stream.flushed:  # flushed by this loop, in time
+                    await asyncio.sleep(0.01)
+
+            asyncio.run(asyncio.wait_for(log_and_wait(), timeout=5))
+            assert stream.flushed == "on a loop that then stops\non the next loop\n"
+        finally:
+            stopped.close()
+
     async def test_shutdown_flushes_the_last_lines(self, settings, alice, only_handler) -> None:
         only_handler.setFormatter(ConsoleFormatter())
         alone(only_handler)
