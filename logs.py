@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -310,6 +312,16 @@ HANDLER_NAME = "gateway-stdout"
 # How long an info line may wait in stdout's buffer. One flush (a write() to the pipe) per line
 # was 8 µs of a 40 µs access line (issue 13); batched, a SIGKILL loses at most this much.
 FLUSH_DELAY_SECONDS = 0.05
+_forks = 0  # forks since import, as seen in this process
+
+
+def _count_fork() -> None:
+    """In a forked child a flush due in the parent never comes: the next line asks again."""
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -323,6 +335,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._flush_due_on: asyncio.AbstractEventLoop | None = None
+        self._flush_due_for: tuple[int, int] = (0, 0)  # the thread, and the forks before
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -350,10 +363,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if level >= logging.WARNING:
             self.flush()
             return
-        due = self._flush_due_on
-        if due is not None and due.is_running():
-            # Its flush comes. Checked first: on Python 3.11 `get_running_loop()` makes a
-            # getpid() system call each time, one per request for the access line (issue 13).
+        if self._flush_due_here():
             return
         try:
             loop = asyncio.get_running_loop()
@@ -363,7 +373,23 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         # A flush due on a loop that no longer runs (one since closed, in tests) never comes,
         # or not soon: schedule one on this loop.
         self._flush_due_on = loop
+        self._flush_due_for = (threading.get_ident(), _forks)
         loop.call_later(FLUSH_DELAY_SECONDS, self._scheduled_flush)
+
+    def _flush_due_here(self) -> bool:
+        """Whether a flush is due on the loop running this very line: then it comes.
+
+        Asked before `get_running_loop()`, which on Python 3.11 makes a getpid() system call
+        each time, one per request for the access line (issue 13). The same thread, no fork
+        since, and a loop still running: the line is written on that loop. Another thread's
+        line, or a forked child's, goes on to the full check (and a thread's flushes at once).
+        """
+        due = self._flush_due_on
+        return (
+            due is not None
+            and self._flush_due_for == (threading.get_ident(), _forks)
+            and due.is_running()
+        )
 
     def _scheduled_flush(self) -> None:
         self._flush_due_on = None

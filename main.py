@@ -460,7 +460,7 @@ class FastRead(Route):
     fully match (a 405, a trailing slash); both build their answer through one function
     (`credits_answer`, `job_answer`, `webhook_answer`). tests/test_fast_reads.py and
     tests/test_fast_webhook.py prove the two answer alike for every status. HEAD arrives here
-    as GET, so `methods` is the one method: a 405's `Allow` is then the twin's.
+    as GET, so `methods` is the one method (Starlette would add HEAD to a GET route's).
     """
 
     def __init__(self, path: str, endpoint: Endpoint, method: str = "GET") -> None:
@@ -557,8 +557,7 @@ def create_app(settings: Settings | None = None, *, fast_reads_first: bool = Tru
         app.add_api_route("/metrics", endpoint, methods=["GET"], include_in_schema=False)
     if not settings.uses_real_r2:
         app.include_router(storage_router())
-    # Kept on the state, so tests can tell the twins' apps apart.
-    app.state.fast_reads = shortcuts = fast_reads() if fast_reads_first else []
+    shortcuts = fast_reads() if fast_reads_first else []
     app.add_middleware(EntryMiddleware, shortcuts=shortcuts, handlers=app.exception_handlers)
     install_cors(app, settings)
     # Added last, so it runs first: it also times and logs the 413s above.

@@ -3,13 +3,14 @@ and CORS."""
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette._exception_handler import _lookup_exception_handler
+from starlette._utils import get_route_path, is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -17,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from config import Settings
 from http_errors import error_body
@@ -57,9 +58,10 @@ class EntryMiddleware:
         app: ASGIApp,
         *,
         shortcuts: Sequence[Route] = (),
-        handlers: Mapping[Any, Callable[..., Any]] | None = None,
+        handlers: Mapping[Any, ExceptionHandler] | None = None,
     ) -> None:
         self.app = app
+        self.shortcuts = tuple(shortcuts)
         # Exact paths are found by a dict lookup; a path with parameters is matched in order.
         self._exact = {route.path: route for route in shortcuts if not route.param_convertors}
         self._templated = tuple(route for route in shortcuts if route.param_convertors)
@@ -103,7 +105,7 @@ class EntryMiddleware:
     def _app_for(self, scope: Scope) -> ASGIApp:
         """The shortcut when one fully matches `scope` (which then carries its route, as the
         router's match would), else the app."""
-        route = self._exact.get(scope["path"])
+        route = self._exact.get(get_route_path(scope))  # the path past any root path, as routes
         for candidate in self._templated if route is None else (route,):
             match, child_scope = candidate.matches(scope)
             if match is Match.FULL:
@@ -119,37 +121,43 @@ class EntryMiddleware:
             handler = self._handlers.find(exc)
             if handler is None:
                 raise
-            response = await self._handlers.run(handler, request, exc)
+            answer = await self._handlers.run(handler, request, exc)
+            if answer is not None:
+                await answer(scope, receive, send)
+            exc.__traceback__ = None  # as Starlette: a reused exception would collect tracebacks
+            return
         await response(scope, receive, send)
 
 
 class _ExceptionHandlers:
-    """The app's exception handlers as Starlette's ExceptionMiddleware picks them.
+    """The app's exception handlers, picked and run as Starlette's ExceptionMiddleware does.
 
-    Follows starlette/_exception_handler.py (`wrap_app_handling_exceptions`,
-    `_lookup_exception_handler`) and starlette/middleware/exceptions.py: an HTTPException by
-    its status first, then the nearest class in the exception's MRO; `Exception` and 500 are the
-    server error middleware's (FastAPI's `build_middleware_stack` leaves them out).
+    Follows starlette/_exception_handler.py (`wrap_app_handling_exceptions`, whose lookup it
+    calls) and FastAPI's `build_middleware_stack`, which copies the app's handlers when it
+    builds the stack (this layer is built with it) and leaves `Exception` and 500 to the server
+    error middleware: an HTTPException by its status first, then the nearest class in the
+    exception's MRO. FastAPI's `app.exception_handlers` always holds an HTTPException handler.
+    The shortcut's endpoint returns its response before sending anything, so no response has
+    started when a handler runs.
     """
 
-    def __init__(self, handlers: Mapping[Any, Callable[..., Any]]) -> None:
-        self._all = handlers  # the app's own dict: read at the error, as the app's stack does
+    def __init__(self, handlers: Mapping[Any, ExceptionHandler]) -> None:
+        kept = {key: value for key, value in handlers.items() if key not in (500, Exception)}
+        self._by_status = {key: value for key, value in kept.items() if isinstance(key, int)}
+        self._by_class = {key: value for key, value in kept.items() if not isinstance(key, int)}
 
-    def find(self, exc: Exception) -> Callable[..., Any] | None:
-        handlers = {key: value for key, value in self._all.items() if key not in (500, Exception)}
+    def find(self, exc: Exception) -> ExceptionHandler | None:
         handler = None
         if isinstance(exc, HTTPException):
-            handler = handlers.get(exc.status_code)
-        if handler is None:
-            handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
-        return handler
+            handler = self._by_status.get(exc.status_code)
+        return handler or _lookup_exception_handler(self._by_class, exc)
 
     @staticmethod
-    async def run(handler: Callable[..., Any], request: Request, exc: Exception) -> Response:
-        if inspect.iscoroutinefunction(handler):
-            response: Response = await handler(request, exc)
+    async def run(handler: ExceptionHandler, request: Request, exc: Exception) -> Response | None:
+        if is_async_callable(handler):
+            response: Response | None = await handler(request, exc)  # type: ignore[arg-type]
         else:
-            response = await run_in_threadpool(handler, request, exc)
+            response = await run_in_threadpool(handler, request, exc)  # type: ignore[arg-type]
         return response
 
 

@@ -117,10 +117,10 @@ def _parse_signature_header(header: str) -> tuple[int | None, list[bytes]]:
 def _parse_json(body: bytes) -> dict[str, Any] | None:
     try:
         # orjson first, a sixth of the stdlib's cost. What it refuses and the stdlib takes
-        # (NaN, Infinity, a BOM, lone surrogates) goes to the stdlib, so the bodies accepted
-        # are the stdlib's. One difference stays: orjson reads an integer past 64 bits as a
-        # float. No field the gateway acts on is one (ids and statuses are strings, progress a
-        # fraction); an error text quoting such a number would show it rounded.
+        # (NaN, Infinity, a BOM, lone surrogates) goes to the stdlib. Two edges differ, none
+        # in a field the gateway acts on (ids and statuses are strings, progress a fraction):
+        # orjson reads an integer past 64 bits as a float, where the stdlib keeps it exact,
+        # and it takes nesting up to 1,024 deep, where the stdlib stops near 1,000.
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         payload = _parse_json_stdlib(body)
@@ -180,7 +180,9 @@ def _matches(pattern: re.Pattern[str], value: object) -> bool:
 async def read_body(receive: Receive) -> bytes:
     """The request's whole body, as Starlette's `Request.body` reads it (requests.py `stream`),
     without its async generator: one message almost always carries a webhook's whole body, and
-    the generator and its `aclosing` cost as much as the rest of the read (issue 13)."""
+    the generator and its `aclosing` cost as much as the rest of the read (issue 13). It
+    consumes the body: the request's own `body()` would then wait for more. ASGI sends only
+    `http.request` and `http.disconnect` messages here."""
     message = await receive()
     chunks = []
     while message["type"] == "http.request":

@@ -104,9 +104,14 @@ class TestShortcuts:
         assert (refused.status_code, refused.json()) == (403, {"handled": "RefusedHarder"})
         teapot = await client.get("/fast/teapot")
         assert (teapot.status_code, teapot.json()) == (418, {"handled": "teapot"})
-        # `Exception`'s handler is the server error middleware's, as in the app's own stack.
+        # `Exception`'s handler is the server error middleware's, as in the app's own stack:
+        # it answers, then raises on to the server (the shortcut would have swallowed it).
         bug = await client.get("/fast/bug")
         assert (bug.status_code, bug.text) == (500, "server error")
+        raising = httpx.ASGITransport(app=app_with(SHORTCUTS), raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=raising, base_url="http://t") as strict:
+            with pytest.raises(KeyError):
+                await strict.get("/fast/bug")
 
     async def test_bodies_over_the_limit_are_refused_before_the_shortcut(self, client) -> None:
         async def chunks() -> AsyncIterator[bytes]:
